@@ -1,0 +1,6 @@
+// bnorm: Batch Normalization for the CPU. One include for the whole public API.
+#pragma once
+
+#include <bnorm/functional.hpp>
+#include <bnorm/layer.hpp>
+#include <bnorm/types.hpp>

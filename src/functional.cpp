@@ -1,0 +1,262 @@
+// The functional layer: validates every argument, then runs the kernels, then (training) writes
+// the saved and running statistics. Nothing is written before all checks have passed.
+#include <bnorm/functional.hpp>
+
+#include "kernels/kernels.hpp"
+#include "validate.hpp"
+
+#include <cmath>
+#include <vector>
+
+namespace bnorm {
+namespace {
+
+using detail::check_vector;
+using kernels::Geometry;
+
+// Reads a per-channel vector of dtype T or float64 as doubles; absent gives `fallback`.
+template <class T>
+std::vector<double> read_channels(const ConstVectorView& v, std::int64_t C, double fallback) {
+  std::vector<double> out(static_cast<std::size_t>(C), fallback);
+  if (!v.present()) return out;
+  for (std::size_t c = 0; c < out.size(); ++c)
+    out[c] = v.dtype() == DType::Float64 ? static_cast<const double*>(v.data())[c]
+                                         : static_cast<double>(static_cast<const T*>(v.data())[c]);
+  return out;
+}
+
+template <class T>
+void write_channels(const VectorView& v, const std::vector<double>& values) {
+  if (!v.present()) return;
+  for (std::size_t c = 0; c < values.size(); ++c) {
+    if (v.dtype() == DType::Float64)
+      static_cast<double*>(v.data())[c] = values[c];
+    else
+      static_cast<T*>(v.data())[c] = static_cast<T>(values[c]);
+  }
+}
+
+// mean = hi + lo in T, so that (x - hi) - lo carries the double mean's precision.
+template <class T>
+void split_mean(const std::vector<double>& mean, std::vector<T>& hi, std::vector<T>& lo) {
+  hi.resize(mean.size());
+  lo.resize(mean.size());
+  for (std::size_t c = 0; c < mean.size(); ++c) {
+    hi[c] = static_cast<T>(mean[c]);
+    lo[c] = static_cast<T>(mean[c] - static_cast<double>(hi[c]));
+  }
+}
+
+std::vector<double> reduce_workspace(const Geometry& g) {
+  return std::vector<double>(static_cast<std::size_t>(kernels::reduce_workspace_doubles(g, kernels::reduce_threads(g))));
+}
+
+template <class T>
+void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, VectorView running_var,
+                  ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
+                  VectorView save_mean, VectorView save_invstd, Activation act) {
+  const std::int64_t C = g.C;
+  const auto uC = static_cast<std::size_t>(C);
+  const double m = static_cast<double>(g.per_channel());
+  std::vector<double> mean(uC), var(uC), invstd(uC);
+  if (training) {
+    std::vector<double> m2(uC), ws = reduce_workspace(g);
+    kernels::channel_moments(x, g, mean.data(), m2.data(), ws.data());
+    for (std::size_t c = 0; c < uC; ++c) var[c] = m2[c] / m;
+  } else {
+    mean = read_channels<T>(running_mean, C, 0.0);
+    var = read_channels<T>(running_var, C, 1.0);
+  }
+  for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+
+  const std::vector<double> gamma = read_channels<T>(weight, C, 1.0), beta = read_channels<T>(bias, C, 0.0);
+  std::vector<T> hi, lo, scale(uC), shift(uC);
+  split_mean(mean, hi, lo);
+  for (std::size_t c = 0; c < uC; ++c) {
+    scale[c] = static_cast<T>(gamma[c] * invstd[c]);
+    shift[c] = static_cast<T>(beta[c]);
+  }
+  if (g.per_channel() > 0) kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act);
+
+  if (!training) return;
+  write_channels<T>(save_mean, mean);
+  write_channels<T>(save_invstd, invstd);
+  if (running_mean.present()) {
+    std::vector<double> rm = read_channels<T>(running_mean, C, 0.0), rv = read_channels<T>(running_var, C, 1.0);
+    for (std::size_t c = 0; c < uC; ++c) {
+      rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
+      rv[c] = (1 - momentum) * rv[c] + momentum * var[c] * m / (m - 1);  // unbiased batch variance
+    }
+    write_channels<T>(running_mean, rm);
+    write_channels<T>(running_var, rv);
+  }
+}
+
+template <class T>
+void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, ConstVectorView weight,
+                   ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
+                   ConstVectorView save_invstd, bool training, double eps, VectorView grad_weight,
+                   VectorView grad_bias) {
+  const std::int64_t C = g.C;
+  const auto uC = static_cast<std::size_t>(C);
+  const double m = static_cast<double>(g.per_channel());
+  std::vector<double> mean, invstd;
+  if (training) {
+    mean = read_channels<T>(save_mean, C, 0.0);
+    invstd = read_channels<T>(save_invstd, C, 1.0);
+  } else {
+    mean = read_channels<T>(running_mean, C, 0.0);
+    invstd = read_channels<T>(running_var, C, 1.0);
+    for (double& v : invstd) v = 1.0 / std::sqrt(v + eps);
+  }
+  const std::vector<double> gamma = read_channels<T>(weight, C, 1.0);
+  std::vector<T> hi, lo;
+  split_mean(mean, hi, lo);
+
+  // The reductions are needed for the parameter gradients and, in training, for dx.
+  std::vector<double> sum_dy(uC, 0.0), sum_dy_xmu(uC, 0.0);
+  const bool need_sums = grad_weight.present() || grad_bias.present() || (training && dx);
+  if (need_sums && g.per_channel() > 0) {
+    std::vector<double> ws = reduce_workspace(g);
+    kernels::backward_reduce(dy, x, out, g, hi.data(), lo.data(), sum_dy.data(), sum_dy_xmu.data(), ws.data());
+  }
+  if (dx && g.per_channel() > 0) {
+    std::vector<T> k_dy(uC), k_x(uC, T(0)), k_c(uC, T(0));
+    for (std::size_t c = 0; c < uC; ++c) {
+      const double a = gamma[c] * invstd[c];
+      k_dy[c] = static_cast<T>(a);
+      if (training) {
+        // dx = gamma * invstd * (dy - sum(dy) / m - (x - mean) * invstd^2 * sum(dy * (x - mean)) / m)
+        k_x[c] = static_cast<T>(a * invstd[c] * invstd[c] * sum_dy_xmu[c] / m);
+        k_c[c] = static_cast<T>(a * sum_dy[c] / m);
+      }
+    }
+    kernels::backward_apply(dy, x, out, dx, g, {hi.data(), lo.data(), k_dy.data(), k_x.data(), k_c.data()});
+  }
+  std::vector<double> dgamma(uC);
+  for (std::size_t c = 0; c < uC; ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];
+  write_channels<T>(grad_weight, dgamma);
+  write_channels<T>(grad_bias, sum_dy);
+}
+
+}  // namespace
+
+void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
+                ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
+                VectorView save_mean, VectorView save_invstd, Activation activation) {
+  const char* fn = "batch_norm";
+  const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
+  detail::check_tensor(fn, "output", output);
+  detail::check_like(fn, "output", output, "input", input);
+  detail::check_alias(fn, "output", output.data(), in.bytes, "input", input.data(), in.bytes);
+  const std::int64_t C = in.geometry.C;
+  const DType dt = input.dtype();
+  if (running_mean.present() != running_var.present())
+    detail::fail(fn, std::string("running_var: expected ") + (running_mean.present() ? "a vector" : "none") +
+                         " like running_mean, got " + (running_var.present() ? "a vector" : "none"));
+  if (running_mean.present()) {
+    check_vector(fn, "running_mean", running_mean, C, dt);
+    check_vector(fn, "running_var", running_var, C, dt);
+  } else if (!training) {
+    detail::fail(fn, "running_mean: expected running statistics when training=false, got none");
+  }
+  if (weight.present()) check_vector(fn, "weight", weight, C, dt);
+  if (bias.present()) check_vector(fn, "bias", bias, C, dt);
+  if (save_mean.present()) check_vector(fn, "save_mean", save_mean, C, dt, true);
+  if (save_invstd.present()) check_vector(fn, "save_invstd", save_invstd, C, dt, true);
+  if (activation != Activation::None && activation != Activation::Relu)
+    detail::fail(fn, "activation: expected None or Relu, got unsupported value " +
+                         std::to_string(static_cast<int>(activation)));
+  detail::check_eps(fn, eps);
+  detail::check_momentum(fn, momentum);
+  if (training) detail::check_training_count(fn, input, in);
+
+  if (dt == DType::Float32)
+    forward_impl(static_cast<const float*>(input.data()), static_cast<float*>(output.data()), in.geometry, running_mean,
+                 running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation);
+  else
+    forward_impl(static_cast<const double*>(input.data()), static_cast<double*>(output.data()), in.geometry,
+                 running_mean, running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation);
+}
+
+void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, ConstVectorView weight,
+                         ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
+                         ConstVectorView save_invstd, bool training, double eps, TensorView grad_input,
+                         VectorView grad_weight, VectorView grad_bias, Activation activation, ConstTensorView output) {
+  const char* fn = "batch_norm_backward";
+  const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
+  detail::check_tensor(fn, "grad_output", grad_output);
+  detail::check_like(fn, "grad_output", grad_output, "input", input);
+  const bool want_dx = !grad_input.empty();
+  if (want_dx) {
+    detail::check_tensor(fn, "grad_input", grad_input);
+    detail::check_like(fn, "grad_input", grad_input, "input", input);
+    detail::check_alias(fn, "grad_input", grad_input.data(), in.bytes, "grad_output", grad_output.data(), in.bytes);
+    detail::check_alias(fn, "grad_input", grad_input.data(), in.bytes, "input", input.data(), in.bytes);
+  }
+  if (activation != Activation::None && activation != Activation::Relu)
+    detail::fail(fn, "activation: expected None or Relu, got unsupported value " +
+                         std::to_string(static_cast<int>(activation)));
+  const bool relu = activation == Activation::Relu;
+  if (relu) {
+    if (output.empty()) detail::fail(fn, "output: expected the forward's output with activation=Relu, got none");
+    detail::check_tensor(fn, "output", output);
+    detail::check_like(fn, "output", output, "input", input);
+    if (want_dx)
+      detail::check_alias(fn, "grad_input", grad_input.data(), in.bytes, "output", output.data(), in.bytes);
+  }
+  const std::int64_t C = in.geometry.C;
+  const DType dt = input.dtype();
+  if (weight.present()) check_vector(fn, "weight", weight, C, dt);
+  if (training) {
+    if (!save_mean.present() || !save_invstd.present())
+      detail::fail(fn, "save_mean: expected save_mean and save_invstd from the forward when training=true, got none");
+    check_vector(fn, "save_mean", save_mean, C, dt, true);
+    check_vector(fn, "save_invstd", save_invstd, C, dt, true);
+  } else {
+    if (!running_mean.present() || !running_var.present())
+      detail::fail(fn, "running_mean: expected running_mean and running_var when training=false, got none");
+    check_vector(fn, "running_mean", running_mean, C, dt);
+    check_vector(fn, "running_var", running_var, C, dt);
+    detail::check_eps(fn, eps);
+  }
+  if (grad_weight.present()) check_vector(fn, "grad_weight", grad_weight, C, dt);
+  if (grad_bias.present()) check_vector(fn, "grad_bias", grad_bias, C, dt);
+
+  if (dt == DType::Float32)
+    backward_impl(static_cast<const float*>(grad_output.data()), static_cast<const float*>(input.data()),
+                  relu ? static_cast<const float*>(output.data()) : nullptr,
+                  want_dx ? static_cast<float*>(grad_input.data()) : nullptr, in.geometry, weight, running_mean,
+                  running_var, save_mean, save_invstd, training, eps, grad_weight, grad_bias);
+  else
+    backward_impl(static_cast<const double*>(grad_output.data()), static_cast<const double*>(input.data()),
+                  relu ? static_cast<const double*>(output.data()) : nullptr,
+                  want_dx ? static_cast<double*>(grad_input.data()) : nullptr, in.geometry, weight, running_mean,
+                  running_var, save_mean, save_invstd, training, eps, grad_weight, grad_bias);
+}
+
+void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
+  const char* fn = "batch_stats";
+  const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
+  const std::int64_t C = in.geometry.C;
+  check_vector(fn, "mean", mean, C, input.dtype(), true);
+  check_vector(fn, "var", var, C, input.dtype(), true);
+  if (C > 0 && in.geometry.per_channel() < 1)
+    detail::fail(fn, "input: expected at least 1 value per channel, got shape " + input.shape().str());
+  const Geometry& g = in.geometry;
+  std::vector<double> mu(static_cast<std::size_t>(C)), m2(mu.size()), ws = reduce_workspace(g);
+  if (input.dtype() == DType::Float32)
+    kernels::channel_moments(static_cast<const float*>(input.data()), g, mu.data(), m2.data(), ws.data());
+  else
+    kernels::channel_moments(static_cast<const double*>(input.data()), g, mu.data(), m2.data(), ws.data());
+  for (double& v : m2) v /= static_cast<double>(g.per_channel());
+  if (input.dtype() == DType::Float32) {
+    write_channels<float>(mean, mu);
+    write_channels<float>(var, m2);
+  } else {
+    write_channels<double>(mean, mu);
+    write_channels<double>(var, m2);
+  }
+}
+
+}  // namespace bnorm

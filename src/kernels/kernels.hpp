@@ -1,0 +1,78 @@
+// Internal: the kernel families over caller-owned memory viewed as (N, C, S).
+//
+// Channels-first: element (n, c, s) at (n * C + c) * S + s. Channels-last: at (n * S + s) * C + c.
+// Kernels neither allocate nor throw: the functional layer validates, sizes the workspace and
+// hands it in. Statistics and reductions accumulate in double; elementwise passes run in T.
+#pragma once
+
+#include <bnorm/types.hpp>
+
+#include <cstdint>
+
+namespace bnorm::kernels {
+
+struct Geometry {
+  std::int64_t N = 0, C = 0, S = 0;
+  Layout layout = Layout::ChannelsFirst;
+  std::int64_t per_channel() const { return N * S; }  // m, the values per channel
+  std::int64_t rows() const { return N * S; }         // channels-last: rows of C values
+};
+
+// Elements handled by one two-pass block: small enough that the second pass over it hits L1.
+inline constexpr std::int64_t kBlock = 2048;
+
+// Workspace (in doubles) that channel_moments and backward_reduce need for `threads` threads.
+std::int64_t reduce_workspace_doubles(const Geometry& g, int threads);
+// Threads the reductions will use for this geometry (what the workspace must be sized for).
+int reduce_threads(const Geometry& g);
+
+// Per-channel mean and M2 = sum((x - mean)^2) of the N * S values of each channel: per-block
+// two-pass sums in double, blocks merged with Chan's formula. M2 is never negative.
+template <class T>
+void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace);
+
+// Per-channel coefficients of the elementwise passes, in T. The mean is split in two parts of T
+// (hi + lo ~ the double mean) so that x - mean is exact where it matters: a constant channel gives
+// exactly 0, and a large offset costs no accuracy.
+template <class T>
+struct ChannelCoeffs {
+  const T* mean_hi;
+  const T* mean_lo;
+  const T* scale;  // gamma * invstd
+  const T* shift;  // beta
+};
+
+// y = ((x - mean_hi) - mean_lo) * scale + shift, then max(y, 0) with Activation::Relu.
+// y may equal x.
+template <class T>
+void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act);
+
+// Per-channel sum(dy') and sum(dy' * (x - mean)) in double, where dy' = dy masked by output > 0
+// when `output` is given (fused ReLU) and dy otherwise.
+template <class T>
+void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const T* mean_hi,
+                     const T* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);
+
+// dx = dy' * k_dy - (x - mean) * k_x - k_c. dx may equal dy or x.
+template <class T>
+struct BackwardCoeffs {
+  const T* mean_hi;
+  const T* mean_lo;
+  const T* k_dy;
+  const T* k_x;
+  const T* k_c;
+};
+template <class T>
+void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k);
+
+// Chan's merge of the moments (nb, mb, m2b) into (n, mean, m2).
+inline void chan_merge(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
+  if (nb == 0) return;
+  const double total = n + nb;
+  const double delta = mb - mean;
+  mean += delta * (nb / total);
+  m2 += m2b + delta * delta * (n * nb / total);
+  n = total;
+}
+
+}  // namespace bnorm::kernels

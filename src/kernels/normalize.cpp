@@ -1,0 +1,60 @@
+// Normalize kernel family: y = ((x - mean_hi) - mean_lo) * scale + shift, optionally ReLU'd.
+//
+// Why subtract the mean before scaling (not y = x * a + b with b = beta - mean * a): with a large
+// offset, x * a and b are both huge and their sum cancels, losing the digits of y; and a constant
+// channel would not come out as exactly beta. x - mean_hi is exact when x is near the mean
+// (Sterbenz), so y keeps full precision.
+#include "kernels/kernels.hpp"
+#include "parallel.hpp"
+
+#include <algorithm>
+
+namespace bnorm::kernels {
+namespace {
+
+template <class T, bool Relu>
+void normalize_row(const T* x, T* y, std::int64_t len, T mh, T ml, T sc, T sh) {
+  for (std::int64_t i = 0; i < len; ++i) {
+    T v = ((x[i] - mh) - ml) * sc + sh;
+    if constexpr (Relu) v = v < T(0) ? T(0) : v;  // keeps NaN a NaN, like torch.relu
+    y[i] = v;
+  }
+}
+
+template <class T, bool Relu>
+void normalize_channels_last_row(const T* x, T* y, std::int64_t C, const ChannelCoeffs<T>& k) {
+  for (std::int64_t c = 0; c < C; ++c) {
+    T v = ((x[c] - k.mean_hi[c]) - k.mean_lo[c]) * k.scale[c] + k.shift[c];
+    if constexpr (Relu) v = v < T(0) ? T(0) : v;
+    y[c] = v;
+  }
+}
+
+template <class T, bool Relu>
+void normalize_impl(const T* x, T* y, const Geometry& g, const ChannelCoeffs<T>& k) {
+  if (g.layout == Layout::ChannelsFirst) {
+    detail::parallel_for(g.N * g.C, [&](std::int64_t nc) {
+      const std::int64_t c = nc % g.C;
+      normalize_row<T, Relu>(x + nc * g.S, y + nc * g.S, g.S, k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c]);
+    });
+  } else {
+    detail::parallel_for(g.rows(), [&](std::int64_t r) {
+      normalize_channels_last_row<T, Relu>(x + r * g.C, y + r * g.C, g.C, k);
+    });
+  }
+}
+
+}  // namespace
+
+template <class T>
+void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act) {
+  if (act == Activation::Relu)
+    normalize_impl<T, true>(x, y, g, k);
+  else
+    normalize_impl<T, false>(x, y, g, k);
+}
+
+template void normalize<float>(const float*, float*, const Geometry&, ChannelCoeffs<float>, Activation);
+template void normalize<double>(const double*, double*, const Geometry&, ChannelCoeffs<double>, Activation);
+
+}  // namespace bnorm::kernels

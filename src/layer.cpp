@@ -1,0 +1,264 @@
+#include <bnorm/functional.hpp>
+#include <bnorm/layer.hpp>
+
+#include "safetensors.hpp"
+#include "validate.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+
+namespace bnorm {
+namespace {
+
+const char* accepted_ranks(int spatial_dims) {
+  switch (spatial_dims) {
+    case 1: return "rank 2 (N, C) or 3 (N, C, L)";
+    case 2: return "rank 4 (N, C, H, W)";
+    case 3: return "rank 5 (N, C, D, H, W)";
+    default: return "rank >= 2 (N, C, ...)";
+  }
+}
+
+bool rank_ok(int spatial_dims, int rank) {
+  switch (spatial_dims) {
+    case 1: return rank == 2 || rank == 3;
+    case 2: return rank == 4;
+    case 3: return rank == 5;
+    default: return rank >= 2;
+  }
+}
+
+template <class P>
+std::string dtype_tag() {
+  return std::is_same_v<P, float> ? "F32" : "F64";
+}
+
+template <class P>
+detail::SafeTensor vector_tensor(const std::vector<P>& v) {
+  detail::SafeTensor t;
+  t.dtype = dtype_tag<P>();
+  t.shape = {static_cast<std::int64_t>(v.size())};
+  t.bytes.resize(v.size() * sizeof(P));
+  std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
+  return t;
+}
+
+}  // namespace
+
+template <class P>
+BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims)
+    : num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
+  const char* fn = "BatchNorm";
+  if (num_features < 1) detail::fail(fn, "num_features: expected >= 1, got " + std::to_string(num_features));
+  if (spatial_dims != -1 && (spatial_dims < 1 || spatial_dims > 3))
+    detail::fail(fn, "spatial_dims: expected 1, 2, 3 or -1 (any), got " + std::to_string(spatial_dims));
+  detail::check_eps(fn, options.eps);
+  if (options.momentum) detail::check_momentum(fn, *options.momentum);
+  if (options.activation != Activation::None && options.activation != Activation::Relu)
+    detail::fail(fn, "activation: expected None or Relu, got unsupported value " +
+                         std::to_string(static_cast<int>(options.activation)));
+  const auto C = static_cast<std::size_t>(num_features);
+  if (options.affine) {
+    weight_.resize(C);
+    bias_.resize(C);
+    weight_grad_.assign(C, P(0));
+    bias_grad_.assign(C, P(0));
+  }
+  if (options.track_running_stats) {
+    running_mean_.resize(C);
+    running_var_.resize(C);
+  }
+  save_mean_.resize(C);
+  save_invstd_.resize(C);
+  reset_parameters();
+}
+
+template <class P>
+void BasicBatchNorm<P>::reset_running_stats() {
+  std::fill(running_mean_.begin(), running_mean_.end(), P(0));
+  std::fill(running_var_.begin(), running_var_.end(), P(1));
+  num_batches_tracked_ = 0;
+}
+
+template <class P>
+void BasicBatchNorm<P>::reset_parameters() {
+  reset_running_stats();
+  std::fill(weight_.begin(), weight_.end(), P(1));
+  std::fill(bias_.begin(), bias_.end(), P(0));
+}
+
+template <class P>
+void BasicBatchNorm<P>::zero_grad() {
+  std::fill(weight_grad_.begin(), weight_grad_.end(), P(0));
+  std::fill(bias_grad_.begin(), bias_grad_.end(), P(0));
+}
+
+template <class P>
+void BasicBatchNorm<P>::check_input(ConstTensorView x, const char* fn) const {
+  const int rank = x.shape().rank();
+  if (!rank_ok(spatial_dims_, rank))
+    detail::fail(fn, std::string("input: expected ") + accepted_ranks(spatial_dims_) + ", got rank " +
+                         std::to_string(rank) + " with shape " + x.shape().str());
+  if (x.shape()[1] != num_features_)
+    detail::fail(fn, "input: expected " + std::to_string(num_features_) + " channels (num_features) in dim 1, got " +
+                         std::to_string(x.shape()[1]) + " in shape " + x.shape().str());
+  if (x.dtype() != dtype_of<P>())
+    detail::fail(fn, "input: expected dtype " + to_string(dtype_of<P>()) + " (the layer's), got " + to_string(x.dtype()));
+}
+
+template <class P>
+void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
+  const char* fn = "BatchNorm::forward";
+  check_input(x, fn);
+  const bool track = options_.track_running_stats;
+  // torch: batch statistics in training, and in eval when no running statistics are kept.
+  const bool use_batch = training_ || !track;
+  const bool update = training_ && track;
+  double factor = 0;
+  if (update) factor = options_.momentum ? *options_.momentum : 1.0 / static_cast<double>(num_batches_tracked_ + 1);
+  VectorView rm, rv;
+  if (track) {
+    rm = VectorView(running_mean_);
+    rv = VectorView(running_var_);
+  }
+  std::vector<double> sm(save_mean_.size()), si(save_invstd_.size());
+  const ConstVectorView w = options_.affine ? ConstVectorView(weight_) : ConstVectorView();
+  const ConstVectorView b = options_.affine ? ConstVectorView(bias_) : ConstVectorView();
+  batch_norm(x, y, rm, rv, w, b, use_batch, factor, options_.eps, use_batch ? VectorView(sm) : VectorView(),
+             use_batch ? VectorView(si) : VectorView(), options_.activation);
+  // Only reached when the call succeeded: commit what backward needs.
+  if (update) ++num_batches_tracked_;
+  if (use_batch) {
+    save_mean_.swap(sm);
+    save_invstd_.swap(si);
+  }
+  have_forward_ = true;
+  forward_used_batch_stats_ = use_batch;
+  forward_shape_ = x.shape();
+  forward_layout_ = x.layout();
+}
+
+template <class P>
+void BasicBatchNorm<P>::backward(ConstTensorView x, ConstTensorView dy, TensorView dx, ConstTensorView y) {
+  const char* fn = "BatchNorm::backward";
+  if (!have_forward_) detail::fail(fn, "state: expected a forward call before backward, got none");
+  check_input(x, fn);
+  if (!(x.shape() == forward_shape_))
+    detail::fail(fn, "x: expected the last forward's input shape " + forward_shape_.str() + ", got " + x.shape().str());
+  const auto C = static_cast<std::size_t>(num_features_);
+  std::vector<P> gw(options_.affine ? C : 0), gb(options_.affine ? C : 0);
+  const ConstVectorView w = options_.affine ? ConstVectorView(weight_) : ConstVectorView();
+  batch_norm_backward(dy, x, w, forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_mean_),
+                      forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_var_),
+                      ConstVectorView(save_mean_), ConstVectorView(save_invstd_), forward_used_batch_stats_,
+                      options_.eps, dx, options_.affine ? VectorView(gw) : VectorView(),
+                      options_.affine ? VectorView(gb) : VectorView(), options_.activation, y);
+  for (std::size_t c = 0; c < gw.size(); ++c) {
+    weight_grad_[c] += gw[c];
+    bias_grad_[c] += gb[c];
+  }
+}
+
+template <class P>
+void BasicBatchNorm<P>::save(const std::string& path, const std::string& prefix) const {
+  detail::SafeTensorsFile f;
+  f.metadata["format"] = "pt";
+  if (options_.affine) {
+    f.tensors[prefix + "weight"] = vector_tensor(weight_);
+    f.tensors[prefix + "bias"] = vector_tensor(bias_);
+  }
+  if (options_.track_running_stats) {
+    f.tensors[prefix + "running_mean"] = vector_tensor(running_mean_);
+    f.tensors[prefix + "running_var"] = vector_tensor(running_var_);
+    detail::SafeTensor n;
+    n.dtype = "I64";
+    n.bytes.resize(8);
+    std::memcpy(n.bytes.data(), &num_batches_tracked_, 8);
+    f.tensors[prefix + "num_batches_tracked"] = n;
+  }
+  const std::vector<unsigned char> image = detail::serialize_safetensors(f);
+  detail::write_file_atomic(path, image);
+}
+
+template <class P>
+void BasicBatchNorm<P>::load(const std::string& path, const std::string& prefix) {
+  const std::string fn = "BatchNorm::load('" + path + "')";
+  const detail::SafeTensorsFile f = detail::read_safetensors(path);
+  std::set<std::string> expected;
+  if (options_.affine) expected.insert({"weight", "bias"});
+  if (options_.track_running_stats) expected.insert({"running_mean", "running_var", "num_batches_tracked"});
+  for (const auto& [name, t] : f.tensors) {
+    if (name.rfind(prefix, 0) != 0) continue;  // another module's state
+    if (!expected.count(name.substr(prefix.size())))
+      detail::fail(fn.c_str(), "key '" + name + "': unexpected for this layer (affine=" +
+                                   (options_.affine ? "true" : "false") + ", track_running_stats=" +
+                                   (options_.track_running_stats ? "true" : "false") + ")");
+  }
+  const auto C = static_cast<std::size_t>(num_features_);
+  auto vec = [&](const std::string& key) {
+    const auto it = f.tensors.find(prefix + key);
+    if (it == f.tensors.end()) detail::fail(fn.c_str(), "key '" + prefix + key + "': expected in the file, missing");
+    const detail::SafeTensor& t = it->second;
+    if (t.shape.size() != 1 || t.shape[0] != num_features_) {
+      std::string s = "[";
+      for (std::size_t i = 0; i < t.shape.size(); ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+      detail::fail(fn.c_str(), "key '" + prefix + key + "': expected shape [" + std::to_string(num_features_) +
+                                   "] (num_features), got " + s + "]");
+    }
+    std::vector<P> out(C);
+    if (t.dtype == "F32") {
+      for (std::size_t c = 0; c < C; ++c) {
+        float v;
+        std::memcpy(&v, t.bytes.data() + 4 * c, 4);
+        out[c] = static_cast<P>(v);
+      }
+    } else if (t.dtype == "F64") {
+      for (std::size_t c = 0; c < C; ++c) {
+        double v;
+        std::memcpy(&v, t.bytes.data() + 8 * c, 8);
+        out[c] = static_cast<P>(v);
+      }
+    } else {
+      detail::fail(fn.c_str(), "key '" + prefix + key + "': expected dtype F32 or F64, got " + t.dtype);
+    }
+    return out;
+  };
+  // Read and check everything first; assign only when the whole file is good.
+  std::vector<P> w, b, rm, rv;
+  std::int64_t nbt = 0;
+  if (options_.affine) {
+    w = vec("weight");
+    b = vec("bias");
+  }
+  if (options_.track_running_stats) {
+    rm = vec("running_mean");
+    rv = vec("running_var");
+    for (std::size_t c = 0; c < C; ++c)
+      if (!(rv[c] >= 0))
+        detail::fail(fn.c_str(), "key '" + prefix + "running_var': expected values >= 0, got " + std::to_string(rv[c]) +
+                                     " at index " + std::to_string(c));
+    const auto it = f.tensors.find(prefix + "num_batches_tracked");
+    if (it == f.tensors.end())
+      detail::fail(fn.c_str(), "key '" + prefix + "num_batches_tracked': expected in the file, missing");
+    if (it->second.dtype != "I64" || !it->second.shape.empty())
+      detail::fail(fn.c_str(), "key '" + prefix + "num_batches_tracked': expected an I64 scalar (shape []), got " +
+                                   it->second.dtype + " with " + std::to_string(it->second.shape.size()) + " dims");
+    std::memcpy(&nbt, it->second.bytes.data(), 8);
+    if (nbt < 0)
+      detail::fail(fn.c_str(), "key '" + prefix + "num_batches_tracked': expected >= 0, got " + std::to_string(nbt));
+  }
+  weight_.swap(w);
+  bias_.swap(b);
+  if (options_.track_running_stats) {
+    running_mean_.swap(rm);
+    running_var_.swap(rv);
+    num_batches_tracked_ = nbt;
+  }
+}
+
+template class BasicBatchNorm<float>;
+template class BasicBatchNorm<double>;
+
+}  // namespace bnorm

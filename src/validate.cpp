@@ -1,0 +1,105 @@
+#include "validate.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+
+namespace bnorm::detail {
+namespace {
+std::string num(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float64; }
+bool valid_layout(Layout l) { return l == Layout::ChannelsFirst || l == Layout::ChannelsLast; }
+}  // namespace
+
+void fail(const char* fn, const std::string& what) { throw Error(std::string("bnorm::") + fn + ": " + what); }
+
+TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView& t) {
+  const std::string arg = name;
+  const Shape& s = t.shape();
+  if (s.rank() < 2)
+    fail(fn, arg + ": expected a tensor of rank >= 2 (N, C, ...), got rank " + std::to_string(s.rank()) +
+                 " with shape " + s.str());
+  if (!valid_dtype(t.dtype()))
+    fail(fn, arg + ": expected dtype float32 or float64, got unsupported " + to_string(t.dtype()));
+  if (!valid_layout(t.layout()))
+    fail(fn, arg + ": expected layout channels_first or channels_last, got unsupported " + to_string(t.layout()));
+  std::int64_t numel = 1, spatial = 1;
+  bool overflow = false;
+  for (int i = 0; i < s.rank(); ++i) {
+    if (s[i] < 0)
+      fail(fn, arg + ": expected non-negative sizes, got " + std::to_string(s[i]) + " in dim " + std::to_string(i) +
+                   " of shape " + s.str());
+    overflow = overflow || __builtin_mul_overflow(numel, s[i], &numel);
+    if (i >= 2) overflow = overflow || __builtin_mul_overflow(spatial, s[i], &spatial);
+  }
+  std::int64_t bytes = 0;
+  overflow = overflow || __builtin_mul_overflow(numel, static_cast<std::int64_t>(size_of(t.dtype())), &bytes);
+  if (overflow)
+    fail(fn, arg + ": expected a shape whose size in bytes fits in int64, got " + s.str() + " of " +
+                 to_string(t.dtype()));
+  if (numel > 0 && t.data() == nullptr)
+    fail(fn, arg + ": expected a data pointer, got null for a tensor of shape " + s.str());
+  TensorInfo info;
+  info.geometry = {s[0], s[1], spatial, spatial == 1 ? Layout::ChannelsLast : t.layout()};
+  info.numel = numel;
+  info.bytes = bytes;
+  return info;
+}
+
+void check_like(const char* fn, const char* name, const ConstTensorView& t, const char* like_name,
+                const ConstTensorView& like) {
+  const std::string arg = name;
+  if (!(t.shape() == like.shape()))
+    fail(fn, arg + ": expected the shape of " + like_name + " " + like.shape().str() + ", got " + t.shape().str());
+  if (t.dtype() != like.dtype())
+    fail(fn, arg + ": expected the dtype of " + like_name + " (" + to_string(like.dtype()) + "), got " +
+                 to_string(t.dtype()));
+  // With one spatial element (or none) both layouts are the same memory, so either is fine.
+  std::int64_t spatial = 1;
+  for (int i = 2; i < t.shape().rank(); ++i) spatial *= t.shape()[i];
+  if (spatial != 1 && t.layout() != like.layout())
+    fail(fn, arg + ": expected the layout of " + like_name + " (" + to_string(like.layout()) + "), got " +
+                 to_string(t.layout()));
+}
+
+void check_vector(const char* fn, const char* name, const ConstVectorView& v, std::int64_t C, DType dtype,
+                  bool also_float64) {
+  const std::string arg = name;
+  if (v.size() != C)
+    fail(fn, arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
+  if (v.dtype() != dtype && !(also_float64 && v.dtype() == DType::Float64))
+    fail(fn, arg + ": expected dtype " + to_string(dtype) + (also_float64 && dtype != DType::Float64 ? " or float64" : "") +
+                 ", got " + to_string(v.dtype()));
+  if (C > 0 && v.data() == nullptr) fail(fn, arg + ": expected a data pointer, got null for " + std::to_string(C) + " values");
+}
+
+void check_alias(const char* fn, const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name,
+                 const void* b, std::int64_t b_bytes) {
+  if (a == b || a_bytes == 0 || b_bytes == 0) return;
+  const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
+  const bool disjoint = pa + static_cast<std::uintptr_t>(a_bytes) <= pb || pb + static_cast<std::uintptr_t>(b_bytes) <= pa;
+  if (!disjoint)
+    fail(fn, std::string(a_name) + ": expected the same memory as " + b_name +
+                 " or memory disjoint from it, got a partial overlap");
+}
+
+void check_eps(const char* fn, double eps) {
+  if (!(std::isfinite(eps) && eps > 0)) fail(fn, "eps: expected a finite value > 0, got " + num(eps));
+}
+
+void check_momentum(const char* fn, double momentum) {
+  if (!(momentum >= 0 && momentum <= 1)) fail(fn, "momentum: expected a value in [0, 1], got " + num(momentum));
+}
+
+void check_training_count(const char* fn, const ConstTensorView& input, const TensorInfo& info) {
+  if (info.geometry.C > 0 && info.geometry.per_channel() <= 1)
+    fail(fn, "input: Expected more than 1 value per channel when training, got input size " + input.shape().str() +
+                 " (N * spatial = " + std::to_string(info.geometry.per_channel()) + " value(s) per channel)");
+}
+
+}  // namespace bnorm::detail

@@ -1,0 +1,333 @@
+// The functional API: finite-difference gradient checks in float64, and every error case, each
+// checked for its message and for leaving every buffer untouched.
+#include "test_util.hpp"
+
+namespace bnorm::test {
+namespace {
+
+// ---- Gradient check -------------------------------------------------------------------------
+
+// L(x, gamma, beta) = sum(r * y): its gradient is backward with grad_output = r.
+struct GradProblem {
+  Dims d{{3, 4, 5}};
+  Layout layout = Layout::ChannelsFirst;
+  bool training = true;
+  bool relu = false;
+  std::vector<double> x, w, b, rm, rv, r;
+
+  double loss(const std::vector<double>& xv, const std::vector<double>& wv, const std::vector<double>& bv) const {
+    std::vector<double> y(xv.size()), rmc = rm, rvc = rv;
+    batch_norm(ConstTensorView(xv.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), rmc,
+               rvc, wv, bv, training, 0.1, 1e-5, {}, {}, relu ? Activation::Relu : Activation::None);
+    double l = 0;
+    for (std::size_t i = 0; i < y.size(); ++i) l += r[i] * y[i];
+    return l;
+  }
+};
+
+void gradient_check(bool training, bool relu, Layout layout) {
+  SCOPED_TRACE(std::string(training ? "training" : "eval") + (relu ? " relu" : "") + " " + to_string(layout));
+  GradProblem p;
+  p.layout = layout;
+  p.training = training;
+  p.relu = relu;
+  std::mt19937_64 rng(17);
+  const std::int64_t C = p.d.C();
+  p.x = to_layout<double>(random_input<double>(p.d, rng), p.d, layout);
+  p.r = to_layout<double>(random_input<double>(p.d, rng, 0.5), p.d, layout);
+  p.w = random_vector<double>(C, rng, 0.5, 1.5);
+  p.b = random_vector<double>(C, rng, -0.5, 0.5);
+  p.rm = random_vector<double>(C, rng, -1, 1);
+  p.rv = random_vector<double>(C, rng, 0.5, 2);
+
+  std::vector<double> y(p.x.size()), sm(static_cast<std::size_t>(C)), si(sm.size()), rmc = p.rm, rvc = p.rv;
+  const Shape shape = p.d.view_shape();
+  batch_norm(ConstTensorView(p.x.data(), shape, layout), TensorView(y.data(), shape, layout), rmc, rvc, p.w, p.b,
+             training, 0.1, 1e-5, sm, si, relu ? Activation::Relu : Activation::None);
+  std::vector<double> dx(p.x.size()), dw(sm.size()), db(sm.size());
+  batch_norm_backward(ConstTensorView(p.r.data(), shape, layout), ConstTensorView(p.x.data(), shape, layout), p.w, p.rm,
+                      p.rv, sm, si, training, 1e-5, TensorView(dx.data(), shape, layout), dw, db,
+                      relu ? Activation::Relu : Activation::None, ConstTensorView(y.data(), shape, layout));
+
+  const double h = 1e-6;
+  auto numeric = [&](std::vector<double>& v, std::size_t i) {
+    const double keep = v[i];
+    v[i] = keep + h;
+    const double up = p.loss(p.x, p.w, p.b);
+    v[i] = keep - h;
+    const double down = p.loss(p.x, p.w, p.b);
+    v[i] = keep;
+    return (up - down) / (2 * h);
+  };
+  for (std::size_t i = 0; i < p.x.size(); ++i) EXPECT_NEAR(dx[i], numeric(p.x, i), 1e-7) << "dx[" << i << "]";
+  for (std::size_t c = 0; c < dw.size(); ++c) {
+    EXPECT_NEAR(dw[c], numeric(p.w, c), 1e-7) << "dweight[" << c << "]";
+    EXPECT_NEAR(db[c], numeric(p.b, c), 1e-7) << "dbias[" << c << "]";
+  }
+}
+
+TEST(GradientCheck, TrainingFiniteDifferences) {
+  for (Layout l : {Layout::ChannelsFirst, Layout::ChannelsLast}) gradient_check(true, false, l);
+}
+TEST(GradientCheck, EvalFiniteDifferences) {
+  for (Layout l : {Layout::ChannelsFirst, Layout::ChannelsLast}) gradient_check(false, false, l);
+}
+TEST(GradientCheck, FusedReluFiniteDifferences) {
+  for (Layout l : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    gradient_check(true, true, l);
+    gradient_check(false, true, l);
+  }
+}
+
+// ---- Errors ---------------------------------------------------------------------------------
+
+// A forward call set up with valid arguments that each error test breaks in one way.
+struct Call {
+  std::vector<std::int64_t> dims{4, 3, 5};
+  std::vector<float> x = std::vector<float>(60, 0.f), y = std::vector<float>(60, 7.f);
+  std::vector<float> rm = std::vector<float>(3, 0.25f), rv = std::vector<float>(3, 2.f);
+  std::vector<float> w = std::vector<float>(3, 1.5f), b = std::vector<float>(3, -1.f);
+  std::vector<float> sm = std::vector<float>(3, 9.f), si = std::vector<float>(3, 9.f);
+  bool training = true;
+  double momentum = 0.1, eps = 1e-5;
+  Call() {
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7);
+  }
+  void run(ConstTensorView in, TensorView out, VectorView rmv, VectorView rvv, ConstVectorView wv, ConstVectorView bv) {
+    batch_norm(in, out, rmv, rvv, wv, bv, training, momentum, eps, VectorView(sm), VectorView(si));
+  }
+  Shape shape() const { return Shape{std::span<const std::int64_t>(dims)}; }
+  ConstTensorView in() const { return ConstTensorView(x.data(), shape()); }
+  TensorView out() { return TensorView(y.data(), shape()); }
+  void run() { run(in(), out(), rm, rv, w, b); }
+};
+
+// Runs f, expects bnorm::Error whose message contains every fragment, and that no buffer changed.
+template <class F>
+void expect_error(Call& call, F f, std::initializer_list<const char*> fragments) {
+  const Call before = call;
+  try {
+    f(call);
+    ADD_FAILURE() << "no error thrown";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const char* frag : fragments) EXPECT_NE(msg.find(frag), std::string::npos) << "'" << frag << "' not in: " << msg;
+  }
+  EXPECT_EQ(call.y, before.y) << "output changed by a failed call";
+  EXPECT_EQ(call.rm, before.rm) << "running_mean changed by a failed call";
+  EXPECT_EQ(call.rv, before.rv) << "running_var changed by a failed call";
+  EXPECT_EQ(call.sm, before.sm) << "save_mean changed by a failed call";
+  EXPECT_EQ(call.si, before.si) << "save_invstd changed by a failed call";
+}
+
+TEST(Errors, ValidCallSucceeds) {
+  Call c;
+  c.run();
+  EXPECT_NE(c.rm, Call().rm);
+}
+
+TEST(Errors, WrongRank) {
+  Call c;
+  expect_error(c, [](Call& k) { k.dims = {60}; k.run(); }, {"batch_norm", "input", "rank >= 2", "rank 1", "[60]"});
+}
+
+TEST(Errors, TooManyDims) {
+  EXPECT_THROW((Shape{1, 2, 3, 4, 5, 6, 7, 8, 9}), Error);
+}
+
+TEST(Errors, NegativeDim) {
+  Call c;
+  expect_error(c, [](Call& k) { k.dims = {4, 3, -5}; k.run(); }, {"input", "non-negative", "-5"});
+}
+
+TEST(Errors, OverflowingShape) {
+  Call c;
+  expect_error(c, [](Call& k) { k.dims = {1LL << 40, 3, 1LL << 30}; k.run(); }, {"input", "fits in int64"});
+}
+
+TEST(Errors, ChannelCountMismatch) {
+  std::vector<float> four(4, 0.f), two(2, 1.f), five(5, 0.f);
+  Call c;
+  expect_error(c, [&](Call& k) { k.run(k.in(), k.out(), four, k.rv, k.w, k.b); },
+               {"running_mean", "expected 3 values", "got 4"});
+  expect_error(c, [&](Call& k) { k.run(k.in(), k.out(), k.rm, four, k.w, k.b); },
+               {"running_var", "expected 3 values", "got 4"});
+  expect_error(c, [&](Call& k) { k.run(k.in(), k.out(), k.rm, k.rv, two, k.b); }, {"weight", "expected 3 values", "got 2"});
+  expect_error(c, [&](Call& k) { k.run(k.in(), k.out(), k.rm, k.rv, k.w, five); }, {"bias", "expected 3 values", "got 5"});
+  expect_error(c, [&](Call& k) {
+    batch_norm(k.in(), k.out(), k.rm, k.rv, k.w, k.b, true, 0.1, 1e-5, VectorView(four), VectorView(k.si));
+  }, {"save_mean", "expected 3 values", "got 4"});
+}
+
+TEST(Errors, OneValuePerChannelInTraining) {
+  Call c;
+  expect_error(c, [](Call& k) { k.dims = {1, 3, 1}; k.run(); },
+               {"Expected more than 1 value per channel when training", "[1, 3, 1]"});
+  Call d;
+  d.dims = {1, 60};
+  for (auto* v : {&d.rm, &d.rv, &d.w, &d.b, &d.sm, &d.si}) v->resize(60, 1.f);
+  expect_error(d, [](Call& k) { k.run(); }, {"Expected more than 1 value per channel", "[1, 60]"});
+  // In eval a single sample is fine.
+  Call e;
+  e.training = false;
+  e.dims = {1, 3, 1};
+  EXPECT_NO_THROW(e.run());
+}
+
+TEST(Errors, BadEps) {
+  for (double eps : {0.0, -1e-5, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+    Call c;
+    expect_error(c, [eps](Call& k) { k.eps = eps; k.run(); }, {"eps", "finite value > 0"});
+  }
+}
+
+TEST(Errors, BadMomentum) {
+  for (double m : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    Call c;
+    expect_error(c, [m](Call& k) { k.momentum = m; k.run(); }, {"momentum", "[0, 1]"});
+  }
+}
+
+TEST(Errors, NullData) {
+  Call c;
+  expect_error(c, [](Call& k) {
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(static_cast<const float*>(nullptr), s), TensorView(k.y.data(), s), k.rm, k.rv, k.w, k.b);
+  }, {"input", "null"});
+  Call d;
+  expect_error(d, [](Call& k) {
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(k.x.data(), s), TensorView(k.y.data(), s), VectorView(static_cast<float*>(nullptr), 3), k.rv, k.w, k.b);
+  }, {"running_mean", "null"});
+}
+
+TEST(Errors, DtypeAndShapeMismatch) {
+  Call c;
+  expect_error(c, [](Call& k) {
+    std::vector<double> yd(60);
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(k.x.data(), s), TensorView(yd.data(), s), k.rm, k.rv, k.w, k.b);
+  }, {"output", "dtype", "float32", "float64"});
+  Call d;
+  expect_error(d, [](Call& k) {
+    std::vector<double> wd(3, 1.0);
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(k.x.data(), s), TensorView(k.y.data(), s), k.rm, k.rv, wd, k.b);
+  }, {"weight", "dtype float32", "float64"});
+  Call e;
+  expect_error(e, [](Call& k) {
+    k.run(ConstTensorView(k.x.data(), Shape{4, 3, 5}), TensorView(k.y.data(), Shape{4, 5, 3}), k.rm, k.rv, k.w, k.b);
+  }, {"output", "shape", "[4, 3, 5]", "[4, 5, 3]"});
+  Call f;
+  expect_error(f, [](Call& k) {
+    k.run(ConstTensorView(k.x.data(), Shape{4, 3, 5}), TensorView(k.y.data(), Shape{4, 3, 5}, Layout::ChannelsLast), k.rm,
+          k.rv, k.w, k.b);
+  }, {"output", "layout", "channels_first", "channels_last"});
+}
+
+TEST(Errors, UnsupportedDtypeAndLayout) {
+  Call c;
+  expect_error(c, [](Call& k) {
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(k.x.data(), static_cast<DType>(42), s), TensorView(k.y.data(), s), k.rm, k.rv, k.w, k.b);
+  }, {"input", "unsupported", "dtype"});
+  Call d;
+  expect_error(d, [](Call& k) {
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(k.x.data(), s, static_cast<Layout>(9)), TensorView(k.y.data(), s), k.rm, k.rv, k.w, k.b);
+  }, {"input", "unsupported", "layout"});
+}
+
+TEST(Errors, RunningStatsBothOrNeither) {
+  Call c;
+  expect_error(c, [](Call& k) {
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(k.x.data(), s), TensorView(k.y.data(), s), k.rm, {}, k.w, k.b);
+  }, {"running_var", "expected a vector like running_mean"});
+  Call d;
+  d.training = false;
+  expect_error(d, [](Call& k) {
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(k.x.data(), s), TensorView(k.y.data(), s), {}, {}, k.w, k.b);
+  }, {"running_mean", "training=false"});
+}
+
+TEST(Errors, PartialOverlapOfInputAndOutput) {
+  Call c;
+  expect_error(c, [](Call& k) {
+    std::vector<float> buf(61);
+    const Shape s{4, 3, 5};
+    k.run(ConstTensorView(buf.data(), s), TensorView(buf.data() + 1, s), k.rm, k.rv, k.w, k.b);
+  }, {"output", "partial overlap"});
+}
+
+TEST(Errors, BackwardArguments) {
+  const Shape s{4, 3, 5};
+  std::vector<float> x(60, 1.f), dy(60, 1.f), dx(60, 5.f), sm(3, 0.f), si(3, 1.f), gw(3, 5.f), gb(3, 5.f);
+  auto expect = [&](auto f, std::initializer_list<const char*> frags) {
+    try {
+      f();
+      ADD_FAILURE() << "no error thrown";
+    } catch (const Error& e) {
+      for (const char* frag : frags) EXPECT_NE(std::string(e.what()).find(frag), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(dx, std::vector<float>(60, 5.f));
+    EXPECT_EQ(gw, std::vector<float>(3, 5.f));
+  };
+  expect([&] {
+    batch_norm_backward(ConstTensorView(dy.data(), Shape{4, 3, 4}), ConstTensorView(x.data(), s), {}, {}, {}, sm, si, true,
+                        1e-5, TensorView(dx.data(), s), gw, gb);
+  }, {"batch_norm_backward", "grad_output", "[4, 3, 5]", "[4, 3, 4]"});
+  expect([&] {
+    batch_norm_backward(ConstTensorView(dy.data(), s), ConstTensorView(x.data(), s), {}, {}, {}, {}, {}, true, 1e-5,
+                        TensorView(dx.data(), s), gw, gb);
+  }, {"save_mean", "training=true"});
+  expect([&] {
+    batch_norm_backward(ConstTensorView(dy.data(), s), ConstTensorView(x.data(), s), {}, {}, {}, {}, {}, false, 1e-5,
+                        TensorView(dx.data(), s), gw, gb);
+  }, {"running_mean", "training=false"});
+  expect([&] {
+    batch_norm_backward(ConstTensorView(dy.data(), s), ConstTensorView(x.data(), s), {}, {}, {}, sm, si, true, 1e-5,
+                        TensorView(dx.data(), s), gw, gb, Activation::Relu);
+  }, {"output", "Relu"});
+  expect([&] {
+    batch_norm_backward(ConstTensorView(dy.data(), s), ConstTensorView(x.data(), s), {}, {}, {}, sm, si, true, 1e-5,
+                        TensorView(dx.data(), s), VectorView(gw.data(), 2), gb);
+  }, {"grad_weight", "expected 3 values", "got 2"});
+}
+
+// Empty batches: eval is a no-op, training is the m == 1 rule's error (m = 0).
+TEST(EdgeCases, EmptyBatch) {
+  std::vector<float> rm(3, 0.f), rv(3, 1.f);
+  EXPECT_NO_THROW(batch_norm(ConstTensorView(static_cast<const float*>(nullptr), Shape{0, 3, 5}),
+                             TensorView(static_cast<float*>(nullptr), Shape{0, 3, 5}), rm, rv, {}, {}, false));
+  EXPECT_THROW(batch_norm(ConstTensorView(static_cast<const float*>(nullptr), Shape{0, 3, 5}),
+                          TensorView(static_cast<float*>(nullptr), Shape{0, 3, 5}), rm, rv, {}, {}, true),
+               Error);
+}
+
+// The saved statistics may be float64 for float32 input: backward then keeps the mean's precision.
+TEST(EdgeCases, Float64SavedStatisticsForFloat32Input) {
+  const Dims d{{8, 2, 50}};
+  std::mt19937_64 rng(9);
+  const std::vector<double> x = random_input<float>(d, rng, 1e4);
+  const std::vector<double> dy = random_input<float>(d, rng, 0.5);
+  const reference::Problem p{d.N(), d.C(), d.S(), true, 0.1, 1e-5, false};
+  const reference::Forward ref = reference::forward(p, x, {}, {}, {}, {});
+  const reference::Backward rb = reference::backward(p, x, {}, ref, dy);
+  const std::vector<float> xf = cast<float>(x), dyf = cast<float>(dy);
+  std::vector<float> y(xf.size()), dx(xf.size());
+  std::vector<double> sm(2), si(2), gw(2), gb(2);
+  batch_norm(ConstTensorView(xf.data(), d.view_shape()), TensorView(y.data(), d.view_shape()), {}, {}, {}, {}, true, 0.1,
+             1e-5, VectorView(sm), VectorView(si));
+  std::vector<float> gwf(2), gbf(2);
+  batch_norm_backward(ConstTensorView(dyf.data(), d.view_shape()), ConstTensorView(xf.data(), d.view_shape()), {}, {}, {},
+                      ConstVectorView(sm), ConstVectorView(si), true, 1e-5, TensorView(dx.data(), d.view_shape()),
+                      VectorView(gwf), VectorView(gbf));
+  EXPECT_TRUE(close(sm, ref.mean, 0, 1e-15, "save_mean (float64)"));
+  EXPECT_TRUE(close(widen(gwf), rb.dweight, 1e-4, 1e-6, "grad_weight at offset 1e4"));
+  EXPECT_TRUE(close(widen(dx), rb.dx, 1e-5 * max_abs(rb.dx), 0, "grad_input at offset 1e4"));
+}
+
+}  // namespace
+}  // namespace bnorm::test

@@ -1,0 +1,276 @@
+// Every kernel path against the float64 reference: shapes odd and even, both layouts, both dtypes,
+// every option combination, in place, several thread counts; then the numerical robustness cases.
+#include "test_util.hpp"
+
+#include <cstring>
+
+namespace bnorm::test {
+namespace {
+
+struct Options {
+  Layout layout = Layout::ChannelsFirst;
+  bool training = true, affine = true, track = true, relu = false, in_place = false;
+  double momentum = 0.1, eps = 1e-5;
+  int threads = 1;
+  std::string str() const {
+    return std::string(layout == Layout::ChannelsFirst ? "CF" : "CL") + (training ? " train" : " eval") +
+           (affine ? " affine" : "") + (track ? " track" : "") + (relu ? " relu" : "") + (in_place ? " inplace" : "") +
+           " threads=" + std::to_string(threads);
+  }
+};
+
+// Per-channel L1 sums bound the rounding error of the parameter gradients.
+double l1_bound(const Dims& d, const std::vector<double>& v, const std::vector<double>& w) {
+  double worst = 0;
+  for (std::int64_t c = 0; c < d.C(); ++c) {
+    double s = 0;
+    for (std::int64_t n = 0; n < d.N(); ++n)
+      for (std::int64_t i = 0; i < d.S(); ++i) {
+        const auto k = static_cast<std::size_t>((n * d.C() + c) * d.S() + i);
+        s += std::abs(v[k] * (w.empty() ? 1.0 : w[k]));
+      }
+    worst = std::max(worst, s);
+  }
+  return worst;
+}
+
+template <class T>
+void check_against_reference(const Dims& d, const Options& o, std::uint64_t seed) {
+  SCOPED_TRACE(d.str() + " " + o.str() + (std::is_same_v<T, float> ? " f32" : " f64"));
+  ThreadScope threads(o.threads);
+  std::mt19937_64 rng(seed);
+  const std::int64_t C = d.C();
+  const std::vector<double> x = random_input<T>(d, rng);
+  const std::vector<double> w = o.affine ? random_vector<T>(C, rng, 0.5, 1.5) : std::vector<double>{};
+  const std::vector<double> b = o.affine ? random_vector<T>(C, rng, -1, 1) : std::vector<double>{};
+  const std::vector<double> rm0 = o.track ? random_vector<T>(C, rng, -1, 1) : std::vector<double>{};
+  const std::vector<double> rv0 = o.track ? random_vector<T>(C, rng, 0.5, 2) : std::vector<double>{};
+  const std::vector<double> dy = random_input<T>(d, rng, 0.5);
+
+  reference::Problem p{d.N(), C, d.S(), o.training, o.momentum, o.eps, o.relu};
+  const reference::Forward ref = reference::forward(p, x, w, b, rm0, rv0);
+
+  const Shape shape = d.view_shape();
+  const std::vector<T> xm = to_layout<T>(x, d, o.layout);
+  std::vector<T> y(xm.size()), wt = cast<T>(w), bt = cast<T>(b), rm = cast<T>(rm0), rv = cast<T>(rv0);
+  std::vector<T> sm(static_cast<std::size_t>(C)), si(static_cast<std::size_t>(C));
+  if (o.in_place) y = xm;
+  const T* in = o.in_place ? y.data() : xm.data();
+  batch_norm(ConstTensorView(in, shape, o.layout), TensorView(y.data(), shape, o.layout),
+             o.track ? VectorView(rm) : VectorView(), o.track ? VectorView(rv) : VectorView(),
+             o.affine ? ConstVectorView(wt) : ConstVectorView(), o.affine ? ConstVectorView(bt) : ConstVectorView(),
+             o.training, o.momentum, o.eps, VectorView(sm), VectorView(si), o.relu ? Activation::Relu : Activation::None);
+
+  const double t = tol<T>();
+  EXPECT_TRUE(close(from_layout(y, d, o.layout), ref.y, t, t, "y"));
+  if (o.training) {
+    EXPECT_TRUE(close(widen(sm), ref.mean, t, t, "save_mean"));
+    EXPECT_TRUE(close(widen(si), ref.invstd, t, t, "save_invstd"));
+  }
+  if (o.track) {
+    EXPECT_TRUE(close(widen(rm), ref.running_mean, t, t, "running_mean"));
+    EXPECT_TRUE(close(widen(rv), ref.running_var, t, t, "running_var"));
+  }
+
+  // Backward, from the forward's saved (training) or running (eval) statistics.
+  const reference::Backward rb = reference::backward(p, x, w, ref, dy);
+  const std::vector<T> dym = to_layout<T>(dy, d, o.layout);
+  std::vector<T> dx(xm.size()), gw(static_cast<std::size_t>(C)), gb(static_cast<std::size_t>(C));
+  if (o.in_place) dx = dym;
+  const std::vector<T> rm_used = cast<T>(o.track ? (o.training ? rm0 : rm0) : std::vector<double>{});
+  const std::vector<T> rv_used = cast<T>(o.track ? rv0 : std::vector<double>{});
+  batch_norm_backward(ConstTensorView(o.in_place ? dx.data() : dym.data(), shape, o.layout),
+                      ConstTensorView(xm.data(), shape, o.layout), o.affine ? ConstVectorView(wt) : ConstVectorView(),
+                      o.training ? ConstVectorView() : ConstVectorView(rm_used),
+                      o.training ? ConstVectorView() : ConstVectorView(rv_used), ConstVectorView(sm),
+                      ConstVectorView(si), o.training, o.eps, TensorView(dx.data(), shape, o.layout), VectorView(gw),
+                      VectorView(gb), o.relu ? Activation::Relu : Activation::None,
+                      o.relu ? ConstTensorView(y.data(), shape, o.layout) : ConstTensorView());
+  // dx = k_dy * dy - k_x * (x - mean) - k_c cancels heavily for small m: its rounding error scales
+  // with the terms, gamma * invstd * |dy|, not with the result.
+  double gain = 0;
+  for (std::size_t c = 0; c < static_cast<std::size_t>(C); ++c) gain = std::max(gain, (w.empty() ? 1.0 : w[c]) * ref.invstd[c]);
+  const double scale = std::max({1.0, max_abs(rb.dx), 3 * gain * max_abs(dy)});
+  EXPECT_TRUE(close(from_layout(dx, d, o.layout), rb.dx, 4 * t * scale, 0, "grad_input"));
+  std::vector<double> xhat(x.size());
+  for (std::int64_t n = 0; n < d.N(); ++n)
+    for (std::int64_t c = 0; c < C; ++c)
+      for (std::int64_t s = 0; s < d.S(); ++s) {
+        const auto i = static_cast<std::size_t>((n * C + c) * d.S() + s);
+        xhat[i] = (x[i] - ref.mean[static_cast<std::size_t>(c)]) * ref.invstd[static_cast<std::size_t>(c)];
+      }
+  EXPECT_TRUE(close(widen(gb), rb.dbias, t * l1_bound(d, dy, {}), t, "grad_bias"));
+  // The saved mean is rounded to T: xhat moves by up to |mean| * invstd * t, which sum(dy * xhat)
+  // feels through sum(|dy|).
+  double mean_shift = 0;
+  for (std::size_t c = 0; c < static_cast<std::size_t>(C); ++c) mean_shift = std::max(mean_shift, std::abs(ref.mean[c]) * ref.invstd[c]);
+  EXPECT_TRUE(close(widen(gw), rb.dweight, t * (l1_bound(d, dy, xhat) + mean_shift * l1_bound(d, dy, {})), t, "grad_weight"));
+}
+
+const std::vector<Dims>& shapes() {
+  static const std::vector<Dims> s = {
+      {{5, 33, 27}},     {{4, 200, 17, 16}}, {{1, 19, 4, 6, 6}}, {{2, 1}},       {{2, 3, 1, 1}},
+      {{7, 1, 5}},       {{3, 16}},          {{2, 5, 1}},        {{64, 17}},     {{3, 4, 3000}},
+      {{700, 3}},        {{2, 2049, 2}},     {{4, 7, 5, 6}},     {{2, 5, 3, 4, 3}}, {{9, 8, 2, 1, 1, 3}},
+  };
+  return s;
+}
+
+class KernelVsReference : public ::testing::TestWithParam<std::size_t> {};
+
+TEST_P(KernelVsReference, EveryOptionBothLayoutsBothDtypes) {
+  const Dims& d = shapes()[GetParam()];
+  std::uint64_t seed = 1000 * GetParam();
+  for (int bits = 0; bits < 64; ++bits) {
+    Options o;
+    o.layout = bits & 1 ? Layout::ChannelsLast : Layout::ChannelsFirst;
+    o.training = !(bits & 2);
+    o.affine = !(bits & 4);
+    o.track = !(bits & 8) || !o.training;  // eval needs running statistics in the functional API
+    o.relu = bits & 16;
+    o.in_place = bits & 32;
+    o.threads = 1 + bits % 3;
+    o.momentum = bits % 5 == 0 ? 1.0 : 0.1;
+    o.eps = bits % 7 == 0 ? 1e-3 : 1e-5;
+    check_against_reference<float>(d, o, ++seed);
+    check_against_reference<double>(d, o, ++seed);
+    if (HasFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, KernelVsReference, ::testing::Range<std::size_t>(0, shapes().size()),
+                         [](const ::testing::TestParamInfo<std::size_t>& p) {
+                           std::string name;
+                           for (std::int64_t v : shapes()[p.param].shape) {
+                             if (!name.empty()) name += 'x';
+                             name += std::to_string(v);
+                           }
+                           return name;
+                         });
+
+// ---- Numerical robustness -------------------------------------------------------------------
+
+// Batch statistics of float32 data with |mean| / std = ratio, in both layouts and with 1..4
+// threads: the variance must be within 1e-5 (relative) of the float64 reference on the same values.
+void check_large_offset(double mean, double stddev, Layout layout, int threads) {
+  SCOPED_TRACE("mean " + std::to_string(mean) + " std " + std::to_string(stddev) + " threads " + std::to_string(threads) +
+               (layout == Layout::ChannelsLast ? " CL" : " CF"));
+  ThreadScope scope(threads);
+  const Dims d{{16, 24, 13, 11}};
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> normal(mean, stddev);
+  std::vector<double> x(static_cast<std::size_t>(d.numel()));
+  for (double& v : x) v = static_cast<double>(static_cast<float>(normal(rng)));
+  reference::Problem p{d.N(), d.C(), d.S(), true, 1.0, 1e-5, false};
+  const std::vector<double> ones(static_cast<std::size_t>(d.C()), 1.0), zeros(ones.size(), 0.0);
+  const reference::Forward ref = reference::forward(p, x, {}, {}, zeros, ones);
+
+  const std::vector<float> xm = to_layout<float>(x, d, layout);
+  std::vector<float> y(xm.size()), rm(ones.size(), 0.f), rv(ones.size(), 1.f), sm(ones.size()), si(ones.size());
+  // momentum 1: running_var becomes the unbiased batch variance itself.
+  batch_norm(ConstTensorView(xm.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), rm, rv, {},
+             {}, true, 1.0, 1e-5, sm, si);
+  for (std::size_t c = 0; c < rv.size(); ++c) {
+    EXPECT_NEAR(rv[c], ref.running_var[c], 1e-5 * ref.running_var[c]) << "channel " << c;
+    EXPECT_GE(rv[c], 0.f);
+  }
+  std::vector<double> var64(ones.size()), mean64(ones.size());
+  batch_stats(ConstTensorView(xm.data(), d.view_shape(), layout), VectorView(mean64), VectorView(var64));
+  EXPECT_TRUE(close(var64, ref.var, 0, 1e-10, "batch_stats var (float64 out)"));
+  EXPECT_TRUE(close(mean64, ref.mean, 0, 1e-14, "batch_stats mean"));
+  EXPECT_TRUE(close(widen(si), ref.invstd, 0, 1e-5, "save_invstd"));
+  // The normalized output keeps full float32 precision: no cancellation of x * a against b.
+  EXPECT_TRUE(close(from_layout(y, d, layout), ref.y, 1e-5, 1e-5, "y"));
+}
+
+TEST(Robustness, VarianceAtLargeOffsetEveryLayoutAndThreadCount) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast})
+    for (int threads = 1; threads <= 4; ++threads) {
+      check_large_offset(1e4, 1.0, layout, threads);
+      check_large_offset(-3e4, 3.0, layout, threads);
+      check_large_offset(1e6, 100.0, layout, threads);
+    }
+}
+
+// A constant channel at 1e7 normalizes to exactly beta, in both layouts, with any thread count,
+// and its variance is exactly 0 (never negative).
+TEST(Robustness, ConstantChannelGivesExactlyBeta) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast})
+    for (int threads = 1; threads <= 3; ++threads) {
+      ThreadScope scope(threads);
+      const Dims d{{8, 5, 37}};
+      std::vector<float> x(static_cast<std::size_t>(d.numel()), 1e7f);
+      const std::vector<float> w = {2.f, 0.5f, 1.f, 3.f, 1.f}, b = {0.25f, -1.5f, 3.f, 0.f, 7.f};
+      std::vector<float> y(x.size()), rm(5, 0.f), rv(5, 1.f), sm(5), si(5);
+      batch_norm(ConstTensorView(x.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), rm,
+                 rv, w, b, true, 0.1, 1e-5, sm, si);
+      const std::vector<float> yl = cast<float>(from_layout(y, d, layout));
+      for (std::size_t i = 0; i < yl.size(); ++i) {
+        const std::size_t c = (i / 37) % 5;
+        ASSERT_EQ(yl[i], b[c]) << "element " << i << " layout " << to_string(layout) << " threads " << threads;
+      }
+      for (std::size_t c = 0; c < 5; ++c) {
+        EXPECT_EQ(sm[c], 1e7f);
+        EXPECT_FLOAT_EQ(si[c], static_cast<float>(1.0 / std::sqrt(1e-5)));
+        EXPECT_FLOAT_EQ(rv[c], 0.9f);  // (1 - 0.1) * 1 + 0.1 * 0
+      }
+    }
+}
+
+// Variance is never negative, even for near-constant data where rounding could push it below 0.
+TEST(Robustness, VarianceNeverNegative) {
+  std::mt19937_64 rng(3);
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    const Dims d{{33, 40, 7}};
+    std::vector<float> x(static_cast<std::size_t>(d.numel()));
+    std::uniform_int_distribution<int> bit(0, 1);
+    for (float& v : x) v = bit(rng) ? 16777216.f : std::nextafter(16777216.f, 0.f);  // values one ulp apart
+    std::vector<double> mean(40), var(40);
+    batch_stats(ConstTensorView(x.data(), d.view_shape(), layout), VectorView(mean), VectorView(var));
+    for (double v : var) EXPECT_GE(v, 0.0);
+  }
+}
+
+// A NaN poisons its own channel's outputs and statistics, and no other channel's.
+TEST(Robustness, NonFiniteInputStaysInItsChannel) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    const Dims d{{4, 3, 10}};
+    std::mt19937_64 rng(11);
+    std::vector<double> x = random_input<float>(d, rng);
+    x[static_cast<std::size_t>((2 * 3 + 1) * 10 + 4)] = std::numeric_limits<double>::quiet_NaN();  // channel 1
+    x[static_cast<std::size_t>((0 * 3 + 2) * 10 + 0)] = std::numeric_limits<double>::infinity();   // channel 2
+    std::vector<float> xm = to_layout<float>(x, d, layout), y(xm.size()), rm(3, 0.f), rv(3, 1.f);
+    batch_norm(ConstTensorView(xm.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), rm, rv,
+               {}, {}, true, 0.1, 1e-5);
+    const std::vector<double> yl = from_layout(y, d, layout);
+    for (std::size_t i = 0; i < yl.size(); ++i) {
+      const std::size_t c = (i / 10) % 3;
+      if (c == 0)
+        EXPECT_TRUE(std::isfinite(yl[i])) << i;
+      else
+        EXPECT_TRUE(std::isnan(yl[i])) << i;
+    }
+    EXPECT_TRUE(std::isfinite(rm[0]) && std::isfinite(rv[0]));
+    EXPECT_TRUE(std::isnan(rm[1]) && std::isnan(rv[1]));
+  }
+}
+
+// Channels-first statistics do not depend on the thread count at all (blocks are per channel).
+TEST(Robustness, ChannelsFirstResultsIndependentOfThreads) {
+  const Dims d{{6, 9, 300}};
+  std::mt19937_64 rng(5);
+  const std::vector<float> x = cast<float>(random_input<float>(d, rng, 100.0));
+  std::vector<float> y1(x.size()), y3(x.size()), rm(9, 0.f), rv(9, 1.f);
+  {
+    ThreadScope t(1);
+    batch_norm(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), {}, {}, {}, {}, true);
+  }
+  {
+    ThreadScope t(3);
+    batch_norm(ConstTensorView(x.data(), d.view_shape()), TensorView(y3.data(), d.view_shape()), {}, {}, {}, {}, true);
+  }
+  EXPECT_EQ(0, std::memcmp(y1.data(), y3.data(), y1.size() * sizeof(float)));
+}
+
+}  // namespace
+}  // namespace bnorm::test
