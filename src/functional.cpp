@@ -36,15 +36,18 @@ void write_channels(const VectorView& v, const std::vector<double>& values) {
   }
 }
 
-// mean = hi + lo in T, so that (x - hi) - lo carries the double mean's precision.
 template <class T>
-void split_mean(const std::vector<double>& mean, std::vector<T>& hi, std::vector<T>& lo) {
+void split_means(const std::vector<double>& mean, std::vector<T>& hi, std::vector<T>& lo) {
   hi.resize(mean.size());
   lo.resize(mean.size());
-  for (std::size_t c = 0; c < mean.size(); ++c) {
-    hi[c] = static_cast<T>(mean[c]);
-    lo[c] = static_cast<T>(mean[c] - static_cast<double>(hi[c]));
-  }
+  for (std::size_t c = 0; c < mean.size(); ++c) kernels::split_mean(mean[c], hi[c], lo[c]);
+}
+
+// The channels-first fast path (second pass from cache) applies when one channel's slice fits.
+template <class T>
+bool fuse_channels(const Geometry& g, int tensors) {
+  return g.layout == Layout::ChannelsFirst && g.per_channel() > 0 &&
+         g.per_channel() * static_cast<std::int64_t>(sizeof(T)) * tensors <= kernels::kFuseBytes;
 }
 
 std::vector<double> reduce_workspace(const Geometry& g) {
@@ -59,24 +62,28 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
   const auto uC = static_cast<std::size_t>(C);
   const double m = static_cast<double>(g.per_channel());
   std::vector<double> mean(uC), var(uC), invstd(uC);
-  if (training) {
-    std::vector<double> m2(uC), ws = reduce_workspace(g);
-    kernels::channel_moments(x, g, mean.data(), m2.data(), ws.data());
-    for (std::size_t c = 0; c < uC; ++c) var[c] = m2[c] / m;
-  } else {
-    mean = read_channels<T>(running_mean, C, 0.0);
-    var = read_channels<T>(running_var, C, 1.0);
-  }
-  for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-
   const std::vector<double> gamma = read_channels<T>(weight, C, 1.0), beta = read_channels<T>(bias, C, 0.0);
-  std::vector<T> hi, lo, scale(uC), shift(uC);
-  split_mean(mean, hi, lo);
-  for (std::size_t c = 0; c < uC; ++c) {
-    scale[c] = static_cast<T>(gamma[c] * invstd[c]);
-    shift[c] = static_cast<T>(beta[c]);
+  if (training && fuse_channels<T>(g, 2)) {
+    kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, mean.data(), var.data());
+    for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  } else {
+    if (training) {
+      std::vector<double> m2(uC), ws = reduce_workspace(g);
+      kernels::channel_moments(x, g, mean.data(), m2.data(), ws.data());
+      for (std::size_t c = 0; c < uC; ++c) var[c] = m2[c] / m;
+    } else {
+      mean = read_channels<T>(running_mean, C, 0.0);
+      var = read_channels<T>(running_var, C, 1.0);
+    }
+    for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    std::vector<T> hi, lo, scale(uC), shift(uC);
+    split_means(mean, hi, lo);
+    for (std::size_t c = 0; c < uC; ++c) {
+      scale[c] = static_cast<T>(gamma[c] * invstd[c]);
+      shift[c] = static_cast<T>(beta[c]);
+    }
+    if (g.per_channel() > 0) kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act);
   }
-  if (g.per_channel() > 0) kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act);
 
   if (!training) return;
   write_channels<T>(save_mean, mean);
@@ -110,28 +117,26 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
     for (double& v : invstd) v = 1.0 / std::sqrt(v + eps);
   }
   const std::vector<double> gamma = read_channels<T>(weight, C, 1.0);
-  std::vector<T> hi, lo;
-  split_mean(mean, hi, lo);
 
   // The reductions are needed for the parameter gradients and, in training, for dx.
   std::vector<double> sum_dy(uC, 0.0), sum_dy_xmu(uC, 0.0);
   const bool need_sums = grad_weight.present() || grad_bias.present() || (training && dx);
-  if (need_sums && g.per_channel() > 0) {
-    std::vector<double> ws = reduce_workspace(g);
-    kernels::backward_reduce(dy, x, out, g, hi.data(), lo.data(), sum_dy.data(), sum_dy_xmu.data(), ws.data());
-  }
-  if (dx && g.per_channel() > 0) {
-    std::vector<T> k_dy(uC), k_x(uC, T(0)), k_c(uC, T(0));
-    for (std::size_t c = 0; c < uC; ++c) {
-      const double a = gamma[c] * invstd[c];
-      k_dy[c] = static_cast<T>(a);
-      if (training) {
-        // dx = gamma * invstd * (dy - sum(dy) / m - (x - mean) * invstd^2 * sum(dy * (x - mean)) / m)
-        k_x[c] = static_cast<T>(a * invstd[c] * invstd[c] * sum_dy_xmu[c] / m);
-        k_c[c] = static_cast<T>(a * sum_dy[c] / m);
-      }
+  if ((need_sums || dx) && fuse_channels<T>(g, out ? 4 : 3)) {
+    kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
+                               sum_dy_xmu.data());
+  } else {
+    std::vector<T> hi, lo;
+    split_means(mean, hi, lo);
+    if (need_sums && g.per_channel() > 0) {
+      std::vector<double> ws = reduce_workspace(g);
+      kernels::backward_reduce(dy, x, out, g, hi.data(), lo.data(), sum_dy.data(), sum_dy_xmu.data(), ws.data());
     }
-    kernels::backward_apply(dy, x, out, dx, g, {hi.data(), lo.data(), k_dy.data(), k_x.data(), k_c.data()});
+    if (dx && g.per_channel() > 0) {
+      std::vector<T> k_dy(uC), k_x(uC), k_c(uC);
+      for (std::size_t c = 0; c < uC; ++c)
+        kernels::backward_coeffs(gamma[c], invstd[c], sum_dy[c], sum_dy_xmu[c], m, training, k_dy[c], k_x[c], k_c[c]);
+      kernels::backward_apply(dy, x, out, dx, g, {hi.data(), lo.data(), k_dy.data(), k_x.data(), k_c.data()});
+    }
   }
   std::vector<double> dgamma(uC);
   for (std::size_t c = 0; c < uC; ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];

@@ -4,14 +4,17 @@
 
 #include <bnorm/types.hpp>
 
-#include <algorithm>
 #include <cstdint>
 
 namespace bnorm::detail {
+// Internal linkage on purpose: the kernels are compiled once per instruction set (see
+// src/kernels/dispatch.cpp), and an inline function with external linkage compiled with AVX-512
+// enabled could be the copy the linker keeps for the generic build too.
+namespace {
 
 // Threads worth using for `items` independent pieces of work.
 inline int threads_for(std::int64_t items) {
-  return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads(), items)));
+  return static_cast<int>(items < 1 ? 1 : (items < num_threads() ? items : num_threads()));
 }
 
 // f(i) for i in [0, n), statically split over the library's threads.
@@ -30,7 +33,7 @@ struct Range {
 inline Range range_of(std::int64_t n, std::int64_t grain, int parts, int p) {
   const std::int64_t grains = (n + grain - 1) / grain;
   const std::int64_t g0 = grains * p / parts, g1 = grains * (p + 1) / parts;
-  return {std::min(n, g0 * grain), std::min(n, g1 * grain)};
+  return {g0 * grain < n ? g0 * grain : n, g1 * grain < n ? g1 * grain : n};
 }
 template <class F>
 void parallel_ranges(std::int64_t n, std::int64_t grain, int parts, F&& f) {
@@ -41,4 +44,5 @@ void parallel_ranges(std::int64_t n, std::int64_t grain, int parts, F&& f) {
   }
 }
 
+}  // namespace
 }  // namespace bnorm::detail

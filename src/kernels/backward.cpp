@@ -3,12 +3,13 @@
 //   apply:  dx = dy' * k_dy - (x - mean) * k_x - k_c,
 // where dy' is dy masked by output > 0 under a fused ReLU.
 #include "kernels/kernels.hpp"
+#include "kernels/per_isa.hpp"
 #include "parallel.hpp"
 
-#include <algorithm>
-
-namespace bnorm::kernels {
+// Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
+namespace bnorm::kernels::BNORM_ISA {
 namespace {
+
 
 template <class T, bool Relu>
 inline T masked(T dy, const T* out, std::int64_t i) {
@@ -59,7 +60,7 @@ void reduce_impl(const T* dy, const T* x, const T* out, const Geometry& g, const
   detail::parallel_ranges(g.rows(), 1, parts, [&](int p, std::int64_t b, std::int64_t e) {
     double* a = ws + static_cast<std::int64_t>(p) * 2 * C;
     double* d = a + C;
-    std::fill(a, a + 2 * C, 0.0);
+    zero(a, 2 * C);
     for (std::int64_t r = b; r < e; ++r) {
       const std::int64_t off = r * C;
       for (std::int64_t c = 0; c < C; ++c) {
@@ -69,8 +70,8 @@ void reduce_impl(const T* dy, const T* x, const T* out, const Geometry& g, const
       }
     }
   });
-  std::fill(sum_dy, sum_dy + C, 0.0);
-  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
+  zero(sum_dy, C);
+  zero(sum_dy_xmu, C);
   for (int p = 0; p < parts; ++p) {
     const double* a = ws + static_cast<std::int64_t>(p) * 2 * C;
     for (std::int64_t c = 0; c < C; ++c) {
@@ -122,6 +123,39 @@ void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geome
     apply_impl<T, false>(dy, x, output, dx, g, k);
 }
 
+template <class T>
+void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
+                       const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
+  const double m = static_cast<double>(g.per_channel());
+  detail::parallel_for(g.C, [&](std::int64_t c) {
+    T hi, lo;
+    split_mean(mean[c], hi, lo);
+    double sdy = 0, sdx = 0;
+    for (std::int64_t n = 0; n < g.N; ++n) {  // first pass: from memory
+      const std::int64_t off = (n * g.C + c) * g.S;
+      if (output)
+        reduce_row<T, true>(dy + off, x + off, output + off, g.S, hi, lo, sdy, sdx);
+      else
+        reduce_row<T, false>(dy + off, x + off, nullptr, g.S, hi, lo, sdy, sdx);
+    }
+    sum_dy[c] = sdy;
+    sum_dy_xmu[c] = sdx;
+    if (!dx) return;
+    T kdy, kx, kc;
+    backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, kdy, kx, kc);
+    for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
+      const std::int64_t off = (n * g.C + c) * g.S;
+      for (std::int64_t i = off; i < off + g.S; ++i)
+        dx[i] = output ? apply_one<T, true>(dy[i], x[i], output, i, hi, lo, kdy, kx, kc)
+                       : apply_one<T, false>(dy[i], x[i], output, i, hi, lo, kdy, kx, kc);
+    }
+  });
+}
+
+template void fused_backward_cf<float>(const float*, const float*, const float*, float*, const Geometry&, const double*,
+                                       const double*, const double*, bool, double*, double*);
+template void fused_backward_cf<double>(const double*, const double*, const double*, double*, const Geometry&,
+                                        const double*, const double*, const double*, bool, double*, double*);
 template void backward_reduce<float>(const float*, const float*, const float*, const Geometry&, const float*,
                                      const float*, double*, double*, double*);
 template void backward_reduce<double>(const double*, const double*, const double*, const Geometry&, const double*,
@@ -131,4 +165,4 @@ template void backward_apply<float>(const float*, const float*, const float*, fl
 template void backward_apply<double>(const double*, const double*, const double*, double*, const Geometry&,
                                      BackwardCoeffs<double>);
 
-}  // namespace bnorm::kernels
+}  // namespace bnorm::kernels::BNORM_ISA

@@ -21,10 +21,20 @@ struct Geometry {
 // Elements handled by one two-pass block: small enough that the second pass over it hits L1.
 inline constexpr std::int64_t kBlock = 2048;
 
+// The instruction sets the kernels are compiled for; dispatch picks the best the CPU has.
+enum class Isa { Generic, Avx2, Avx512 };
+Isa active_isa();
+const char* isa_name(Isa);
+// For tests and benchmarks: use `isa` (capped at what the CPU supports) from now on.
+void set_isa(Isa isa);
+bool isa_supported(Isa isa);
+
 // Workspace (in doubles) that channel_moments and backward_reduce need for `threads` threads.
 std::int64_t reduce_workspace_doubles(const Geometry& g, int threads);
 // Threads the reductions will use for this geometry (what the workspace must be sized for).
 int reduce_threads(const Geometry& g);
+// Channels-last reductions take blocks of this many rows (about kBlock values).
+std::int64_t cl_rows_per_block(const Geometry& g);
 
 // Per-channel mean and M2 = sum((x - mean)^2) of the N * S values of each channel: per-block
 // two-pass sums in double, blocks merged with Chan's formula. M2 is never negative.
@@ -65,8 +75,48 @@ struct BackwardCoeffs {
 template <class T>
 void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k);
 
-// Chan's merge of the moments (nb, mb, m2b) into (n, mean, m2).
-inline void chan_merge(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
+// The channels-first fast paths: one channel at a time, the second pass while the channel is still
+// in L2, so that the tensor crosses memory twice in forward (not three times) and three times in
+// backward (not five). Used when a channel's slice is at most kFuseBytes (per tensor involved).
+inline constexpr std::int64_t kFuseBytes = std::int64_t{1} << 20;
+
+// Training forward: statistics of channel c, then y for channel c. gamma/beta may be null (1, 0).
+// Writes mean[c] and var[c] (biased).
+template <class T>
+void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
+                      Activation act, double* mean, double* var);
+
+// Backward: the two reductions of channel c, then dx for channel c (when dx is not null), with
+// mean/invstd the statistics of the forward and training selecting the full or frozen form.
+template <class T>
+void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
+                       const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu);
+
+// The per-channel constants of the elementwise passes, computed in one place for every path.
+// Static like chan_merge: each per-ISA build keeps its own copy.
+//
+// mean = hi + lo in T, so that (x - hi) - lo carries the double mean's precision.
+template <class T>
+static inline void split_mean(double mean, T& hi, T& lo) {
+  hi = static_cast<T>(mean);
+  lo = static_cast<T>(mean - static_cast<double>(hi));
+}
+
+// dx = dy * k_dy - (x - mean) * k_x - k_c. Training (batch statistics):
+//   dx = gamma * invstd * (dy - sum(dy) / m - (x - mean) * invstd^2 * sum(dy * (x - mean)) / m);
+// eval (frozen statistics): dx = gamma * invstd * dy.
+template <class T>
+static inline void backward_coeffs(double gamma, double invstd, double sum_dy, double sum_dy_xmu, double m,
+                                   bool training, T& k_dy, T& k_x, T& k_c) {
+  const double a = gamma * invstd;
+  k_dy = static_cast<T>(a);
+  k_x = training ? static_cast<T>(a * invstd * invstd * sum_dy_xmu / m) : T(0);
+  k_c = training ? static_cast<T>(a * sum_dy / m) : T(0);
+}
+
+// Chan's merge of the moments (nb, mb, m2b) into (n, mean, m2). Static: every per-ISA build of the
+// kernels gets its own copy (see dispatch.cpp).
+static inline void chan_merge(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
   if (nb == 0) return;
   const double total = n + nb;
   const double delta = mb - mean;

@@ -5,12 +5,13 @@
 // channel would not come out as exactly beta. x - mean_hi is exact when x is near the mean
 // (Sterbenz), so y keeps full precision.
 #include "kernels/kernels.hpp"
+#include "kernels/per_isa.hpp"
 #include "parallel.hpp"
 
-#include <algorithm>
-
-namespace bnorm::kernels {
+// Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
+namespace bnorm::kernels::BNORM_ISA {
 namespace {
+
 
 template <class T, bool Relu>
 void normalize_row(const T* x, T* y, std::int64_t len, T mh, T ml, T sc, T sh) {
@@ -54,7 +55,34 @@ void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activati
     normalize_impl<T, false>(x, y, g, k);
 }
 
+template <class T>
+void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
+                      Activation act, double* mean, double* var) {
+  const double m = static_cast<double>(g.per_channel());
+  detail::parallel_for(g.C, [&](std::int64_t c) {
+    double mu, m2;
+    channel_moments_cf(x, g, c, mu, m2);  // first pass: from memory
+    const double v = m2 / m, invstd = 1.0 / std::sqrt(v + eps);
+    mean[c] = mu;
+    var[c] = v;
+    T hi, lo;
+    split_mean(mu, hi, lo);
+    const T scale = static_cast<T>((gamma ? gamma[c] : 1.0) * invstd), shift = static_cast<T>(beta ? beta[c] : 0.0);
+    for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
+      const std::int64_t off = (n * g.C + c) * g.S;
+      if (act == Activation::Relu)
+        normalize_row<T, true>(x + off, y + off, g.S, hi, lo, scale, shift);
+      else
+        normalize_row<T, false>(x + off, y + off, g.S, hi, lo, scale, shift);
+    }
+  });
+}
+
+template void fused_forward_cf<float>(const float*, float*, const Geometry&, const double*, const double*, double,
+                                      Activation, double*, double*);
+template void fused_forward_cf<double>(const double*, double*, const Geometry&, const double*, const double*, double,
+                                       Activation, double*, double*);
 template void normalize<float>(const float*, float*, const Geometry&, ChannelCoeffs<float>, Activation);
 template void normalize<double>(const double*, double*, const Geometry&, ChannelCoeffs<double>, Activation);
 
-}  // namespace bnorm::kernels
+}  // namespace bnorm::kernels::BNORM_ISA

@@ -7,12 +7,13 @@
 // the block mean's own rounding. Chan's merge is exact algebra on (count, mean, M2), so the result
 // does not depend on where the block boundaries fall.
 #include "kernels/kernels.hpp"
+#include "kernels/per_isa.hpp"
 #include "parallel.hpp"
 
-#include <algorithm>
-
-namespace bnorm::kernels {
+// Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
+namespace bnorm::kernels::BNORM_ISA {
 namespace {
+
 
 constexpr int kLanes = 8;  // independent accumulators: lets the compiler vectorize the double sums
 
@@ -71,29 +72,11 @@ void segments_moments(const T* p, std::int64_t rows, std::int64_t stride, std::i
 
 template <class T>
 void moments_channels_first(const T* x, const Geometry& g, double* mean, double* m2) {
-  const std::int64_t N = g.N, C = g.C, S = g.S;
-  // Blocks of whole rows (n, c) when a row is short, pieces of a row when it is long.
-  const std::int64_t rows_per_block = S >= kBlock ? 1 : std::max<std::int64_t>(1, kBlock / std::max<std::int64_t>(S, 1));
-  const std::int64_t piece = S >= kBlock ? kBlock : S;
-  detail::parallel_for(C, [&](std::int64_t c) {
-    double n = 0, mu = 0, M2 = 0;
-    for (std::int64_t n0 = 0; n0 < N; n0 += rows_per_block) {
-      const std::int64_t rows = std::min(rows_per_block, N - n0);
-      for (std::int64_t s0 = 0; s0 < S; s0 += piece) {
-        const std::int64_t len = std::min(piece, S - s0);
-        double bm, bm2;
-        segments_moments(x + (n0 * C + c) * S + s0, rows, C * S, len, bm, bm2);
-        chan_merge(n, mu, M2, static_cast<double>(rows * len), bm, bm2);
-      }
-    }
-    mean[c] = mu;
-    m2[c] = M2;
-  });
+  detail::parallel_for(g.C, [&](std::int64_t c) { channel_moments_cf(x, g, c, mean[c], m2[c]); });
 }
 
 // Channels-last: rows of C values; a block is `rows_per_block` rows, the per-channel sums run
 // across the row so that the loops over c vectorize.
-inline std::int64_t cl_rows_per_block(const Geometry& g) { return std::max<std::int64_t>(1, kBlock / std::max<std::int64_t>(g.C, 1)); }
 
 template <class T>
 void moments_channels_last(const T* x, const Geometry& g, double* mean, double* m2, double* ws) {
@@ -105,12 +88,12 @@ void moments_channels_last(const T* x, const Geometry& g, double* mean, double* 
     double* bmean = acc_m2 + C;
     double* s1 = bmean + C;
     double* s2 = s1 + C;
-    std::fill(acc_mean, acc_mean + 2 * C, 0.0);
+    zero(acc_mean, 2 * C);
     double n = 0;
     for (std::int64_t r0 = b; r0 < e; r0 += R) {
-      const std::int64_t rows = std::min(R, e - r0);
+      const std::int64_t rows = lesser(R, e - r0);
       const T* blk = x + r0 * C;
-      std::fill(bmean, bmean + 3 * C, 0.0);
+      zero(bmean, 3 * C);
       for (std::int64_t r = 0; r < rows; ++r)
         for (std::int64_t c = 0; c < C; ++c) bmean[c] += static_cast<double>(blk[r * C + c]);
       const double count = static_cast<double>(rows);
@@ -129,8 +112,8 @@ void moments_channels_last(const T* x, const Geometry& g, double* mean, double* 
     }
   });
   // Merge the threads' partial moments in a fixed order.
-  std::fill(mean, mean + C, 0.0);
-  std::fill(m2, m2 + C, 0.0);
+  zero(mean, C);
+  zero(m2, C);
   double n = 0;
   for (int p = 0; p < parts; ++p) {
     const double* acc_mean = ws + static_cast<std::int64_t>(p) * 5 * C;
@@ -147,15 +130,28 @@ void moments_channels_last(const T* x, const Geometry& g, double* mean, double* 
 
 }  // namespace
 
-int reduce_threads(const Geometry& g) {
-  if (g.layout == Layout::ChannelsFirst) return detail::threads_for(g.C);
-  const std::int64_t R = cl_rows_per_block(g);
-  return detail::threads_for((g.rows() + R - 1) / R);
+template <class T>
+void channel_moments_cf(const T* x, const Geometry& g, std::int64_t c, double& mean, double& m2) {
+  const std::int64_t N = g.N, C = g.C, S = g.S;
+  // Blocks of whole rows (n, c) when a row is short, pieces of a row when it is long.
+  const std::int64_t rows_per_block = S >= kBlock ? 1 : greater(1, kBlock / greater(S, 1));
+  const std::int64_t piece = S >= kBlock ? kBlock : S;
+  double n = 0, mu = 0, M2 = 0;
+  for (std::int64_t n0 = 0; n0 < N; n0 += rows_per_block) {
+    const std::int64_t rows = lesser(rows_per_block, N - n0);
+    for (std::int64_t s0 = 0; s0 < S; s0 += piece) {
+      const std::int64_t len = lesser(piece, S - s0);
+      double bm, bm2;
+      segments_moments(x + (n0 * C + c) * S + s0, rows, C * S, len, bm, bm2);
+      chan_merge(n, mu, M2, static_cast<double>(rows * len), bm, bm2);
+    }
+  }
+  mean = mu;
+  m2 = M2;
 }
 
-std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {
-  return g.layout == Layout::ChannelsFirst ? 0 : static_cast<std::int64_t>(threads) * 5 * g.C;
-}
+template void channel_moments_cf<float>(const float*, const Geometry&, std::int64_t, double&, double&);
+template void channel_moments_cf<double>(const double*, const Geometry&, std::int64_t, double&, double&);
 
 template <class T>
 void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace) {
@@ -168,4 +164,4 @@ void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, do
 template void channel_moments<float>(const float*, const Geometry&, double*, double*, double*);
 template void channel_moments<double>(const double*, const Geometry&, double*, double*, double*);
 
-}  // namespace bnorm::kernels
+}  // namespace bnorm::kernels::BNORM_ISA

@@ -1,0 +1,167 @@
+// Run-time dispatch of the kernel families. stats.cpp, normalize.cpp and backward.cpp are compiled
+// once per instruction set, each build in its own namespace (generic: baseline x86-64 or whatever
+// the target is; avx2: AVX2 + FMA + F16C; avx512: AVX-512 F/BW/VL/DQ), and the compiler vectorizes
+// their loops for that set. The first kernel call picks the best set the CPU supports; the
+// environment variable BNORM_ISA=generic|avx2|avx512 (or set_isa) caps it.
+#include "kernels/kernels.hpp"
+#include "parallel.hpp"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+// Declarations of one per-ISA build of the kernels.
+#define BNORM_DECLARE_KERNELS(ns)                                                                             \
+  namespace bnorm::kernels::ns {                                                                              \
+  template <class T>                                                                                          \
+  void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace);           \
+  template <class T>                                                                                          \
+  void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act);                    \
+  template <class T>                                                                                          \
+  void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const T* mean_hi,         \
+                       const T* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);              \
+  template <class T>                                                                                          \
+  void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k); \
+  template <class T>                                                                                          \
+  void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta,         \
+                        double eps, Activation act, double* mean, double* var);                               \
+  template <class T>                                                                                          \
+  void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g,                 \
+                         const double* mean, const double* invstd, const double* gamma, bool training,        \
+                         double* sum_dy, double* sum_dy_xmu);                                                 \
+  }
+
+BNORM_DECLARE_KERNELS(generic)
+#if BNORM_HAVE_X86_ISAS
+BNORM_DECLARE_KERNELS(avx2)
+BNORM_DECLARE_KERNELS(avx512)
+#endif
+
+namespace bnorm::kernels {
+namespace {
+
+bool cpu_has(Isa isa) {
+#if BNORM_HAVE_X86_ISAS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case Isa::Generic: return true;
+    case Isa::Avx2: return avx2;
+    case Isa::Avx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == Isa::Generic;
+#endif
+}
+
+Isa best_isa(Isa cap) {
+  for (Isa isa : {Isa::Avx512, Isa::Avx2})
+    if (static_cast<int>(isa) <= static_cast<int>(cap) && cpu_has(isa)) return isa;
+  return Isa::Generic;
+}
+
+Isa initial_isa() {
+  Isa cap = Isa::Avx512;
+  if (const char* env = std::getenv("BNORM_ISA")) {
+    if (std::strcmp(env, "generic") == 0) cap = Isa::Generic;
+    if (std::strcmp(env, "avx2") == 0) cap = Isa::Avx2;
+  }
+  return best_isa(cap);
+}
+
+std::atomic<int> g_isa{-1};
+
+}  // namespace
+
+bool isa_supported(Isa isa) { return cpu_has(isa); }
+
+Isa active_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = static_cast<int>(initial_isa());
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return static_cast<Isa>(v);
+}
+
+void set_isa(Isa isa) { g_isa.store(static_cast<int>(best_isa(isa)), std::memory_order_relaxed); }
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Generic: return "generic";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+int reduce_threads(const Geometry& g) {
+  if (g.layout == Layout::ChannelsFirst) return detail::threads_for(g.C);
+  const std::int64_t R = cl_rows_per_block(g);
+  return detail::threads_for((g.rows() + R - 1) / R);
+}
+
+std::int64_t cl_rows_per_block(const Geometry& g) { return g.C >= kBlock ? 1 : kBlock / (g.C > 0 ? g.C : 1); }
+
+std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {
+  return g.layout == Layout::ChannelsFirst ? 0 : static_cast<std::int64_t>(threads) * 5 * g.C;
+}
+
+#if BNORM_HAVE_X86_ISAS
+#define BNORM_DISPATCH(fn, ...)                                         \
+  switch (active_isa()) {                                               \
+    case Isa::Avx512: return avx512::fn(__VA_ARGS__);                   \
+    case Isa::Avx2: return avx2::fn(__VA_ARGS__);                       \
+    case Isa::Generic: break;                                           \
+  }                                                                     \
+  return generic::fn(__VA_ARGS__)
+#else
+#define BNORM_DISPATCH(fn, ...) return generic::fn(__VA_ARGS__)
+#endif
+
+template <class T>
+void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace) {
+  BNORM_DISPATCH(channel_moments<T>, x, g, mean, m2, workspace);
+}
+template <class T>
+void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act) {
+  BNORM_DISPATCH(normalize<T>, x, y, g, k, act);
+}
+template <class T>
+void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const T* mean_hi, const T* mean_lo,
+                     double* sum_dy, double* sum_dy_xmu, double* workspace) {
+  BNORM_DISPATCH(backward_reduce<T>, dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace);
+}
+template <class T>
+void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k) {
+  BNORM_DISPATCH(backward_apply<T>, dy, x, output, dx, g, k);
+}
+
+template <class T>
+void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
+                      Activation act, double* mean, double* var) {
+  BNORM_DISPATCH(fused_forward_cf<T>, x, y, g, gamma, beta, eps, act, mean, var);
+}
+template <class T>
+void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
+                       const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
+  BNORM_DISPATCH(fused_backward_cf<T>, dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
+}
+
+#define BNORM_INSTANTIATE(T)                                                                                   \
+  template void channel_moments<T>(const T*, const Geometry&, double*, double*, double*);                     \
+  template void normalize<T>(const T*, T*, const Geometry&, ChannelCoeffs<T>, Activation);                    \
+  template void backward_reduce<T>(const T*, const T*, const T*, const Geometry&, const T*, const T*, double*, \
+                                   double*, double*);                                                          \
+  template void backward_apply<T>(const T*, const T*, const T*, T*, const Geometry&, BackwardCoeffs<T>);        \
+  template void fused_forward_cf<T>(const T*, T*, const Geometry&, const double*, const double*, double, Activation, \
+                                    double*, double*);                                                          \
+  template void fused_backward_cf<T>(const T*, const T*, const T*, T*, const Geometry&, const double*, const double*, \
+                                     const double*, bool, double*, double*);
+BNORM_INSTANTIATE(float)
+BNORM_INSTANTIATE(double)
+
+}  // namespace bnorm::kernels
