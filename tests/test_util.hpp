@@ -31,18 +31,26 @@ struct Dims {
   std::string str() const { return view_shape().str(); }
 };
 
+// Position in memory of logical element (n, c, s) under `layout`.
+inline std::size_t memory_index(const Dims& d, Layout layout, std::int64_t n, std::int64_t c, std::int64_t s) {
+  return static_cast<std::size_t>(layout == Layout::ChannelsFirst ? (n * d.C() + c) * d.S() + s
+                                                                  : (n * d.S() + s) * d.C() + c);
+}
+
+// Calls f(logical index, memory index) for every element.
+template <class F>
+void for_each_element(const Dims& d, Layout layout, F f) {
+  for (std::int64_t n = 0; n < d.N(); ++n)
+    for (std::int64_t c = 0; c < d.C(); ++c)
+      for (std::int64_t s = 0; s < d.S(); ++s)
+        f(memory_index(d, Layout::ChannelsFirst, n, c, s), memory_index(d, layout, n, c, s));
+}
+
 // Logical channels-first values -> memory in `layout`.
 template <class T>
 std::vector<T> to_layout(const std::vector<double>& logical, const Dims& d, Layout layout) {
   std::vector<T> out(logical.size());
-  const std::int64_t N = d.N(), C = d.C(), S = d.S();
-  for (std::int64_t n = 0; n < N; ++n)
-    for (std::int64_t c = 0; c < C; ++c)
-      for (std::int64_t s = 0; s < S; ++s) {
-        const auto src = static_cast<std::size_t>((n * C + c) * S + s);
-        const auto dst = static_cast<std::size_t>(layout == Layout::ChannelsFirst ? (n * C + c) * S + s : (n * S + s) * C + c);
-        out[dst] = static_cast<T>(logical[src]);
-      }
+  for_each_element(d, layout, [&](std::size_t li, std::size_t mi) { out[mi] = static_cast<T>(logical[li]); });
   return out;
 }
 
@@ -50,14 +58,7 @@ std::vector<T> to_layout(const std::vector<double>& logical, const Dims& d, Layo
 template <class T>
 std::vector<double> from_layout(const std::vector<T>& mem, const Dims& d, Layout layout) {
   std::vector<double> out(mem.size());
-  const std::int64_t N = d.N(), C = d.C(), S = d.S();
-  for (std::int64_t n = 0; n < N; ++n)
-    for (std::int64_t c = 0; c < C; ++c)
-      for (std::int64_t s = 0; s < S; ++s) {
-        const auto dst = static_cast<std::size_t>((n * C + c) * S + s);
-        const auto src = static_cast<std::size_t>(layout == Layout::ChannelsFirst ? (n * C + c) * S + s : (n * S + s) * C + c);
-        out[dst] = static_cast<double>(mem[src]);
-      }
+  for_each_element(d, layout, [&](std::size_t li, std::size_t mi) { out[li] = static_cast<double>(mem[mi]); });
   return out;
 }
 
