@@ -1,0 +1,37 @@
+// The README's C++ example, compiled and run by the tests (ctest -R Quickstart) so that it stays true.
+#include <bnorm/bnorm.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+int main() {
+  const std::int64_t N = 8, C = 64, H = 17, W = 17;
+  std::vector<float> data(N * C * H * W), out(data.size()), grad(data.size()), dx(data.size());
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal(3.f, 2.f);
+  for (float& v : data) v = normal(rng);
+  for (float& v : grad) v = normal(rng) * 0.01f;
+
+  bnorm::BatchNorm2d bn(C);                                 // eps 1e-5, momentum 0.1, affine, tracked
+  bnorm::ConstTensorView x(data.data(), {N, C, H, W});      // logical NCHW shape; add
+  bnorm::TensorView y(out.data(), {N, C, H, W});            //   bnorm::Layout::ChannelsLast for NHWC memory
+  bn.forward(x, y);                                         // training: batch statistics, running update
+  bn.backward(x, bnorm::ConstTensorView(grad.data(), {N, C, H, W}), bnorm::TensorView(dx.data(), {N, C, H, W}));
+  bn.eval();                                                // running statistics from now on
+  const std::string path = (std::filesystem::temp_directory_path() / "bnorm_quickstart.safetensors").string();
+  bn.save(path);                                            // torch state_dict keys, atomic write
+
+  // The functional form, like torch.nn.functional.batch_norm.
+  std::vector<float> running_mean(C, 0.f), running_var(C, 1.f), weight(C, 1.f), bias(C, 0.f);
+  bnorm::batch_norm(x, y, running_mean, running_var, weight, bias, /*training=*/true, 0.1, 1e-5);
+
+  bnorm::BatchNorm2d restored(C);
+  restored.load(path);
+  std::filesystem::remove(path);
+  std::printf("quickstart: y[0] = %.4f, running_mean[0] = %.4f (layer) / %.4f (functional), dgamma[0] = %.4f\n",
+              static_cast<double>(out[0]), static_cast<double>(restored.running_mean()[0]),
+              static_cast<double>(running_mean[0]), static_cast<double>(bn.weight_grad()[0]));
+  return restored.running_mean()[0] == running_mean[0] ? 0 : 1;
+}
