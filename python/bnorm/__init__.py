@@ -1,0 +1,42 @@
+"""bnorm: Batch Normalization for the CPU with PyTorch's exact semantics, from Python.
+
+    import numpy as np, bnorm
+    x = np.random.rand(32, 64, 68, 68).astype(np.float32)
+    y = bnorm.batch_norm(x, np.zeros(64, np.float32), np.ones(64, np.float32), training=True)
+
+- bnorm.batch_norm: torch.nn.functional.batch_norm's signature and behaviour on NumPy arrays and
+  CPU torch tensors (float32, float64; contiguous or channels-last memory, used without copies).
+- bnorm.batch_norm_backward: its gradients (grad_input, grad_weight, grad_bias) for NumPy users.
+- bnorm.batch_stats: per-channel mean and biased variance, accumulated in double.
+- bnorm.torch (imported on first use; needs torch): BatchNorm1d/2d/3d modules that are drop-ins
+  for torch.nn.BatchNorm*d, an autograd-aware batch_norm, and convert(model).
+
+See docs/python.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import _bnorm
+from ._functional import batch_norm, batch_norm_backward, batch_stats
+
+__version__ = "0.1.0"
+__all__ = ["batch_norm", "batch_norm_backward", "batch_stats", "set_num_threads", "num_threads", "torch"]
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads bnorm's kernels use (default: OpenMP's maximum). n >= 1."""
+    _bnorm.set_num_threads(n)
+
+
+def num_threads() -> int:
+    """The number of threads bnorm's kernels use."""
+    return _bnorm.num_threads()
+
+
+def __getattr__(name):
+    # bnorm.torch is imported on first use, so that `import bnorm` does not import torch.
+    if name == "torch":
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'bnorm' has no attribute {name!r}")

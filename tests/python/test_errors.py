@@ -1,0 +1,305 @@
+"""Every misuse raises TypeError (wrong kind, dtype or device of argument) or ValueError (wrong
+size or value) with a clear message, under torch's conditions, and changes nothing."""
+
+import numpy as np
+import pytest
+import torch
+
+import bnorm
+import bnorm.torch as bt
+from bnorm import _bnorm
+
+KINDS = ["numpy", "torch"]
+
+
+def make(kind):
+    """A factory of arrays of one kind: make(shape, dtype='float32', fill=0.0)."""
+
+    def f(shape, dtype="float32", fill=0.0):
+        a = np.full(shape, fill, dtype=dtype)
+        return a if kind == "numpy" else torch.from_numpy(a)
+
+    return f
+
+
+@pytest.fixture(params=KINDS)
+def arr(request):
+    return make(request.param)
+
+
+@pytest.fixture
+def ok(arr):
+    """Good arguments: input (4, 3, 5), running_mean, running_var, weight, bias."""
+    x = arr((4, 3, 5))
+    x[0, 0, 0] = 1.0
+    return dict(input=x, running_mean=arr((3,)), running_var=arr((3,), fill=1.0), weight=arr((3,), fill=1.0),
+                bias=arr((3,)))
+
+
+def call(args, **over):
+    a = dict(args)
+    a.update(over)
+    return bnorm.batch_norm(**a)
+
+
+# ---- TypeError -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], None, 3.0, "x"])
+def test_input_not_an_array(ok, bad):
+    with pytest.raises(TypeError, match="input must be a numpy.ndarray or a torch.Tensor"):
+        call(ok, input=bad)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int32", "int64", "complex64", "bool"])
+def test_unsupported_input_dtype(arr, ok, dtype):
+    with pytest.raises(TypeError, match="supports float32 and float64 only"):
+        call(ok, input=arr((4, 3, 5), dtype=dtype))
+
+
+def test_bfloat16_and_big_endian():
+    with pytest.raises(TypeError, match="bfloat16"):
+        bnorm.batch_norm(torch.zeros(4, 3, dtype=torch.bfloat16), None, None, training=True)
+    with pytest.raises(TypeError, match="byte order"):
+        bnorm.batch_norm(np.zeros((4, 3), ">f4"), None, None, training=True)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_mixed_dtypes(arr, ok, name):
+    with pytest.raises(TypeError, match=f"mixed dtypes: {name} has dtype float64 but input has float32"):
+        call(ok, **{name: arr((3,), dtype="float64", fill=1.0)})
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_mixed_kinds_and_non_arrays(ok, name):
+    x = ok["input"]
+    other = torch.zeros(3) if isinstance(x, np.ndarray) else np.zeros(3, np.float32)
+    with pytest.raises(TypeError, match=f"{name} must be a"):
+        call(ok, **{name: other})
+    with pytest.raises(TypeError, match=f"{name} must be a .* not list"):
+        call(ok, **{name: [0.0, 0.0, 0.0]})
+
+
+@pytest.mark.parametrize("bad", [1, 0, "yes", None, 1.0])
+def test_training_not_a_bool(ok, bad):
+    with pytest.raises(TypeError, match="training must be a bool"):
+        call(ok, training=bad)
+
+
+def test_momentum_and_eps_not_floats(ok):
+    with pytest.raises(TypeError, match="momentum must be a float, not NoneType.*BatchNorm2d"):
+        call(ok, training=True, momentum=None)
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        call(ok, training=True, momentum="0.1")
+    with pytest.raises(TypeError, match="eps must be a float"):
+        call(ok, eps=None)
+    with pytest.raises(TypeError, match="eps must be a float"):
+        call(ok, eps="1e-5")
+
+
+@pytest.mark.parametrize("name", ["input", "running_mean", "weight"])
+def test_tensors_off_the_cpu(name):
+    args = dict(input=torch.randn(4, 3, 5), running_mean=torch.zeros(3), running_var=torch.ones(3),
+                weight=torch.ones(3), bias=torch.zeros(3))
+    args[name] = args[name].to("meta")
+    with pytest.raises(TypeError, match=f"{name} is on device 'meta', but bnorm runs on the CPU only"):
+        bnorm.batch_norm(**args)
+    if torch.cuda.is_available():
+        args[name] = args[name].to("cuda")
+        with pytest.raises(TypeError, match="CPU only"):
+            bnorm.batch_norm(**args)
+
+
+def test_sparse_tensor():
+    with pytest.raises(TypeError, match="dense"):
+        bnorm.batch_norm(torch.randn(4, 3).to_sparse(), None, None, training=True)
+
+
+# ---- ValueError ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_rank_below_two(arr, ok, shape):
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        call(ok, input=arr(shape))
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+@pytest.mark.parametrize("size", [2, 4, 0])
+def test_vector_sizes(arr, ok, name, size):
+    with pytest.raises(ValueError, match=f"{name} should contain 3 elements not {size}"):
+        call(ok, **{name: arr((size,), fill=1.0)})
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_running_stats_both_or_neither(ok, training):
+    with pytest.raises(ValueError, match="running_mean and running_var must either both be None or neither"):
+        call(ok, running_var=None, training=training)
+    with pytest.raises(ValueError, match="both be None or neither"):
+        call(ok, running_mean=None, training=training)
+
+
+def test_eval_needs_running_stats(ok):
+    with pytest.raises(ValueError, match="must be defined in evaluation mode"):
+        call(ok, running_mean=None, running_var=None, training=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1), (1, 3, 1, 1, 1)])
+def test_one_value_per_channel_when_training(arr, ok, shape):
+    rm = ok["running_mean"]
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size"):
+        call(ok, input=arr(shape, fill=2.0), training=True)
+    assert float(rm.sum()) == 0.0
+    call(ok, input=arr(shape, fill=2.0), training=False)  # fine in eval, like torch
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_eps_not_positive_in_training(ok, eps):
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        call(ok, training=True, eps=eps)
+
+
+def test_eps_negative_or_not_finite(ok):
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        call(ok, training=False, eps=-1e-5)
+    for eps in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be finite"):
+            call(ok, eps=eps)
+
+
+def test_running_stats_requiring_grad():
+    x = torch.randn(4, 3)
+    for training in (True, False):
+        with pytest.raises(ValueError, match="running_mean requires grad"):
+            bnorm.batch_norm(x, torch.zeros(3, requires_grad=True), torch.ones(3), training=training)
+
+
+def test_read_only_running_stats_in_training():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rv.flags.writeable = False
+    with pytest.raises(ValueError, match="running_var is read-only"):
+        bnorm.batch_norm(x, rm, rv, training=True)
+    assert np.all(rm == 0)
+    bnorm.batch_norm(x, rm, rv, training=False)  # reading is fine
+
+
+# ---- batch_norm_backward and batch_stats -----------------------------------------------------
+
+
+def test_backward_errors(arr):
+    x, dy = arr((4, 3, 5), fill=1.0), arr((4, 3, 5), fill=1.0)
+    rm, rv = arr((3,)), arr((3,), fill=1.0)
+    with pytest.raises(ValueError, match=r"grad_output must have input's shape"):
+        bnorm.batch_norm_backward(arr((4, 3, 6)), x, rm, rv)
+    with pytest.raises(TypeError, match="mixed dtypes: grad_output"):
+        bnorm.batch_norm_backward(arr((4, 3, 5), dtype="float64"), x, rm, rv)
+    with pytest.raises(TypeError, match="grad_output must be a"):
+        bnorm.batch_norm_backward(None, x, rm, rv)
+    with pytest.raises(ValueError, match="must be defined in evaluation mode"):
+        bnorm.batch_norm_backward(dy, x, None, None, training=False)
+    with pytest.raises(ValueError, match="save_mean and save_invstd must either both"):
+        bnorm.batch_norm_backward(dy, x, None, None, training=True, save_mean=arr((3,)))
+    with pytest.raises(ValueError, match="save_invstd should contain 3 elements not 2"):
+        bnorm.batch_norm_backward(dy, x, None, None, training=True, save_mean=arr((3,)), save_invstd=arr((2,)))
+    with pytest.raises(ValueError, match="weight should contain 3 elements not 4"):
+        bnorm.batch_norm_backward(dy, x, rm, rv, arr((4,)))
+    with pytest.raises(TypeError, match="training must be a bool"):
+        bnorm.batch_norm_backward(dy, x, rm, rv, training="no")
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        bnorm.batch_norm_backward(dy, x, rm, rv, training=True, eps=0.0)
+
+
+def test_batch_stats_errors(arr):
+    with pytest.raises(TypeError, match="input must be"):
+        bnorm.batch_stats([[1.0]])
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        bnorm.batch_stats(arr((3,)))
+    with pytest.raises(TypeError, match="float32 and float64 only"):
+        bnorm.batch_stats(arr((2, 3), dtype="float16"))
+    with pytest.raises(ValueError, match="at least 1 value per channel"):
+        bnorm.batch_stats(arr((0, 3)))
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls, shape, message",
+    [
+        (bt.BatchNorm1d, (2, 3, 4, 5), r"expected 2D or 3D input \(got 4D input\)"),
+        (bt.BatchNorm1d, (3,), r"expected 2D or 3D input \(got 1D input\)"),
+        (bt.BatchNorm2d, (2, 3, 4), r"expected 4D input \(got 3D input\)"),
+        (bt.BatchNorm3d, (2, 3, 4, 5), r"expected 5D input \(got 4D input\)"),
+    ],
+)
+def test_module_rank(cls, shape, message):
+    with pytest.raises(ValueError, match=message):
+        cls(3)(torch.randn(shape))
+
+
+def test_module_errors_change_nothing():
+    bn = bt.BatchNorm2d(3)
+    with pytest.raises(ValueError, match="running_mean should contain 4 elements not 3"):  # torch's words
+        bn(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn(torch.randn(1, 3, 1, 1))
+    with pytest.raises(TypeError, match="float16"):
+        bn(torch.randn(2, 3, 3, 3).half())
+    with pytest.raises(TypeError, match="CPU only"):
+        bn(torch.randn(2, 3, 3, 3, device="meta"))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        bn([1.0, 2.0])
+    assert int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        bn(torch.randn(2, 3, 3, 3, dtype=torch.float64))
+
+
+# ---- the extension called directly: bad arrays raise, never crash ---------------------------
+
+
+def test_extension_rejects_bad_arrays():
+    x = np.zeros((4, 3, 5), np.float32)
+    y = np.empty_like(x)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _bnorm.forward(x.astype(np.int32), y.astype(np.int32), None, None, None, None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(ValueError, match="output: expected the shape of input"):
+        _bnorm.forward(x, np.empty((4, 3, 6), np.float32), None, None, None, None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(ValueError, match="expected the dtype of input"):
+        _bnorm.forward(x, np.empty((4, 3, 5)), None, None, None, None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        _bnorm.forward(np.zeros(3, np.float32), np.zeros(3, np.float32), None, None, None, None, True, 0.1, 1e-5,
+                       None, None)
+    with pytest.raises(ValueError, match="dense channels-first"):
+        big = np.zeros((4, 3, 10), np.float32)
+        _bnorm.forward(big[:, :, ::2], y, None, None, None, None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(ValueError, match="contiguous values"):
+        _bnorm.forward(x, y, None, None, np.ones(6, np.float32)[::2], None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(ValueError, match="weight: expected 3 values"):
+        _bnorm.forward(x, y, None, None, np.ones(4, np.float32), None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(ValueError, match="momentum"):
+        _bnorm.forward(x, y, np.zeros(3, np.float32), np.ones(3, np.float32), None, None, True, 2.0, 1e-5, None,
+                       None)
+    with pytest.raises(ValueError, match="eps"):
+        _bnorm.forward(x, y, None, None, None, None, True, 0.1, 0.0, None, None)
+    with pytest.raises(ValueError, match="partial overlap"):
+        buf = np.zeros(4 * 3 * 5 + 1, np.float32)
+        _bnorm.forward(buf[:-1].reshape(4, 3, 5), buf[1:].reshape(4, 3, 5), None, None, None, None, True, 0.1, 1e-5,
+                       None, None)
+    with pytest.raises(ValueError, match="save_mean"):
+        _bnorm.backward(x, x, None, None, None, None, None, True, 1e-5, y, None, None)
+    with pytest.raises(ValueError, match="running_mean"):
+        _bnorm.forward(x, y, None, None, None, None, False, 0.1, 1e-5, None, None)
+    with pytest.raises(ValueError, match="running_var: expected 3 values"):
+        _bnorm.forward_eval(x, y, np.zeros(3, np.float32), np.ones(2, np.float32), None, None, 1e-5)
+    with pytest.raises(ValueError, match="at least 1 value per channel"):
+        _bnorm.batch_stats(np.zeros((0, 3), np.float32), np.zeros(3), np.zeros(3))
+    with pytest.raises(TypeError):
+        readonly = np.empty_like(x)
+        readonly.flags.writeable = False
+        _bnorm.forward(x, readonly, None, None, None, None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(TypeError):
+        _bnorm.forward("x", y, None, None, None, None, True, 0.1, 1e-5, None, None)
+    with pytest.raises(TypeError):
+        _bnorm.forward(x, y, None, None, None, None, True, 0.1, 1e-5)  # missing arguments
