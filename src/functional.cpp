@@ -184,6 +184,17 @@ void batch_norm(ConstTensorView input, TensorView output, VectorView running_mea
                  running_mean, running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation);
 }
 
+void batch_norm_inference(ConstTensorView input, TensorView output, ConstVectorView running_mean,
+                          ConstVectorView running_var, ConstVectorView weight, ConstVectorView bias, double eps,
+                          Activation activation) {
+  if (!running_mean.present() || !running_var.present())
+    detail::fail("batch_norm_inference", "running_mean: expected running_mean and running_var, got none");
+  // With training = false batch_norm only reads the running statistics.
+  batch_norm(input, output, VectorView(const_cast<void*>(running_mean.data()), running_mean.dtype(), running_mean.size()),
+             VectorView(const_cast<void*>(running_var.data()), running_var.dtype(), running_var.size()), weight, bias,
+             false, 0.1, eps, {}, {}, activation);
+}
+
 void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, ConstVectorView weight,
                          ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
                          ConstVectorView save_invstd, bool training, double eps, TensorView grad_input,

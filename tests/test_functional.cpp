@@ -296,6 +296,25 @@ TEST(Errors, BackwardArguments) {
   }, {"grad_weight", "expected 3 values", "got 2"});
 }
 
+// Inference from read-only running statistics equals batch_norm in eval mode.
+TEST(EdgeCases, InferenceWithConstStatistics) {
+  const Dims d{{5, 6, 7}};
+  std::mt19937_64 rng(13);
+  const std::vector<float> x = cast<float>(random_input<float>(d, rng));
+  const std::vector<float> rm = cast<float>(random_vector<float>(6, rng, -1, 1)),
+                           rv = cast<float>(random_vector<float>(6, rng, 0.5, 2)),
+                           w = cast<float>(random_vector<float>(6, rng, 0.5, 1.5));
+  std::vector<float> y1(x.size()), y2(x.size()), rm2 = rm, rv2 = rv;
+  batch_norm_inference(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), rm, rv, w, {},
+                       1e-5, Activation::Relu);
+  batch_norm(ConstTensorView(x.data(), d.view_shape()), TensorView(y2.data(), d.view_shape()), rm2, rv2, w, {}, false,
+             0.1, 1e-5, {}, {}, Activation::Relu);
+  EXPECT_EQ(y1, y2);
+  EXPECT_THROW(batch_norm_inference(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), {},
+                                    {}),
+               Error);
+}
+
 // Empty batches: eval is a no-op, training is the m == 1 rule's error (m = 0).
 TEST(EdgeCases, EmptyBatch) {
   std::vector<float> rm(3, 0.f), rv(3, 1.f);

@@ -23,6 +23,12 @@ void batch_norm(ConstTensorView input, TensorView output, VectorView running_mea
                 double eps = 1e-5, VectorView save_mean = {}, VectorView save_invstd = {},
                 Activation activation = Activation::None);
 
+// Inference with frozen statistics: batch_norm(..., training = false) for read-only running
+// statistics (an inference server's shared, const model state).
+void batch_norm_inference(ConstTensorView input, TensorView output, ConstVectorView running_mean,
+                          ConstVectorView running_var, ConstVectorView weight = {}, ConstVectorView bias = {},
+                          double eps = 1e-5, Activation activation = Activation::None);
+
 // Backward (torch's native_batch_norm_backward). With training = true the forward used batch
 // statistics: pass save_mean and save_invstd from it. With training = false the statistics were
 // frozen: pass running_mean and running_var (and the same eps). Any of grad_input, grad_weight,
