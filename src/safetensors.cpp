@@ -20,9 +20,9 @@
 #include <fstream>
 #include <limits>
 #include <set>
-#include <sstream>
 #include <string_view>
 #include <system_error>
+#include <tuple>
 #include <utility>
 
 #include <fcntl.h>
@@ -184,7 +184,7 @@ std::uint64_t as_count(const json& j, const std::string& source, const std::stri
 
 // One validated header entry, before its bytes are copied out.
 struct Entry {
-  const std::string* name;
+  const std::string* name;  // the key in the parsed header
   std::string dtype;
   std::vector<std::int64_t> shape;
   std::uint64_t begin;
@@ -311,6 +311,11 @@ json parse_header_json(std::string_view text, const std::string& source) {
     }
     return true;
   };
+  // nlohmann's lexer takes a raw NUL outside a string for the end of the input, so "{}\0junk"
+  // would pass; JSON never allows a raw NUL (inside strings it must be escaped), so refuse it.
+  if (const auto nul = text.find('\0'); nul != std::string_view::npos) {
+    fail(source, "the header is not valid JSON: a NUL byte at header offset " + std::to_string(nul));
+  }
   try {
     return json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true, /*ignore_comments=*/false);
   } catch (const json::exception& e) {
@@ -437,11 +442,12 @@ SafeTensorsFile parse_safetensors(std::span<const unsigned char> image, const st
   SafeTensorsFile out;
   std::vector<Entry> entries;
   entries.reserve(header.size());
-  for (const auto& item : header.items()) {
-    if (item.key() == kMetadataKey) {
-      out.metadata = parse_metadata(item.value(), source);
+  // Entries point at the names stored in `header`, which outlives them.
+  for (const auto& [name, value] : header.get_ref<const json::object_t&>()) {
+    if (name == kMetadataKey) {
+      out.metadata = parse_metadata(value, source);
     } else {
-      entries.push_back(parse_entry(item.key(), item.value(), data_size, source));
+      entries.push_back(parse_entry(name, value, data_size, source));
     }
   }
 
