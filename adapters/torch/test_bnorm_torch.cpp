@@ -1,0 +1,172 @@
+// bnorm::torch::BatchNorm*d against torch::nn::BatchNorm*d: forward, running statistics over several
+// training steps, eval, and the gradients of input, weight and bias, on contiguous and channels-last
+// tensors, float32 and float64.
+#include "bnorm_torch.hpp"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+
+namespace {
+
+struct Case {
+  int dims;            // 1, 2 or 3 (BatchNorm1d/2d/3d)
+  bool channels_last;  // channels-last memory for the input and the output gradient
+  bool dbl;            // float64
+  bool affine;
+  bool track;
+  bool momentum_none;  // cumulative average
+  bool rank2;          // BatchNorm1d on (N, C)
+};
+
+std::string name(const Case& c) {
+  return "BatchNorm" + std::to_string(c.dims) + "d" + (c.rank2 ? "_NC" : "") + (c.channels_last ? "_cl" : "_cf") +
+         (c.dbl ? "_f64" : "_f32") + (c.affine ? "" : "_noaffine") + (c.track ? "" : "_notrack") +
+         (c.momentum_none ? "_cumavg" : "");
+}
+
+at::Tensor make_input(const Case& c, std::int64_t C, int seed) {
+  torch::manual_seed(seed);
+  std::vector<std::int64_t> shape{6, C};
+  if (!c.rank2)
+    for (int d = 0; d < c.dims; ++d) shape.push_back(c.dims == 3 ? 3 : 5 - d);
+  at::Tensor x = torch::randn(shape, torch::dtype(c.dbl ? torch::kDouble : torch::kFloat)) * 3.0 + 1.5;
+  if (c.channels_last) {
+    std::vector<std::int64_t> order{0};
+    for (std::int64_t d = 2; d < x.dim(); ++d) order.push_back(d);
+    order.push_back(1);
+    std::vector<std::int64_t> inv{0, x.dim() - 1};
+    for (std::int64_t d = 1; d < x.dim() - 1; ++d) inv.push_back(d);
+    x = x.permute(order).contiguous().permute(inv);
+  }
+  return x;
+}
+
+void expect_close(const at::Tensor& a, const at::Tensor& b, bool dbl, const std::string& what) {
+  ASSERT_EQ(a.defined(), b.defined()) << what;
+  if (!a.defined()) return;
+  ASSERT_TRUE(a.sizes().equals(b.sizes())) << what;
+  const double tol = dbl ? 1e-10 : 2e-4;
+  const double err = (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
+  const double scale = 1.0 + b.to(torch::kDouble).abs().max().item<double>();
+  EXPECT_LE(err, tol * scale) << what;
+}
+
+template <class Ours, class Theirs>
+void run_case(const Case& c) {
+  const std::int64_t C = 4;
+  torch::nn::BatchNormOptions opt(C);
+  opt.affine(c.affine).track_running_stats(c.track);
+  if (c.momentum_none) opt.momentum(std::nullopt);
+  Theirs theirs(opt);
+  Ours ours(opt);
+  if (c.dbl) {
+    theirs->to(torch::kDouble);
+    ours->to(torch::kDouble);
+  }
+  if (c.affine) {  // non-trivial parameters, copied from torch's module
+    torch::NoGradGuard g;
+    theirs->weight.uniform_(0.5, 1.5);
+    theirs->bias.uniform_(-0.5, 0.5);
+  }
+  bnorm::torch::copy_state(*theirs, *ours);
+
+  for (int step = 0; step < 3; ++step) {
+    at::Tensor x1 = make_input(c, C, 10 + step).requires_grad_(true);
+    at::Tensor x2 = x1.detach().clone(at::MemoryFormat::Preserve).requires_grad_(true);
+    at::Tensor y1 = theirs->forward(x1);
+    at::Tensor y2 = ours->forward(x2);
+    expect_close(y2, y1, c.dbl, name(c) + " forward step " + std::to_string(step));
+    at::Tensor dy = make_input(c, C, 100 + step);
+    (y1 * dy).sum().backward();
+    (y2 * dy).sum().backward();
+    expect_close(x2.grad(), x1.grad(), c.dbl, name(c) + " grad_input step " + std::to_string(step));
+    if (c.affine) {
+      expect_close(ours->weight.grad(), theirs->weight.grad(), c.dbl, name(c) + " grad_weight");
+      expect_close(ours->bias.grad(), theirs->bias.grad(), c.dbl, name(c) + " grad_bias");
+    }
+    if (c.track) {
+      expect_close(ours->running_mean, theirs->running_mean, c.dbl, name(c) + " running_mean");
+      expect_close(ours->running_var, theirs->running_var, c.dbl, name(c) + " running_var");
+      EXPECT_EQ(ours->num_batches_tracked.template item<std::int64_t>(),
+                theirs->num_batches_tracked.template item<std::int64_t>());
+    }
+  }
+  // eval: running statistics (or batch statistics without tracking), and its gradient.
+  theirs->eval();
+  ours->eval();
+  at::Tensor x1 = make_input(c, C, 7).requires_grad_(true);
+  at::Tensor x2 = x1.detach().clone(at::MemoryFormat::Preserve).requires_grad_(true);
+  at::Tensor y1 = theirs->forward(x1);
+  at::Tensor y2 = ours->forward(x2);
+  expect_close(y2, y1, c.dbl, name(c) + " eval forward");
+  at::Tensor dy = make_input(c, C, 8);
+  (y1 * dy).sum().backward();
+  (y2 * dy).sum().backward();
+  expect_close(x2.grad(), x1.grad(), c.dbl, name(c) + " eval grad_input");
+  if (c.channels_last) {
+    EXPECT_FALSE(y2.is_contiguous()) << "channels-last input gives channels-last output";
+  }
+}
+
+TEST(TorchAdapter, AgreesWithTorchBatchNorm2d) {
+  for (bool cl : {false, true})
+    for (bool dbl : {false, true})
+      for (bool affine : {true, false})
+        for (bool track : {true, false})
+          run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, cl, dbl, affine, track, false, false});
+  run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, true, false, true, true, true, false});
+}
+
+TEST(TorchAdapter, AgreesWithTorchBatchNorm1d) {
+  for (bool rank2 : {true, false})
+    for (bool dbl : {false, true})
+      for (bool affine : {true, false})
+        run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, false, dbl, affine, true, false, rank2});
+  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, true, false, true, true, false, false});
+  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, false, false, true, true, true, true});
+}
+
+TEST(TorchAdapter, AgreesWithTorchBatchNorm3d) {
+  for (bool cl : {false, true})
+    run_case<bnorm::torch::BatchNorm3d, torch::nn::BatchNorm3d>({3, cl, false, true, true, false, false});
+}
+
+TEST(TorchAdapter, SameNamesAsTorch) {
+  torch::nn::BatchNorm2d theirs(8);
+  bnorm::torch::BatchNorm2d ours(8);
+  auto a = theirs->named_parameters().keys();
+  auto b = ours->named_parameters().keys();
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(theirs->named_buffers().keys(), ours->named_buffers().keys());
+  // state round trip: ours -> torch
+  {
+    torch::NoGradGuard g;
+    ours->running_mean.fill_(0.25);
+    ours->weight.fill_(2.0);
+  }
+  bnorm::torch::copy_state(*ours, *theirs);
+  EXPECT_EQ(theirs->running_mean[3].item<float>(), 0.25f);
+  EXPECT_EQ(theirs->weight[0].item<float>(), 2.0f);
+}
+
+TEST(TorchAdapter, InSequentialAndClone) {
+  torch::nn::Sequential net(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3)), bnorm::torch::BatchNorm2d(4),
+                            torch::nn::ReLU());
+  at::Tensor y = net->forward(torch::randn({2, 1, 6, 6}));
+  EXPECT_EQ(y.sizes(), (std::vector<std::int64_t>{2, 4, 4, 4}));
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(net->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_EQ(copy->named_buffers().size(), net->named_buffers().size());
+}
+
+TEST(TorchAdapter, Errors) {
+  bnorm::torch::BatchNorm2d bn(3);
+  EXPECT_THROW(bn->forward(torch::randn({2, 3, 4})), std::invalid_argument);  // 3D into BatchNorm2d
+  EXPECT_THROW(bn->forward(torch::randn({1, 3, 1, 1})), std::exception);      // m == 1 in training
+  EXPECT_THROW(bn->forward(torch::randn({2, 5, 2, 2})), std::exception);      // wrong channel count
+  EXPECT_THROW(bn->forward(torch::randn({2, 3, 2, 2}, torch::kHalf)), std::invalid_argument);
+}
+
+}  // namespace
