@@ -5,12 +5,17 @@
 #include "validate.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <set>
 
 namespace bnorm {
 namespace {
+
+// The largest num_features a layer accepts: far above any real network (a few thousand channels);
+// a larger count is a bug, and refusing it keeps the constructor from bad_alloc or an OOM kill.
+constexpr std::int64_t kMaxFeatures = std::int64_t{1} << 24;
 
 const char* accepted_ranks(int spatial_dims) {
   switch (spatial_dims) {
@@ -52,6 +57,10 @@ BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions op
     : num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
   const char* fn = "BatchNorm";
   if (num_features < 1) detail::fail(fn, "num_features: expected >= 1, got " + std::to_string(num_features));
+  // Refused before allocating: the layer's own state is ~(6 * sizeof(P) + 16) bytes per channel.
+  if (num_features > kMaxFeatures)
+    detail::fail(fn, "num_features: expected at most " + std::to_string(kMaxFeatures) + " (2^24), got " +
+                         std::to_string(num_features));
   if (spatial_dims != -1 && (spatial_dims < 1 || spatial_dims > 3))
     detail::fail(fn, "spatial_dims: expected 1, 2, 3 or -1 (any), got " + std::to_string(spatial_dims));
   detail::check_eps(fn, options.eps);
@@ -133,11 +142,15 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
   if (use_batch) {
     save_mean_.swap(sm);
     save_invstd_.swap(si);
+    forward_shape_ = x.shape();
+    forward_layout_ = x.layout();
   }
-  have_forward_ = true;
-  forward_used_batch_stats_ = use_batch;
-  forward_shape_ = x.shape();
-  forward_layout_ = x.layout();
+  // An eval forward with running statistics writes no member (these two flags only when they
+  // change, atomically), so one layer in eval mode may serve many threads at once
+  // (docs/reliability.md, the thread-safety contract).
+  std::atomic_ref<bool> have(have_forward_), batch(forward_used_batch_stats_);
+  if (!have.load(std::memory_order_relaxed)) have.store(true, std::memory_order_relaxed);
+  if (batch.load(std::memory_order_relaxed) != use_batch) batch.store(use_batch, std::memory_order_relaxed);
 }
 
 template <class P>
@@ -145,7 +158,8 @@ void BasicBatchNorm<P>::backward(ConstTensorView x, ConstTensorView dy, TensorVi
   const char* fn = "BatchNorm::backward";
   if (!have_forward_) detail::fail(fn, "state: expected a forward call before backward, got none");
   check_input(x, fn);
-  if (!(x.shape() == forward_shape_))
+  // The batch statistics belong to the last batch-statistics forward's input; frozen statistics fit any.
+  if (forward_used_batch_stats_ && !(x.shape() == forward_shape_))
     detail::fail(fn, "x: expected the last forward's input shape " + forward_shape_.str() + ", got " + x.shape().str());
   const auto C = static_cast<std::size_t>(num_features_);
   std::vector<P> gw(options_.affine ? C : 0), gb(options_.affine ? C : 0);

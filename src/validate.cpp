@@ -14,6 +14,18 @@ std::string num(double v) {
 }
 bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float64; }
 bool valid_layout(Layout l) { return l == Layout::ChannelsFirst || l == Layout::ChannelsLast; }
+// The kernels read through float* / double*: a pointer off the element's alignment is undefined
+// behaviour there (and a fault with aligned vector loads), so it is refused up front.
+void check_aligned(const char* fn, const std::string& arg, const void* p, DType dtype) {
+  const auto align = static_cast<std::uintptr_t>(size_of(dtype));
+  const auto addr = reinterpret_cast<std::uintptr_t>(p);
+  if (align > 1 && addr % align != 0) {
+    std::ostringstream got;
+    got << p;
+    fail(fn, arg + ": expected a data pointer aligned to " + std::to_string(align) + " bytes (" + to_string(dtype) +
+                 "), got " + got.str());
+  }
+}
 }  // namespace
 
 void fail(const char* fn, const std::string& what) { throw Error(std::string("bnorm::") + fn + ": " + what); }
@@ -44,8 +56,10 @@ TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView&
                  to_string(t.dtype()));
   if (numel > 0 && t.data() == nullptr)
     fail(fn, arg + ": expected a data pointer, got null for a tensor of shape " + s.str());
+  check_aligned(fn, arg, t.data(), t.dtype());
   TensorInfo info;
   info.geometry = {s[0], s[1], spatial, spatial == 1 ? Layout::ChannelsLast : t.layout()};
+  info.geometry.reduce_threads = kernels::reduce_threads(info.geometry);  // read num_threads() once
   info.numel = numel;
   info.bytes = bytes;
   return info;
@@ -76,6 +90,7 @@ void check_vector(const char* fn, const char* name, const ConstVectorView& v, st
     fail(fn, arg + ": expected dtype " + to_string(dtype) + (also_float64 && dtype != DType::Float64 ? " or float64" : "") +
                  ", got " + to_string(v.dtype()));
   if (C > 0 && v.data() == nullptr) fail(fn, arg + ": expected a data pointer, got null for " + std::to_string(C) + " values");
+  check_aligned(fn, arg, v.data(), v.dtype());
 }
 
 void check_alias(const char* fn, const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name,

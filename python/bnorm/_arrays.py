@@ -143,9 +143,11 @@ class NumpyArrays:
     def copy_to(x, layout, count=True):
         global copies_made
         copies_made += count
+        # np.array(copy=True), not np.ascontiguousarray: a contiguous but unaligned array must be
+        # copied too (the library refuses misaligned pointers).
         if layout == CHANNELS_LAST:
-            return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
-        return np.ascontiguousarray(x)
+            return np.moveaxis(np.array(np.moveaxis(x, 1, -1), order="C", copy=True), -1, 1)
+        return np.array(x, order="C", copy=True)
 
     @staticmethod
     def empty(shape, like, layout):

@@ -10,6 +10,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if BNORM_HAVE_X86_ISAS
+#include <cpuid.h>
+#endif
+
 // Declarations of one per-ISA build of the kernels.
 #define BNORM_DECLARE_KERNELS(ns)                                                                             \
   namespace bnorm::kernels::ns {                                                                              \
@@ -40,10 +44,18 @@ BNORM_DECLARE_KERNELS(avx512)
 namespace bnorm::kernels {
 namespace {
 
+#if BNORM_HAVE_X86_ISAS
+// F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c".
+bool cpu_has_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+}
+#endif
+
 bool cpu_has(Isa isa) {
 #if BNORM_HAVE_X86_ISAS
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   switch (isa) {
     case Isa::Generic: return true;
     case Isa::Avx2: return avx2;
@@ -99,6 +111,7 @@ const char* isa_name(Isa isa) {
 }
 
 int reduce_threads(const Geometry& g) {
+  if (g.reduce_threads > 0) return g.reduce_threads;
   if (g.layout == Layout::ChannelsFirst) return detail::threads_for(g.C);
   const std::int64_t R = cl_rows_per_block(g);
   return detail::threads_for((g.rows() + R - 1) / R);

@@ -14,6 +14,9 @@ namespace bnorm::kernels {
 struct Geometry {
   std::int64_t N = 0, C = 0, S = 0;
   Layout layout = Layout::ChannelsFirst;
+  // Threads of the channels-last reductions, fixed once per call (check_tensor does it) so that the
+  // workspace sized for them stays right while another thread calls set_num_threads; 0: not fixed.
+  int reduce_threads = 0;
   std::int64_t per_channel() const { return N * S; }  // m, the values per channel
   std::int64_t rows() const { return N * S; }         // channels-last: rows of C values
 };
@@ -99,7 +102,10 @@ void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Ge
 template <class T>
 static inline void split_mean(double mean, T& hi, T& lo) {
   hi = static_cast<T>(mean);
-  lo = static_cast<T>(mean - static_cast<double>(hi));
+  // An infinite mean (a running_mean of +-Inf) keeps lo = 0, so that x - mean is +-Inf as in torch
+  // (Inf - Inf would make it NaN).
+  const double rest = mean - static_cast<double>(hi);
+  lo = rest == rest ? static_cast<T>(rest) : T(0);
 }
 
 // dx = dy * k_dy - (x - mean) * k_x - k_c. Training (batch statistics):
