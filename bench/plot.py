@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Turns `bnorm-bench --json` output into a picture: % of the copy roofline per shape.
+
+    scripts/bench --json > bench.jsonl
+    python3 bench/plot.py bench.jsonl [-o BENCHMARKS_roofline.png]
+
+One panel per (op, threads, layout); in each, one group of bars per shape: bnorm, torch (the _out
+call with preallocated outputs), torch-alloc, oneDNN in the same plain layout, and oneDNN's blocked
+layout (nChw16c, in the NCHW panels). The 2-D shape's rows (layout NC) sit in the NCHW panels.
+Needs matplotlib (`python3 -m pip install matplotlib`).
+"""
+import argparse
+import json
+import sys
+
+IMPLS = [  # (impl, label, colour, hatch)
+    ("bnorm", "bnorm", "#1f77b4", None),
+    ("torch-out", "torch (_out)", "#d62728", None),
+    ("torch-alloc", "torch (allocating)", "#ff9896", None),
+    ("onednn", "oneDNN", "#2ca02c", None),
+    ("onednn-blocked", "oneDNN nChw16c", "#98df8a", "//"),
+]
+OPS = [("train_fwd", "training forward (3B)"), ("infer_fwd", "inference forward (2B)"), ("backward", "backward (5B)")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("jsonl", nargs="?", help="bnorm-bench --json output (default: stdin)")
+    ap.add_argument("-o", "--output", default="BENCHMARKS_roofline.png")
+    args = ap.parse_args()
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plot.py needs matplotlib: python3 -m pip install matplotlib")
+
+    lines = open(args.jsonl) if args.jsonl else sys.stdin
+    rows = [json.loads(line) for line in lines if line.strip().startswith("{")]
+    rows = [r for r in rows if r.get("op") != "copy" and r.get("roofline_pct") is not None]
+    if not rows:
+        sys.exit("plot.py: no benchmark rows in the input")
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    threads = sorted({r["threads"] for r in rows}, reverse=True)
+    ops = [op for op in OPS if any(r["op"] == op[0] for r in rows)]
+    panel_layout = lambda r: "NHWC" if r["layout"] == "NHWC" else "NCHW"  # NC and nChw16c go with NCHW
+    layouts = [l for l in ("NCHW", "NHWC") if any(panel_layout(r) == l for r in rows)]
+    impls = [i for i in IMPLS if any(r["impl"] == i[0] for r in rows)]
+    value = {(r["op"], r["threads"], panel_layout(r), r["shape"], r["impl"]): r["roofline_pct"] for r in rows}
+
+    cols = [(t, l) for t in threads for l in layouts]
+    fig, axes = plt.subplots(len(ops), len(cols), figsize=(6.5 * len(cols), 4.2 * len(ops)), squeeze=False,
+                             sharey="row")
+    width = 0.8 / max(1, len(impls))
+    for i, (op, op_label) in enumerate(ops):
+        for j, (t, layout) in enumerate(cols):
+            ax = axes[i][j]
+            here = [sh for sh in shapes if any(key[:3] == (op, t, layout) and key[3] == sh for key in value)]
+            for k, (impl, label, colour, hatch) in enumerate(impls):
+                xs, ys = [], []
+                for s, shape in enumerate(here):
+                    v = value.get((op, t, layout, shape, impl))
+                    if v is not None:
+                        xs.append(s + (k - (len(impls) - 1) / 2) * width)
+                        ys.append(v)
+                ax.bar(xs, ys, width, label=label, color=colour, hatch=hatch, edgecolor="white" if not hatch else "#555")
+            ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{op_label}, {layout}, {t} thread{'s' if t > 1 else ''}", fontsize=10)
+            ax.set_xticks(range(len(here)))
+            ax.set_xticklabels(here, rotation=60, ha="right", fontsize=7)
+            ax.grid(axis="y", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("% of copy roofline")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle("BatchNorm float32: GB/s of minimal traffic as % of a copy of the same bytes (dashed: 100%)",
+                 y=0.995, fontsize=13)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=len(impls), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(args.output, dpi=90)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
