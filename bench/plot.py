@@ -3,6 +3,7 @@
 
     scripts/bench --json > bench.jsonl
     python3 bench/plot.py bench.jsonl [-o BENCHMARKS_roofline.png]
+    python3 bench/plot.py bench.jsonl --summary [--threads 2]   # a Markdown summary table instead
 
 One panel per (op, threads, layout); in each, one group of bars per shape: bnorm, torch (the _out
 call with preallocated outputs), torch-alloc, oneDNN in the same plain layout, and oneDNN's blocked
@@ -27,7 +28,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("jsonl", nargs="?", help="bnorm-bench --json output (default: stdin)")
     ap.add_argument("-o", "--output", default="BENCHMARKS_roofline.png")
+    ap.add_argument("--summary", action="store_true", help="print a Markdown summary table (no matplotlib needed)")
+    ap.add_argument("--threads", type=int, help="--summary: only this thread count")
     args = ap.parse_args()
+    if args.summary:
+        lines = open(args.jsonl) if args.jsonl else sys.stdin
+        summary([json.loads(line) for line in lines if line.strip().startswith("{")], args.threads)
+        return
     try:
         import matplotlib
 
@@ -80,6 +87,40 @@ def main():
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(args.output, dpi=90)
     print(f"wrote {args.output}")
+
+
+def summary(rows, threads):
+    """Per (shape, op, layout, threads): ms of bnorm, the faster torch call, oneDNN (plain and blocked),
+    bnorm's % of the copy roofline and its ratio to the faster peer."""
+    copy = {}
+    for r in rows:
+        if r["op"] == "copy":
+            key = (r["shape"], r["threads"])
+            copy[key] = max(copy.get(key, 0), r["gbps"] or 0)
+    groups = {}
+    for r in rows:
+        if r["op"] == "copy" or (threads and r["threads"] != threads) or r.get("median_ms") is None:
+            continue
+        layout = "NCHW" if r["layout"] == "nChw16c" else r["layout"]
+        groups.setdefault((r["shape"], r["threads"], r["op"], layout), {})[r["impl"]] = r
+
+    def ms(g, *impls):
+        got = [g[i]["median_ms"] for i in impls if i in g]
+        return f"{min(got):.3f}" if got else "-"
+
+    print("| shape | thr | op | layout | bnorm ms | torch ms (faster call) | oneDNN ms | oneDNN nChw16c ms | copy GB/s "
+          "| bnorm % roof | bnorm vs faster peer | others (max) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (shape, thr, op, layout), g in groups.items():
+        b = g.get("bnorm")
+        torch = min((g[i] for i in ("torch-out", "torch-alloc") if i in g), key=lambda r: r["median_ms"], default=None)
+        tname = "" if torch is None else (" (out)" if torch["impl"] == "torch-out" else " (alloc)")
+        others = max((r.get("others_cpus") or 0) for r in g.values())
+        print(f"| {shape} | {thr} | {op} | {layout} | {ms(g, 'bnorm')} | {ms(g, 'torch-out', 'torch-alloc')}{tname} "
+              f"| {ms(g, 'onednn')} | {ms(g, 'onednn-blocked')} | {copy.get((shape, thr), 0):.1f} "
+              f"| {b['roofline_pct']:.0f}% | {b['ratio_to_best_peer']:.2f}x | {others:.1f} |"
+              if b and b.get("ratio_to_best_peer") is not None else
+              f"| {shape} | {thr} | {op} | {layout} | {ms(g, 'bnorm')} | - | - | - | - | - | - | {others:.1f} |")
 
 
 if __name__ == "__main__":

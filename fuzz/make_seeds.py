@@ -8,6 +8,7 @@ safetensors: small but complete layer states as bnorm and torch write them (F32/
 metadata, affine/tracked variants), and the format's corners (empty file, scalar, zero-size tensor,
 padding, unknown dtype, overlapping offsets, a hole, a truncated buffer, deep nesting).
 functional: byte strings of several lengths; the target decodes any bytes into a call.
+idx: small valid IDX files and each kind of broken header (magic, type, zero or huge dims, size).
 Files named regression-* are inputs that once failed (kept by hand, never removed here).
 """
 import json
@@ -103,6 +104,32 @@ def functional_seeds():
     return s
 
 
+def idx_image(dims, data=None):
+    n = 1
+    for x in dims:
+        n *= x
+    if data is None:
+        data = bytes((i * 37) % 256 for i in range(n))
+    return bytes([0, 0, 8, len(dims)]) + b"".join(struct.pack(">I", x) for x in dims) + data
+
+
+def idx_seeds():
+    """IDX files as Fashion-MNIST has them (labels, images) and each way a header can be wrong."""
+    return {
+        "labels": idx_image([10], bytes(range(10))),
+        "images": idx_image([2, 28, 28]),
+        "rank3_small": idx_image([3, 2, 2]),
+        "short_data": idx_image([4, 4])[:-3],
+        "long_data": idx_image([2, 2]) + b"\x01",
+        "bad_magic": b"\x01\x00\x08\x01" + struct.pack(">I", 1) + b"\x00",
+        "bad_type": b"\x00\x00\x0d\x01" + struct.pack(">I", 1) + b"\x00\x00\x00\x00",
+        "zero_dim": b"\x00\x00\x08\x02" + struct.pack(">II", 0, 5),
+        "truncated_header": b"\x00\x00\x08\x03\x00\x00",
+        "huge": b"\x00\x00\x08\x03" + struct.pack(">III", 0xFFFFFFFF, 0xFFFFFFFF, 4),
+        "empty": b"",
+    }
+
+
 def write(target, seeds):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
@@ -117,3 +144,4 @@ def write(target, seeds):
 if __name__ == "__main__":
     write("fuzz_safetensors", safetensors_seeds())
     write("fuzz_functional", functional_seeds())
+    write("fuzz_idx", idx_seeds())

@@ -255,7 +255,7 @@ TEST(Robustness, VarianceNeverNegative) {
   }
 }
 
-// A NaN poisons its own channel's outputs and statistics, and no other channel's.
+// A NaN or Inf poisons its own channel's outputs and statistics, and no other channel's.
 TEST(Robustness, NonFiniteInputStaysInItsChannel) {
   for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
     const Dims d{{4, 3, 10}};
@@ -276,6 +276,8 @@ TEST(Robustness, NonFiniteInputStaysInItsChannel) {
     }
     EXPECT_TRUE(std::isfinite(rm[0]) && std::isfinite(rv[0]));
     EXPECT_TRUE(std::isnan(rm[1]) && std::isnan(rv[1]));
+    // One +Inf: the mean is +Inf (as torch), the variance NaN (Inf - Inf in the deviations).
+    EXPECT_TRUE(std::isinf(rm[2]) && rm[2] > 0 && std::isnan(rv[2])) << rm[2] << " " << rv[2];
   }
 }
 

@@ -9,16 +9,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-template <class F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 fs::path temp_dir() {
   const fs::path dir = fs::temp_directory_path() / ("bnorm_layer_test_" + std::to_string(::getpid()));
   fs::create_directories(dir);

@@ -37,6 +37,17 @@ inline std::size_t memory_index(const Dims& d, Layout layout, std::int64_t n, st
                                                                   : (n * d.S() + s) * d.C() + c);
 }
 
+// The message of the bnorm::Error that f throws, or "(no error)".
+template <class F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
 // Calls f(logical index, memory index) for every element.
 template <class F>
 void for_each_element(const Dims& d, Layout layout, F f) {
