@@ -1,6 +1,10 @@
 // bnorm-train: trains the seed 000 CNN and the seed 004 MLP on Fashion-MNIST with libtorch, with the
-// normalization done by bnorm (bnorm::torch), by torch (control) or absent, and writes a CSV of every
-// logged step, a markdown table and a gnuplot plot. See docs/convergence.md.
+// normalization done by bnorm (bnorm::torch), by torch (the control) or absent, and writes a CSV of every
+// logged step, a markdown table, a gnuplot script and its PNG plots. See docs/convergence.md.
+//
+// Every bad input (missing or corrupt data, unknown model or variant, lr <= 0, batch 1 with BN on the MLP,
+// an output folder that cannot be written, ...) ends with ONE line "bnorm-train: error: ..." on stderr and
+// exit status 2 (usage, data) or 1 (anything that fails later); tests: train_errors.sh.
 #include "bnorm_torch.hpp"
 #include "idx.hpp"
 
@@ -16,8 +20,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
-#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -28,7 +32,32 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-const std::vector<std::string> kVariants{"none", "bn_before", "bn_after", "torch_bn"};
+const std::vector<std::string> kModels{"mlp", "cnn"};
+// bn_* = bnorm's BatchNorm; torch_bn (after ReLU) and torch_bn_before = torch's, the controls.
+const std::vector<std::string> kVariants{"none", "bn_before", "bn_after", "torch_bn", "torch_bn_before"};
+
+template <class... A>
+std::string cat(const A&... a) {
+  std::ostringstream o;
+  (o << ... << a);
+  return o.str();
+}
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// An error that ends the program with one line on stderr and exit status 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string one_line(std::string s) {
+  const auto nl = s.find('\n');
+  if (nl != std::string::npos) s.resize(nl);
+  return s;
+}
+
+bool is_torch_bn(const std::string& v) { return v.rfind("torch_bn", 0) == 0; }
+bool bn_first(const std::string& v) { return v == "bn_before" || v == "torch_bn_before"; }
 
 struct Net : torch::nn::Module {
   torch::nn::Sequential body;
@@ -39,7 +68,7 @@ struct Net : torch::nn::Module {
 // BN of the variant's kind, or nothing. `two_d` picks BatchNorm2d (CNN) or BatchNorm1d (MLP).
 void add_bn(torch::nn::Sequential& s, const std::string& variant, std::int64_t c, bool two_d) {
   if (variant == "none") return;
-  if (variant == "torch_bn") {
+  if (is_torch_bn(variant)) {
     if (two_d)
       s->push_back(torch::nn::BatchNorm2d(c));
     else
@@ -51,9 +80,10 @@ void add_bn(torch::nn::Sequential& s, const std::string& variant, std::int64_t c
   }
 }
 
-// BN placement: bn_before = Linear/Conv -> BN -> ReLU; bn_after and torch_bn = -> ReLU -> BN (seed 000's order).
+// BN placement: *_before = Linear/Conv -> BN -> ReLU (seed 004's order); bn_after and torch_bn =
+// -> ReLU -> BN (seed 000's order).
 void add_act_bn(torch::nn::Sequential& s, const std::string& variant, std::int64_t c, bool two_d) {
-  if (variant == "bn_before") {
+  if (bn_first(variant)) {
     add_bn(s, variant, c, two_d);
     s->push_back(torch::nn::ReLU());
   } else {
@@ -96,207 +126,433 @@ Data to_tensors(const bnorm::train::Split& s, std::int64_t limit) {
   return {x, y};
 }
 
-double accuracy(Net& net, const Data& test) {
+// Accuracy in eval mode (running statistics) on the first `limit` examples of `d` (0 = all).
+double accuracy(Net& net, const Data& d, std::int64_t limit = 0) {
   torch::NoGradGuard g;
   net.eval();
   std::int64_t correct = 0;
-  const std::int64_t n = test.x.size(0);
+  const std::int64_t n = limit > 0 ? std::min(limit, d.x.size(0)) : d.x.size(0);
   for (std::int64_t i = 0; i < n; i += 1000) {
-    auto xb = test.x.slice(0, i, std::min(n, i + 1000));
-    auto yb = test.y.slice(0, i, std::min(n, i + 1000));
+    auto xb = d.x.slice(0, i, std::min(n, i + 1000));
+    auto yb = d.y.slice(0, i, std::min(n, i + 1000));
     correct += net.forward(xb).argmax(1).eq(yb).sum().item<std::int64_t>();
   }
   net.train();
   return static_cast<double>(correct) / static_cast<double>(n);
 }
 
-struct RunResult {
-  std::string variant;
+struct RunSpec {
+  std::string model, variant;
   double lr = 0, init = 1;
-  double acc1 = 0, accN = 0;
-  std::optional<std::int64_t> steps_to_target;
-  bool diverged = false;
-  double sec_per_epoch = 0;
 };
 
-[[noreturn]] void die(const std::string& msg) {
-  std::cerr << "bnorm-train: error: " << msg << "\n";
-  std::exit(2);
+struct RunResult {
+  RunSpec spec;
+  double acc1 = 0, accN = 0, train_accN = 0, final_loss = 0;
+  std::optional<std::int64_t> steps_to_target;
+  std::optional<std::int64_t> diverged_at;
+  double sec_per_epoch = 0;
+  // Eval points for the plot: (step, mean train loss since the previous one) and (step, test accuracy).
+  std::vector<std::pair<std::int64_t, double>> loss_curve, acc_curve;
+};
+
+std::string fmt(const char* f, double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, f, v);
+  return b;
+}
+
+std::string outcome(const RunResult& r) {
+  if (r.diverged_at) return cat("diverged (step ", *r.diverged_at, ")");
+  if (r.accN < 0.2) return "did not learn";
+  return "no";
+}
+
+// Seconds per forward+backward (training mode) of `step`, the least of 5 timings of 10 calls, interleaved
+// with `other` so that both see the same load.
+std::pair<double, double> time_pair(const std::function<void()>& a, const std::function<void()>& b) {
+  double ta = 1e300, tb = 1e300;
+  for (int rep = 0; rep < 6; ++rep) {
+    auto t0 = Clock::now();
+    for (int i = 0; i < 10; ++i) a();
+    const double sa = seconds_since(t0) / 10;
+    t0 = Clock::now();
+    for (int i = 0; i < 10; ++i) b();
+    const double sb = seconds_since(t0) / 10;
+    if (rep > 0) {  // rep 0 warms up
+      ta = std::min(ta, sa);
+      tb = std::min(tb, sb);
+    }
+  }
+  return {ta, tb};
+}
+
+template <class M>
+std::function<void()> bn_step(M m, const torch::Tensor& x) {
+  auto xg = x.detach().clone().requires_grad_(true);
+  auto dy = torch::randn_like(x);
+  m->train();
+  return [m, xg, dy]() mutable { m->forward(xg).backward(dy); };
+}
+
+struct Options {
+  std::string data_dir = bnorm::train::kDefaultDataDir, out_dir = "bnorm-train-out";
+  std::vector<std::string> models{"mlp"};
+  std::vector<std::string> variants{"none", "bn_before", "bn_after", "torch_bn"};
+  std::vector<double> lrs{0.1}, inits{1.0}, init_lrs;
+  int epochs = 2, batch = 64, threads = 2, eval_every = 100;
+  std::int64_t train_limit = 0, test_limit = 2000, seed = 0;
+  double target = 0.85;
+  bool bench = true;
+  std::string command;
+};
+
+void validate(const Options& o) {
+  for (const auto& m : o.models)
+    if (std::find(kModels.begin(), kModels.end(), m) == kModels.end())
+      throw UsageError(cat("unknown model '", m, "' (expected mlp or cnn)"));
+  bool any_bn = false;
+  for (const auto& v : o.variants) {
+    if (std::find(kVariants.begin(), kVariants.end(), v) == kVariants.end())
+      throw UsageError(cat("unknown variant '", v, "' (expected none, bn_before, bn_after, torch_bn, torch_bn_before)"));
+    any_bn = any_bn || v != "none";
+  }
+  for (const auto* list : {&o.lrs, &o.init_lrs})
+    for (double lr : *list)
+      if (!(lr > 0) || !std::isfinite(lr)) throw UsageError(cat("the learning rate must be > 0 and finite, got ", lr));
+  for (double s : o.inits)
+    if (!(s > 0) || !std::isfinite(s)) throw UsageError(cat("--init-scale must be > 0 and finite, got ", s));
+  if (!(o.target > 0 && o.target <= 1)) throw UsageError(cat("--target must be in (0, 1], got ", o.target));
+  if (o.train_limit < 0 || o.test_limit < 0) throw UsageError("--train-subset and --test-subset must be >= 0");
+  // The m == 1 rule: in training, BN normalizes each channel with the mean and variance of its m values in
+  // the batch (m = N for BatchNorm1d on (N, C), N x H x W for BatchNorm2d). With m == 1 the variance is 0,
+  // the output is identically beta and the gradient to the input is 0; torch refuses it too.
+  if (any_bn && o.batch == 1 && std::find(o.models.begin(), o.models.end(), "mlp") != o.models.end())
+    throw UsageError(
+        "--batch 1 with BatchNorm on the MLP: in training BN normalizes each feature with the mean and variance "
+        "of its m values in the batch, and here m = batch = 1, so the variance is 0 and the output is constant "
+        "(m == 1 is refused, as in torch); use --batch 2 or more (the CNN's BatchNorm2d has m = batch x H x W)");
+}
+
+// Runs one configuration; appends its logged steps to `csv`.
+RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, const Data& test, std::ostream& csv) {
+  torch::manual_seed(static_cast<std::uint64_t>(o.seed));
+  auto net = make_net(spec.model, spec.variant);
+  if (spec.init != 1.0) {
+    torch::NoGradGuard g;
+    for (auto& p : net->named_parameters())
+      if (p.key().find("weight") != std::string::npos && p.value().dim() > 1) p.value().mul_(spec.init);
+  }
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(spec.lr).momentum(0.9));
+  RunResult r;
+  r.spec = spec;
+  const std::string tag = cat(spec.model, ",", spec.variant, ",", spec.lr, ",", spec.init);
+  const std::int64_t n = train.x.size(0);
+  const std::int64_t steps_per_epoch = n / o.batch;
+  const auto t0 = Clock::now();
+  double train_seconds = 0;
+  std::int64_t step = 0;
+  const double acc0 = accuracy(*net, test);
+  r.acc_curve.emplace_back(0, acc0);
+  csv << tag << ",0,0,," << acc0 << ",0\n";
+  for (int epoch = 1; epoch <= o.epochs && !r.diverged_at; ++epoch) {
+    auto perm = torch::randperm(n, torch::kLong);
+    const auto te = Clock::now();
+    double eval_seconds = 0, loss_sum = 0;
+    int loss_count = 0;
+    for (std::int64_t b = 0; b < steps_per_epoch; ++b) {
+      auto idx = perm.slice(0, b * o.batch, (b + 1) * o.batch);
+      auto loss = torch::nn::functional::cross_entropy(net->forward(train.x.index_select(0, idx)),
+                                                       train.y.index_select(0, idx));
+      opt.zero_grad();
+      loss.backward();
+      opt.step();
+      ++step;
+      const double l = loss.item<double>();
+      if (!std::isfinite(l) || l > 1e3) {
+        r.diverged_at = step;
+        csv << tag << "," << step << "," << epoch << "," << l << ",," << seconds_since(t0) << "\n";
+        break;
+      }
+      loss_sum += l;
+      ++loss_count;
+      if (step % o.eval_every == 0 || b + 1 == steps_per_epoch) {
+        const auto tv = Clock::now();
+        const double acc = accuracy(*net, test);
+        eval_seconds += seconds_since(tv);
+        if (acc >= o.target && !r.steps_to_target) r.steps_to_target = step;
+        const double mean_loss = loss_sum / loss_count;
+        r.loss_curve.emplace_back(step, mean_loss);
+        r.acc_curve.emplace_back(step, acc);
+        r.final_loss = mean_loss;
+        csv << tag << "," << step << "," << epoch << "," << mean_loss << "," << acc << "," << seconds_since(t0) << "\n";
+        loss_sum = 0;
+        loss_count = 0;
+      }
+      if ((b + 1) % 20 == 0 || b + 1 == steps_per_epoch) {
+        const double el = std::max(seconds_since(te) - eval_seconds, 1e-9);
+        const int width = 30;
+        const int done = static_cast<int>(width * (b + 1) / steps_per_epoch);
+        std::fprintf(stderr, "\r%s %-15s lr %-5g init x%-4g epoch %d/%d [%s%s] %lld/%lld steps, loss %.4f, %.0f steps/s, %.0f img/s ",
+                     spec.model.c_str(), spec.variant.c_str(), spec.lr, spec.init, epoch, o.epochs,
+                     std::string(static_cast<std::size_t>(done), '#').c_str(),
+                     std::string(static_cast<std::size_t>(width - done), '.').c_str(), static_cast<long long>(b + 1),
+                     static_cast<long long>(steps_per_epoch), l, static_cast<double>(b + 1) / el,
+                     static_cast<double>((b + 1) * o.batch) / el);
+      }
+    }
+    train_seconds += seconds_since(te) - eval_seconds;
+    const double acc = r.diverged_at ? 0.0 : accuracy(*net, test);
+    if (epoch == 1) r.acc1 = acc;
+    r.accN = acc;
+    if (r.diverged_at)
+      std::fprintf(stderr, "diverged at step %lld\n", static_cast<long long>(step));
+    else
+      std::fprintf(stderr, "test acc %.4f\n", acc);
+  }
+  r.sec_per_epoch = train_seconds / o.epochs;
+  if (!r.diverged_at) r.train_accN = accuracy(*net, train, 10000);
+  return r;
+}
+
+// One PNG per model: a row per (lr, init) configuration, train loss (left) and test accuracy (right)
+// against steps, one line per variant.
+void write_plots(const Options& o, const std::vector<RunResult>& results) {
+  const fs::path out(o.out_dir);
+  std::ofstream dat(out / "plot.dat");
+  std::ofstream gp(out / "plot.gp");
+  std::size_t block = 0;
+  std::vector<std::size_t> first_block(results.size());
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    first_block[i] = block;
+    for (const auto* curve : {&results[i].loss_curve, &results[i].acc_curve}) {
+      dat << "# " << results[i].spec.model << " " << results[i].spec.variant << " lr " << results[i].spec.lr
+          << " init " << results[i].spec.init << (curve == &results[i].loss_curve ? " loss" : " accuracy") << "\n";
+      for (const auto& [s, v] : *curve) dat << s << " " << v << "\n";
+      if (curve->empty()) dat << "0 NaN\n";
+      dat << "\n\n";
+      ++block;
+    }
+  }
+  auto color = [](const std::string& v) {
+    if (v == "none") return "lc rgb 'black' dt 1";
+    if (v == "bn_before") return "lc rgb '#1f77b4' dt 1";
+    if (v == "bn_after") return "lc rgb '#d62728' dt 1";
+    if (v == "torch_bn") return "lc rgb '#ff7f0e' dt 2";
+    return "lc rgb '#17becf' dt 2";
+  };
+  gp << "# Written by bnorm-train; run from anywhere: gnuplot " << (out / "plot.gp").string() << "\n";
+  for (const auto& model : o.models) {
+    std::vector<std::pair<double, double>> configs;
+    for (const auto& r : results)
+      if (r.spec.model == model && std::find(configs.begin(), configs.end(), std::pair{r.spec.lr, r.spec.init}) == configs.end())
+        configs.emplace_back(r.spec.lr, r.spec.init);
+    if (configs.empty()) continue;
+    gp << "set terminal pngcairo size 1300," << 60 + 300 * configs.size() << " font ',10' noenhanced\n"
+       << "set output '" << (out / cat("plot_", model, ".png")).string() << "'\n"
+       << "set multiplot layout " << configs.size() << ",2 title '" << model
+       << " on Fashion-MNIST: train loss and test accuracy against SGD steps, one line per variant'\n"
+       << "set key right center font ',9'\nset grid\nset xlabel 'step'\n";
+    for (const auto& [lr, init] : configs) {
+      for (int panel = 0; panel < 2; ++panel) {
+        gp << (panel == 0 ? "set logscale y\nset ylabel 'train loss'\nset yrange [*:*]\n"
+                          : "unset logscale y\nset ylabel 'test accuracy'\nset yrange [0:1]\n")
+           << "set title '" << model << ", lr " << lr << ", init x" << init << "'\nplot ";
+        bool first = true;
+        for (std::size_t i = 0; i < results.size(); ++i) {
+          const auto& s = results[i].spec;
+          if (s.model != model || s.lr != lr || s.init != init) continue;
+          gp << (first ? "" : ", ") << "'" << (out / "plot.dat").string() << "' index " << first_block[i] + static_cast<std::size_t>(panel)
+             << " using 1:2 with lines lw 2 " << color(s.variant) << " title '" << s.variant << "'";
+          first = false;
+        }
+        if (panel == 1) gp << ", " << o.target << " with lines lc rgb 'gray' dt 3 title 'target " << o.target << "'";
+        gp << "\n";
+      }
+    }
+    gp << "unset multiplot\n";
+  }
+  gp.close();
+  dat.close();
+  const std::string log = (out / "gnuplot.log").string();
+  const std::string cmd = cat("command -v gnuplot >/dev/null 2>&1 && gnuplot '", (out / "plot.gp").string(), "' >'", log, "' 2>&1");
+  if (std::system(cmd.c_str()) != 0) {
+    std::cerr << "bnorm-train: warning: gnuplot failed or is missing (install gnuplot-nox; see " << log
+              << "); the plot script is " << (out / "plot.gp").string() << "\n";
+    return;
+  }
+  for (const auto& model : o.models) {
+    const fs::path png = out / cat("plot_", model, ".png");
+    std::error_code ec;
+    if (!fs::exists(png, ec) || fs::file_size(png, ec) == 0)
+      std::cerr << "bnorm-train: warning: gnuplot did not write " << png.string() << " (see " << log << ")\n";
+  }
+}
+
+std::string report(const Options& o, const std::vector<RunResult>& results, std::int64_t n_train, std::int64_t n_test) {
+  std::ostringstream md;
+  md << "Command: `" << o.command << "`\n\n"
+     << "Data: " << n_train << " of the 60000 training images" << (n_train < 60000 ? " (subsampled: the first ones)" : "")
+     << ", " << n_test << " of the 10000 test images" << (n_test < 10000 ? " (subsampled: the first ones)" : "")
+     << "; batch " << o.batch << ", " << n_train / o.batch << " steps per epoch, SGD with momentum 0.9, seed " << o.seed
+     << ", " << o.threads << " threads.\n\n";
+  md << "| model | variant | lr | init x | test acc after 1 epoch | test acc after " << o.epochs
+     << " | train acc after " << o.epochs << " | steps to " << o.target * 100 << "% | diverged | s / epoch |\n"
+     << "|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const auto& r : results)
+    md << "| " << r.spec.model << " | " << r.spec.variant << " | " << r.spec.lr << " | " << r.spec.init << " | "
+       << fmt("%.4f", r.acc1) << " | " << fmt("%.4f", r.accN) << " | "
+       << (r.diverged_at ? std::string("-") : fmt("%.4f", r.train_accN)) << " | "
+       << (r.steps_to_target ? std::to_string(*r.steps_to_target) : std::string("not reached")) << " | " << outcome(r)
+       << " | " << fmt("%.2f", r.sec_per_epoch) << " |\n";
+
+  // bnorm's BN and torch's, same placement, side by side.
+  std::ostringstream pairs;
+  for (const auto& a : results) {
+    const std::string twin = a.spec.variant == "bn_after" ? "torch_bn" : a.spec.variant == "bn_before" ? "torch_bn_before" : "";
+    if (twin.empty()) continue;
+    for (const auto& b : results)
+      if (b.spec.variant == twin && b.spec.model == a.spec.model && b.spec.lr == a.spec.lr && b.spec.init == a.spec.init)
+        pairs << "| " << a.spec.model << " | " << a.spec.variant << " / " << twin << " | " << a.spec.lr << " | "
+              << a.spec.init << " | " << fmt("%.4f", a.accN) << " | " << fmt("%.4f", b.accN) << " | "
+              << fmt("%+.4f", a.accN - b.accN) << " | " << fmt("%.2f", a.sec_per_epoch) << " | "
+              << fmt("%.2f", b.sec_per_epoch) << " |\n";
+  }
+  if (!pairs.str().empty())
+    md << "\nbnorm's BN against torch's (same placement, same initial weights and batches):\n\n"
+       << "| model | bnorm / torch | lr | init x | bnorm test acc | torch test acc | difference | bnorm s / epoch | torch s / epoch |\n"
+       << "|---|---|---|---|---|---|---|---|---|\n"
+       << pairs.str();
+  return md.str();
+}
+
+// The BN layers alone, at the shapes the models use: forward + backward in training mode, bnorm's and torch's.
+std::string bench_bn(const Options& o) {
+  std::ostringstream md;
+  md << "\nThe BN layers alone at the models' shapes, forward + backward in training mode, float32, " << o.threads
+     << " threads (least of 5 timings of 10 calls, bnorm's and torch's interleaved):\n\n"
+     << "| layer | input | bnorm µs | torch µs | torch / bnorm |\n|---|---|---|---|---|\n";
+  torch::manual_seed(0);
+  const std::int64_t b = o.batch;
+  auto row = [&](const std::string& layer, const std::string& shape, std::pair<double, double> t) {
+    md << "| " << layer << " | " << shape << " | " << fmt("%.1f", t.first * 1e6) << " | " << fmt("%.1f", t.second * 1e6)
+       << " | " << fmt("%.2f", t.second / t.first) << " |\n";
+  };
+  for (const auto& model : o.models) {
+    if (model == "cnn") {
+      for (const auto& [c, hw] : {std::pair<std::int64_t, std::int64_t>{16, 28}, {32, 14}}) {
+        auto x = torch::randn({b, c, hw, hw});
+        row("BatchNorm2d", cat("(", b, ", ", c, ", ", hw, ", ", hw, ")"),
+            time_pair(bn_step(bnorm::torch::BatchNorm2d(c), x), bn_step(torch::nn::BatchNorm2d(c), x)));
+      }
+    } else {
+      auto x = torch::randn({b, 256});
+      row("BatchNorm1d", cat("(", b, ", 256)"),
+          time_pair(bn_step(bnorm::torch::BatchNorm1d(256), x), bn_step(torch::nn::BatchNorm1d(256), x)));
+    }
+  }
+  return md.str();
+}
+
+int run(const Options& o) {
+  std::error_code ec;
+  fs::create_directories(o.out_dir, ec);
+  std::ofstream csv(fs::path(o.out_dir) / "steps.csv");
+  if (!csv) throw UsageError(cat("cannot write to the output folder '", o.out_dir, "'", ec ? cat(" (", ec.message(), ")") : ""));
+  csv << "model,variant,lr,init_scale,step,epoch,train_loss,test_accuracy,wall_s\n";
+
+  torch::set_num_threads(o.threads);
+  bnorm::set_num_threads(o.threads);
+
+  bnorm::train::Split train_split, test_split;
+  try {
+    train_split = bnorm::train::load_fashion_mnist(o.data_dir, true);
+    test_split = bnorm::train::load_fashion_mnist(o.data_dir, false);
+  } catch (const bnorm::train::DataError& e) {
+    throw UsageError(e.what());
+  }
+  const Data train = to_tensors(train_split, o.train_limit);
+  const Data test = to_tensors(test_split, o.test_limit);
+  const std::int64_t n = train.x.size(0);
+  const std::int64_t steps_per_epoch = n / o.batch;
+  if (steps_per_epoch < 1) throw UsageError(cat("--batch ", o.batch, " is larger than the training set (", n, " images)"));
+  std::cerr << "bnorm-train: " << n << " training images" << (n < 60000 ? " (subsampled)" : "") << ", "
+            << test.x.size(0) << " test images" << (test.x.size(0) < 10000 ? " (subsampled)" : "") << ", batch "
+            << o.batch << ", " << steps_per_epoch << " steps per epoch, " << o.threads << " threads\n";
+
+  std::vector<RunSpec> specs;
+  for (const auto& model : o.models)
+    for (double init : o.inits)
+      for (double lr : (init == 1.0 || o.init_lrs.empty()) ? o.lrs : o.init_lrs)
+        for (const auto& variant : o.variants) specs.push_back({model, variant, lr, init});
+
+  const auto t_all = Clock::now();
+  std::vector<RunResult> results;
+  for (const auto& spec : specs) {
+    results.push_back(train_one(spec, o, train, test, csv));
+    csv.flush();
+  }
+  if (!csv) throw std::runtime_error(cat("writing ", (fs::path(o.out_dir) / "steps.csv").string(), " failed"));
+  csv.close();
+
+  std::string md = report(o, results, n, test.x.size(0));
+  bool any_bn = false;
+  for (const auto& v : o.variants) any_bn = any_bn || v != "none";
+  if (o.bench && any_bn) md += bench_bn(o);
+  md += cat("\nTotal wall time ", fmt("%.0f", seconds_since(t_all)), " s for ", specs.size(), " runs.\n");
+  std::cout << md;
+  std::ofstream(fs::path(o.out_dir) / "results.md") << md;
+  write_plots(o, results);
+  std::cerr << "bnorm-train: outputs in " << o.out_dir << " (steps.csv, results.md, plot.gp, plot_<model>.png)\n";
+  return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  Options o;
   CLI::App app{"bnorm-train: BatchNorm (bnorm's, torch's, none) on Fashion-MNIST with libtorch"};
-  std::string data_dir = bnorm::train::kDefaultDataDir, model = "mlp", out_dir = "bnorm-train-out";
-  std::vector<std::string> variants{"none", "bn_before", "bn_after", "torch_bn"};
-  std::vector<double> lrs{0.1};
-  std::vector<double> inits{1.0};
-  int epochs = 2, batch = 64, threads = 2, eval_every = 100;
-  std::int64_t train_limit = 0, test_limit = 2000, seed = 0;
-  double target = 0.85;
-  app.add_option("--data", data_dir, "folder with the Fashion-MNIST IDX files (.gz or plain)");
-  app.add_option("--model", model, "mlp (seed 004) or cnn (seed 000)");
-  app.add_option("--variants", variants, "none, bn_before, bn_after, torch_bn");
-  app.add_option("--lr", lrs, "learning rates (SGD, momentum 0.9); several make a sweep");
-  app.add_option("--init-scale", inits, "scale of the initial weights (1 = torch's default; 10 or 0.1 = bad init)");
-  app.add_option("--epochs", epochs, "epochs per run")->check(CLI::PositiveNumber);
-  app.add_option("--batch", batch, "batch size")->check(CLI::PositiveNumber);
-  app.add_option("--train-subset", train_limit, "use the first N training images (0 = all 60000)");
-  app.add_option("--test-subset", test_limit, "evaluate on the first N test images (0 = all 10000)");
-  app.add_option("--eval-every", eval_every, "steps between logged test accuracies")->check(CLI::PositiveNumber);
-  app.add_option("--target", target, "target test accuracy for 'steps to target'");
-  app.add_option("--threads", threads, "intra-op threads (torch and bnorm)")->check(CLI::PositiveNumber);
-  app.add_option("--seed", seed, "random seed (same initial weights for every variant)");
-  app.add_option("--out", out_dir, "output folder (CSV, markdown table, plot)");
-  CLI11_PARSE(app, argc, argv);
-
-  if (model != "mlp" && model != "cnn") die("unknown model '" + model + "' (expected mlp or cnn)");
-  bool any_bn = false;
-  for (const auto& v : variants) {
-    if (std::find(kVariants.begin(), kVariants.end(), v) == kVariants.end())
-      die("unknown variant '" + v + "' (expected none, bn_before, bn_after, torch_bn)");
-    any_bn = any_bn || v != "none";
-  }
-  for (double lr : lrs)
-    if (!(lr > 0) || !std::isfinite(lr)) die("--lr must be > 0, got " + std::to_string(lr));
-  for (double s : inits)
-    if (!(s > 0) || !std::isfinite(s)) die("--init-scale must be > 0, got " + std::to_string(s));
-  if (any_bn && batch == 1)
-    die("--batch 1 with BatchNorm in training: each channel's statistics come from m = batch x H x W values; "
-        "for the MLP m = 1, the batch variance is 0 (and the unbiased running variance divides by m - 1 = 0), "
-        "so training BN needs m > 1; use --batch 2 or more");
-
-  std::error_code ec;
-  fs::create_directories(out_dir, ec);
-  std::ofstream csv(out_dir + "/steps.csv");
-  if (ec || !csv) die("cannot write to the output folder '" + out_dir + "'");
-  csv << "model,variant,lr,init_scale,step,epoch,train_loss,test_accuracy,wall_s\n";
-
-  torch::set_num_threads(threads);
-  bnorm::set_num_threads(threads);
-
-  bnorm::train::Split train_split, test_split;
+  app.add_option("--data", o.data_dir, "folder with the Fashion-MNIST IDX files (.gz or plain)");
+  app.add_option("--model", o.models, "mlp (seed 004), cnn (seed 000), or both")->delimiter(',');
+  app.add_option("--variants", o.variants,
+                 "none, bn_before, bn_after (bnorm's BN before/after ReLU), torch_bn (torch's, after), torch_bn_before")
+      ->delimiter(',');
+  app.add_option("--lr", o.lrs, "learning rates (SGD, momentum 0.9); several make a sweep")->delimiter(',');
+  app.add_option("--init-scale", o.inits, "scales of the initial weights (1 = torch's default; 10 or 0.1 = bad init)")
+      ->delimiter(',');
+  app.add_option("--init-lr", o.init_lrs, "learning rates for the --init-scale values other than 1 (default: every --lr)")
+      ->delimiter(',');
+  app.add_option("--epochs", o.epochs, "epochs per run")->check(CLI::Range(1, 100000));
+  app.add_option("--batch", o.batch,
+                 "batch size (1 is refused with BN on the MLP: m == 1 value per feature; the CNN's BN has m = batch x H x W)")
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--train-subset", o.train_limit, "use the first N training images (0 = all 60000)");
+  app.add_option("--test-subset", o.test_limit, "evaluate on the first N test images (0 = all 10000)");
+  app.add_option("--eval-every", o.eval_every, "steps between logged test accuracies")->check(CLI::Range(1, 100000000));
+  app.add_option("--target", o.target, "target test accuracy for 'steps to target'");
+  app.add_option("--threads", o.threads, "intra-op threads (torch and bnorm)")->check(CLI::Range(1, 1024));
+  app.add_option("--seed", o.seed, "random seed (same initial weights and batches for every variant)");
+  app.add_option("--out", o.out_dir, "output folder (steps.csv, results.md, plot.gp, plot_<model>.png)");
+  app.add_flag("--bench,!--no-bench", o.bench, "time the BN layers alone at the end (default; --no-bench skips it)");
   try {
-    train_split = bnorm::train::load_fashion_mnist(data_dir, true);
-    test_split = bnorm::train::load_fashion_mnist(data_dir, false);
-  } catch (const bnorm::train::DataError& e) {
-    die(e.what());
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::cerr << "bnorm-train: error: " << one_line(e.what()) << " (see --help)\n";
+    return 2;
   }
-  const Data train = to_tensors(train_split, train_limit);
-  const Data test = to_tensors(test_split, test_limit);
-  const std::int64_t n = train.x.size(0);
-  const std::int64_t steps_per_epoch = n / batch;
-  if (steps_per_epoch < 1) die("--batch " + std::to_string(batch) + " is larger than the training set");
-  std::cerr << "bnorm-train: " << model << ", " << n << " training images, " << test.x.size(0)
-            << " test images, batch " << batch << ", " << steps_per_epoch << " steps per epoch, " << threads
-            << " threads\n";
-
-  std::vector<RunResult> results;
-  for (double init : inits)
-    for (double lr : lrs)
-      for (const auto& variant : variants) {
-        torch::manual_seed(static_cast<std::uint64_t>(seed));
-        auto net = make_net(model, variant);
-        if (init != 1.0) {
-          torch::NoGradGuard g;
-          for (auto& p : net->named_parameters())
-            if (p.key().find("weight") != std::string::npos && p.value().dim() > 1) p.value().mul_(init);
-        }
-        torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(lr).momentum(0.9));
-        RunResult r;
-        r.variant = variant;
-        r.lr = lr;
-        r.init = init;
-        const std::string tag = model + "," + variant + "," + std::to_string(lr) + "," + std::to_string(init);
-        auto t0 = Clock::now();
-        double train_seconds = 0;
-        std::int64_t step = 0;
-        double acc0 = accuracy(*net, test);
-        csv << tag << ",0,0,," << acc0 << ",0\n";
-        for (int epoch = 1; epoch <= epochs && !r.diverged; ++epoch) {
-          auto perm = torch::randperm(n, torch::kLong);
-          auto te = Clock::now();
-          double loss_sum = 0;
-          int loss_count = 0;
-          for (std::int64_t b = 0; b < steps_per_epoch; ++b) {
-            auto idx = perm.slice(0, b * batch, (b + 1) * batch);
-            auto loss = torch::nn::functional::cross_entropy(net->forward(train.x.index_select(0, idx)),
-                                                             train.y.index_select(0, idx));
-            opt.zero_grad();
-            loss.backward();
-            opt.step();
-            ++step;
-            const double l = loss.item<double>();
-            if (!std::isfinite(l) || l > 1e3) {
-              r.diverged = true;
-              csv << tag << "," << step << "," << epoch << "," << l << ",,"
-                  << std::chrono::duration<double>(Clock::now() - t0).count() << "\n";
-              break;
-            }
-            loss_sum += l;
-            ++loss_count;
-            if (step % eval_every == 0 || b + 1 == steps_per_epoch) {
-              const double acc = accuracy(*net, test);
-              if (acc >= target && !r.steps_to_target) r.steps_to_target = step;
-              csv << tag << "," << step << "," << epoch << "," << loss_sum / loss_count << "," << acc << ","
-                  << std::chrono::duration<double>(Clock::now() - t0).count() << "\n";
-              loss_sum = 0;
-              loss_count = 0;
-            }
-            if ((b + 1) % 20 == 0 || b + 1 == steps_per_epoch) {
-              const double el = std::chrono::duration<double>(Clock::now() - te).count();
-              const int width = 30;
-              const int done = static_cast<int>(width * (b + 1) / steps_per_epoch);
-              std::fprintf(stderr, "\r%-9s lr %-5g epoch %d [%s%s] %lld/%lld loss %.4f %.0f img/s ", variant.c_str(), lr,
-                           epoch, std::string(static_cast<std::size_t>(done), '#').c_str(),
-                           std::string(static_cast<std::size_t>(width - done), '.').c_str(),
-                           static_cast<long long>(b + 1), static_cast<long long>(steps_per_epoch), l,
-                           static_cast<double>((b + 1) * batch) / std::max(el, 1e-9));
-            }
-          }
-          train_seconds += std::chrono::duration<double>(Clock::now() - te).count();
-          const double acc = r.diverged ? 0.0 : accuracy(*net, test);
-          if (epoch == 1) r.acc1 = acc;
-          r.accN = acc;
-          std::fprintf(stderr, "test acc %.4f\n", acc);
-        }
-        r.sec_per_epoch = train_seconds / epochs;
-        results.push_back(r);
-      }
-
-  std::ostringstream md;
-  md << "| model | variant | lr | init x | acc after 1 epoch | acc after " << epochs << " | steps to "
-     << target * 100 << "% | diverged | s / epoch |\n|---|---|---|---|---|---|---|---|---|\n";
-  for (const auto& r : results) {
-    char line[512];
-    std::snprintf(line, sizeof line, "| %s | %s | %g | %g | %.4f | %.4f | %s | %s | %.2f |\n", model.c_str(),
-                  r.variant.c_str(), r.lr, r.init, r.acc1, r.accN,
-                  r.steps_to_target ? std::to_string(*r.steps_to_target).c_str() : "not reached",
-                  r.diverged ? "yes" : "no", r.sec_per_epoch);
-    md << line;
+  for (int i = 0; i < argc; ++i) {
+    if (i > 0) o.command += ' ';
+    o.command += i == 0 ? std::string("bnorm-train") : std::string(argv[i]);
   }
-  std::cout << md.str();
-  std::ofstream(out_dir + "/results.md") << md.str();
-  std::ofstream gp(out_dir + "/plot.gp");
-  gp << "set datafile separator ','\nset terminal pngcairo size 1400,600\nset output '" << out_dir
-     << "/plot.png'\nset multiplot layout 1,2\nset xlabel 'step'\nset key outside bottom\n";
-  for (int panel = 0; panel < 2; ++panel) {
-    gp << (panel == 0 ? "set ylabel 'train loss'\nset logscale y\nplot " : "unset logscale y\nset ylabel 'test accuracy'\nplot ");
-    bool first = true;
-    for (const auto& r : results) {
-      const std::string tag = model + "," + r.variant + "," + std::to_string(r.lr) + "," + std::to_string(r.init);
-      gp << (first ? "" : ", ") << "'< grep \"^" << tag << ",\" " << out_dir << "/steps.csv' using 5:"
-         << (panel == 0 ? 7 : 8) << " with lines title '" << r.variant << " lr " << r.lr << " init x" << r.init << "'";
-      first = false;
-    }
-    gp << "\n";
+  try {
+    validate(o);
+    return run(o);
+  } catch (const UsageError& e) {
+    std::cerr << "bnorm-train: error: " << one_line(e.what()) << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "\nbnorm-train: error: " << one_line(e.what()) << "\n";
+    return 1;
   }
-  gp << "unset multiplot\n";
-  gp.close();
-  csv.close();
-  if (std::system(("command -v gnuplot >/dev/null && gnuplot '" + out_dir + "/plot.gp' 2>/dev/null").c_str()) != 0)
-    std::cerr << "bnorm-train: gnuplot not run (install gnuplot-nox); the script is " << out_dir << "/plot.gp\n";
-  std::cerr << "bnorm-train: outputs in " << out_dir << " (steps.csv, results.md, plot.gp, plot.png)\n";
-  return 0;
 }

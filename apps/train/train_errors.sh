@@ -1,0 +1,91 @@
+#!/bin/sh
+# bnorm-train's bad inputs: each must end with exit status 2 and exactly ONE line on stderr,
+# "bnorm-train: error: ..." naming the problem (never a crash, a stack trace or a silent default).
+# Then two tiny runs with the same seed must log the same steps (determinism).
+# Usage: train_errors.sh BNORM_TRAIN [DATA]   (DATA: the real Fashion-MNIST folder, for the last checks)
+set -u
+exe=$1; data=${2:-/usr/share/datasets/fashion-mnist}
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fails=0
+
+# expect NAME PATTERN ARGS...: exit 2, one stderr line matching PATTERN (grep -E), nothing on stdout.
+expect() {
+  name=$1; pattern=$2; shift 2
+  case " $* " in *" --out "*) set -- --no-bench "$@" ;; *) set -- --no-bench --out "$tmp/out" "$@" ;; esac
+  "$exe" "$@" >"$tmp/stdout" 2>"$tmp/stderr"
+  rc=$?
+  lines=$(wc -l <"$tmp/stderr")
+  if [ "$rc" -eq 2 ] && [ "$lines" -eq 1 ] && grep -qE "^bnorm-train: error: .*$pattern" "$tmp/stderr" &&
+     [ ! -s "$tmp/stdout" ]; then
+    echo "ok   $name: $(cat "$tmp/stderr")"
+  else
+    echo "FAIL $name: exit $rc, $lines stderr lines (want exit 2, 1 line matching '$pattern'):"
+    sed 's/^/     | /' "$tmp/stderr" "$tmp/stdout"
+    fails=$((fails + 1))
+  fi
+}
+
+# Hand-made IDX files: a good tiny set, one with a bad magic, one shorter than its header says.
+idx_header() {  # TYPE NDIMS DIMS... as big-endian bytes
+  t=$1; nd=$2; shift 2
+  printf "\\000\\000\\$(printf %03o "$t")\\$(printf %03o "$nd")"
+  for d in "$@"; do
+    printf "\\$(printf %03o $((d >> 24 & 255)))\\$(printf %03o $((d >> 16 & 255)))"
+    printf "\\$(printf %03o $((d >> 8 & 255)))\\$(printf %03o $((d & 255)))"
+  done
+}
+mkdir -p "$tmp/good" "$tmp/magic" "$tmp/short" "$tmp/empty"
+for split in train t10k; do
+  { idx_header 8 3 4 28 28; head -c 3136 /dev/zero; } >"$tmp/good/$split-images-idx3-ubyte"
+  { idx_header 8 1 4; printf '\001\002\003\004'; } >"$tmp/good/$split-labels-idx1-ubyte"
+done
+cp "$tmp"/good/* "$tmp/magic/"; cp "$tmp"/good/* "$tmp/short/"
+{ printf '\001\000\010\003'; head -c 3148 /dev/zero; } >"$tmp/magic/train-images-idx3-ubyte"
+{ idx_header 8 3 4 28 28; head -c 3000 /dev/zero; } >"$tmp/short/train-images-idx3-ubyte"
+
+expect "missing dataset" "no such file.*dataset-fashion-mnist" --data "$tmp/empty"
+expect "wrong IDX magic" "train-images-idx3-ubyte: not a valid IDX file: bad magic" --data "$tmp/magic"
+expect "wrong IDX size" "announces 3136 data bytes, the file has 3000" --data "$tmp/short"
+expect "unknown model" "unknown model 'resnet'" --data "$tmp/good" --model resnet
+expect "unknown variant" "unknown variant 'bn_middle'" --data "$tmp/good" --variants none,bn_middle
+expect "lr = 0" "learning rate must be > 0.*got 0" --data "$tmp/good" --lr 0
+expect "lr < 0" "learning rate must be > 0.*got -0.1" --data "$tmp/good" --lr=-0.1
+expect "lr nan" "learning rate must be > 0" --data "$tmp/good" --lr nan
+expect "lr not a number" "--lr" --data "$tmp/good" --lr fast
+expect "batch 1 with BN (MLP)" "m = batch = 1, so the variance is 0" --data "$tmp/good" --model mlp --variants bn_before --batch 1
+expect "batch 0" "--batch" --data "$tmp/good" --batch 0
+expect "threads 0" "--threads" --data "$tmp/good" --threads 0
+expect "unknown option" "--learning-rate" --data "$tmp/good" --learning-rate 0.1
+expect "init scale 0" "--init-scale must be > 0" --data "$tmp/good" --init-scale 0
+expect "batch larger than the data" "larger than the training set" --data "$tmp/good" --batch 64
+touch "$tmp/file"
+expect "unwritable output folder" "cannot write to the output folder" --data "$tmp/good" --out "$tmp/file/sub"
+mkdir -p "$tmp/ro"; chmod 555 "$tmp/ro"
+if [ "$(id -u)" -ne 0 ]; then  # root writes anywhere
+  expect "read-only output folder" "cannot write to the output folder" --data "$tmp/good" --out "$tmp/ro/out"
+fi
+
+# The tiny hand-made set trains (batch 1 on the CNN is allowed: its BatchNorm2d has m = 28 x 28 per channel).
+"$exe" --no-bench --data "$tmp/good" --model cnn --variants bn_after --batch 1 --epochs 1 --out "$tmp/cnn1" \
+  >/dev/null 2>"$tmp/stderr" || { echo "FAIL cnn batch 1:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
+
+# Determinism: the same command twice gives the same logged losses and accuracies (all columns but wall_s).
+if [ -e "$data/train-images-idx3-ubyte.gz" ] || [ -e "$data/train-images-idx3-ubyte" ]; then
+  for i in 1 2; do
+    "$exe" --no-bench --data "$data" --model mlp,cnn --variants none,bn_before,torch_bn --lr 0.1 --epochs 1 \
+      --train-subset 640 --test-subset 200 --eval-every 2 --seed 7 --out "$tmp/det$i" >/dev/null 2>"$tmp/stderr" ||
+      { echo "FAIL determinism run $i:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
+    cut -d, -f1-8 "$tmp/det$i/steps.csv" >"$tmp/det$i.cut"
+  done
+  if cmp -s "$tmp/det1.cut" "$tmp/det2.cut" && [ "$(wc -l <"$tmp/det1.cut")" -gt 20 ]; then
+    echo "ok   determinism: two runs with --seed 7 logged the same $(wc -l <"$tmp/det1.cut") lines"
+  else
+    echo "FAIL determinism:"; diff "$tmp/det1.cut" "$tmp/det2.cut" | head; fails=$((fails + 1))
+  fi
+  for m in mlp cnn; do
+    [ -s "$tmp/det1/plot_$m.png" ] || ! command -v gnuplot >/dev/null ||
+      { echo "FAIL no plot_$m.png"; fails=$((fails + 1)); }
+  done
+fi
+
+[ "$fails" -eq 0 ] && echo "all bad-input checks passed" || { echo "$fails check(s) failed"; exit 1; }
