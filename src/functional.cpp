@@ -2,9 +2,11 @@
 // the saved and running statistics. Nothing is written before all checks have passed.
 #include <bnorm/functional.hpp>
 
+#include "functional_parts.hpp"
 #include "kernels/kernels.hpp"
 #include "validate.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -54,6 +56,41 @@ std::vector<double> reduce_workspace(const Geometry& g) {
   return std::vector<double>(static_cast<std::size_t>(kernels::reduce_workspace_doubles(g, kernels::reduce_threads(g))));
 }
 
+// Normalizes x into y with the given per-channel statistics (shared by every non-fused path).
+template <class T>
+void normalize_with(const T* x, T* y, const Geometry& g, const std::vector<double>& mean,
+                    const std::vector<double>& invstd, const std::vector<double>& gamma,
+                    const std::vector<double>& beta, Activation act) {
+  const std::size_t uC = mean.size();
+  std::vector<T> hi, lo, scale(uC), shift(uC);
+  split_means(mean, hi, lo);
+  for (std::size_t c = 0; c < uC; ++c) {
+    scale[c] = static_cast<T>(gamma[c] * invstd[c]);
+    shift[c] = static_cast<T>(beta[c]);
+  }
+  if (g.per_channel() > 0) kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act);
+}
+
+// Training only: the saved statistics, and the running update with the unbiased variance of m values.
+template <class T>
+void commit_training(const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& invstd,
+                     double m, VectorView running_mean, VectorView running_var, double momentum, VectorView save_mean,
+                     VectorView save_invstd) {
+  const std::size_t uC = mean.size();
+  const auto C = static_cast<std::int64_t>(uC);
+  write_channels<T>(save_mean, mean);
+  write_channels<T>(save_invstd, invstd);
+  if (running_mean.present()) {
+    std::vector<double> rm = read_channels<T>(running_mean, C, 0.0), rv = read_channels<T>(running_var, C, 1.0);
+    for (std::size_t c = 0; c < uC; ++c) {
+      rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
+      rv[c] = (1 - momentum) * rv[c] + momentum * var[c] * m / (m - 1);  // unbiased batch variance
+    }
+    write_channels<T>(running_mean, rm);
+    write_channels<T>(running_var, rv);
+  }
+}
+
 template <class T>
 void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, VectorView running_var,
                   ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
@@ -76,27 +113,41 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
       var = read_channels<T>(running_var, C, 1.0);
     }
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    std::vector<T> hi, lo, scale(uC), shift(uC);
-    split_means(mean, hi, lo);
-    for (std::size_t c = 0; c < uC; ++c) {
-      scale[c] = static_cast<T>(gamma[c] * invstd[c]);
-      shift[c] = static_cast<T>(beta[c]);
-    }
-    if (g.per_channel() > 0) kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act);
+    normalize_with(x, y, g, mean, invstd, gamma, beta, act);
   }
+  if (training) commit_training<T>(mean, var, invstd, m, running_mean, running_var, momentum, save_mean, save_invstd);
+}
 
-  if (!training) return;
-  write_channels<T>(save_mean, mean);
-  write_channels<T>(save_invstd, invstd);
-  if (running_mean.present()) {
-    std::vector<double> rm = read_channels<T>(running_mean, C, 0.0), rv = read_channels<T>(running_var, C, 1.0);
-    for (std::size_t c = 0; c < uC; ++c) {
-      rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
-      rv[c] = (1 - momentum) * rv[c] + momentum * var[c] * m / (m - 1);  // unbiased batch variance
-    }
-    write_channels<T>(running_mean, rm);
-    write_channels<T>(running_var, rv);
-  }
+// sum(dy') and sum(dy' * (x - mean)) of this input (zeros when it holds no values).
+template <class T>
+void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const std::vector<T>& hi,
+                 const std::vector<T>& lo, double* sum_dy, double* sum_dy_xmu) {
+  if (g.per_channel() < 1) return;
+  std::vector<double> ws = reduce_workspace(g);
+  kernels::backward_reduce(dy, x, out, g, hi.data(), lo.data(), sum_dy, sum_dy_xmu, ws.data());
+}
+
+// dx from the sums over the m values the statistics came from.
+template <class T>
+void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const std::vector<T>& hi,
+              const std::vector<T>& lo, const std::vector<double>& gamma, const std::vector<double>& invstd,
+              const double* sum_dy, const double* sum_dy_xmu, double m, bool training) {
+  if (g.per_channel() < 1) return;
+  const std::size_t uC = hi.size();
+  std::vector<T> k_dy(uC), k_x(uC), k_c(uC);
+  for (std::size_t c = 0; c < uC; ++c)
+    kernels::backward_coeffs(gamma[c], invstd[c], sum_dy[c], sum_dy_xmu[c], m, training, k_dy[c], k_x[c], k_c[c]);
+  kernels::backward_apply(dy, x, out, dx, g, {hi.data(), lo.data(), k_dy.data(), k_x.data(), k_c.data()});
+}
+
+// dgamma = sum(dy' * (x - mean)) * invstd, dbeta = sum(dy').
+template <class T>
+void write_param_grads(VectorView grad_weight, VectorView grad_bias, const double* sum_dy, const double* sum_dy_xmu,
+                       const std::vector<double>& invstd) {
+  std::vector<double> dgamma(invstd.size()), dbeta(sum_dy, sum_dy + invstd.size());
+  for (std::size_t c = 0; c < invstd.size(); ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];
+  write_channels<T>(grad_weight, dgamma);
+  write_channels<T>(grad_bias, dbeta);
 }
 
 template <class T>
@@ -127,29 +178,20 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
   } else {
     std::vector<T> hi, lo;
     split_means(mean, hi, lo);
-    if (need_sums && g.per_channel() > 0) {
-      std::vector<double> ws = reduce_workspace(g);
-      kernels::backward_reduce(dy, x, out, g, hi.data(), lo.data(), sum_dy.data(), sum_dy_xmu.data(), ws.data());
-    }
-    if (dx && g.per_channel() > 0) {
-      std::vector<T> k_dy(uC), k_x(uC), k_c(uC);
-      for (std::size_t c = 0; c < uC; ++c)
-        kernels::backward_coeffs(gamma[c], invstd[c], sum_dy[c], sum_dy_xmu[c], m, training, k_dy[c], k_x[c], k_c[c]);
-      kernels::backward_apply(dy, x, out, dx, g, {hi.data(), lo.data(), k_dy.data(), k_x.data(), k_c.data()});
-    }
+    if (need_sums) reduce_sums(dy, x, out, g, hi, lo, sum_dy.data(), sum_dy_xmu.data());
+    if (dx) apply_dx(dy, x, out, dx, g, hi, lo, gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m, training);
   }
-  std::vector<double> dgamma(uC);
-  for (std::size_t c = 0; c < uC; ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];
-  write_channels<T>(grad_weight, dgamma);
-  write_channels<T>(grad_bias, sum_dy);
+  write_param_grads<T>(grad_weight, grad_bias, sum_dy.data(), sum_dy_xmu.data(), invstd);
 }
 
 }  // namespace
 
-void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
-                ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                VectorView save_mean, VectorView save_invstd, Activation activation) {
-  const char* fn = "batch_norm";
+namespace detail {
+
+TensorInfo check_forward_args(const char* fn, ConstTensorView input, TensorView output, VectorView running_mean,
+                              VectorView running_var, ConstVectorView weight, ConstVectorView bias, bool training,
+                              double momentum, double eps, VectorView save_mean, VectorView save_invstd,
+                              Activation activation) {
   const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
   detail::check_tensor(fn, "output", output);
   detail::check_like(fn, "output", output, "input", input);
@@ -174,8 +216,19 @@ void batch_norm(ConstTensorView input, TensorView output, VectorView running_mea
                          std::to_string(static_cast<int>(activation)));
   detail::check_eps(fn, eps);
   detail::check_momentum(fn, momentum);
-  if (training) detail::check_training_count(fn, input, in);
+  return in;
+}
 
+}  // namespace detail
+
+void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
+                ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
+                VectorView save_mean, VectorView save_invstd, Activation activation) {
+  const char* fn = "batch_norm";
+  const detail::TensorInfo in = detail::check_forward_args(fn, input, output, running_mean, running_var, weight, bias,
+                                                           training, momentum, eps, save_mean, save_invstd, activation);
+  if (training) detail::check_training_count(fn, input, in);
+  const DType dt = input.dtype();
   if (dt == DType::Float32)
     forward_impl(static_cast<const float*>(input.data()), static_cast<float*>(output.data()), in.geometry, running_mean,
                  running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation);
@@ -195,11 +248,13 @@ void batch_norm_inference(ConstTensorView input, TensorView output, ConstVectorV
              false, 0.1, eps, {}, {}, activation);
 }
 
-void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, ConstVectorView weight,
-                         ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
-                         ConstVectorView save_invstd, bool training, double eps, TensorView grad_input,
-                         VectorView grad_weight, VectorView grad_bias, Activation activation, ConstTensorView output) {
-  const char* fn = "batch_norm_backward";
+namespace detail {
+
+TensorInfo check_backward_args(const char* fn, ConstTensorView grad_output, ConstTensorView input,
+                               ConstVectorView weight, ConstVectorView running_mean, ConstVectorView running_var,
+                               ConstVectorView save_mean, ConstVectorView save_invstd, bool training, double eps,
+                               TensorView grad_input, VectorView grad_weight, VectorView grad_bias,
+                               Activation activation, ConstTensorView output) {
   const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
   detail::check_tensor(fn, "grad_output", grad_output);
   detail::check_like(fn, "grad_output", grad_output, "input", input);
@@ -238,8 +293,22 @@ void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, Con
   }
   if (grad_weight.present()) check_vector(fn, "grad_weight", grad_weight, C, dt);
   if (grad_bias.present()) check_vector(fn, "grad_bias", grad_bias, C, dt);
+  return in;
+}
 
-  if (dt == DType::Float32)
+}  // namespace detail
+
+void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, ConstVectorView weight,
+                         ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
+                         ConstVectorView save_invstd, bool training, double eps, TensorView grad_input,
+                         VectorView grad_weight, VectorView grad_bias, Activation activation, ConstTensorView output) {
+  const detail::TensorInfo in =
+      detail::check_backward_args("batch_norm_backward", grad_output, input, weight, running_mean, running_var,
+                                  save_mean, save_invstd, training, eps, grad_input, grad_weight, grad_bias, activation,
+                                  output);
+  const bool want_dx = !grad_input.empty();
+  const bool relu = activation == Activation::Relu;
+  if (input.dtype() == DType::Float32)
     backward_impl(static_cast<const float*>(grad_output.data()), static_cast<const float*>(input.data()),
                   relu ? static_cast<const float*>(output.data()) : nullptr,
                   want_dx ? static_cast<float*>(grad_input.data()) : nullptr, in.geometry, weight, running_mean,
@@ -274,5 +343,109 @@ void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
     write_channels<double>(var, m2);
   }
 }
+
+// The shared pieces (functional_parts.hpp): the same templates as above, entered with a dtype.
+namespace {
+
+template <class T>
+void forward_with_stats_t(ConstTensorView input, TensorView output, const Geometry& g, const std::vector<double>& mean,
+                          const std::vector<double>& var, double count, VectorView running_mean, VectorView running_var,
+                          ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
+                          VectorView save_mean, VectorView save_invstd, Activation act) {
+  const std::int64_t C = g.C;
+  std::vector<double> invstd(mean.size());
+  for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  normalize_with(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, mean, invstd,
+                 read_channels<T>(weight, C, 1.0), read_channels<T>(bias, C, 0.0), act);
+  if (training)
+    commit_training<T>(mean, var, invstd, count, running_mean, running_var, momentum, save_mean, save_invstd);
+}
+
+template <class T>
+const T* data_or_null(ConstTensorView t) {
+  return t.empty() ? nullptr : static_cast<const T*>(t.data());
+}
+
+template <class T>
+void backward_sums_t(ConstTensorView dy, ConstTensorView x, ConstTensorView out, const Geometry& g,
+                     ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu) {
+  std::vector<T> hi, lo;
+  split_means(read_channels<T>(save_mean, g.C, 0.0), hi, lo);
+  reduce_sums(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out), g, hi, lo,
+              sum_dy, sum_dy_xmu);
+}
+
+template <class T>
+void backward_finish_t(ConstTensorView dy, ConstTensorView x, ConstTensorView out, const Geometry& g,
+                       ConstVectorView weight, ConstVectorView save_mean, ConstVectorView save_invstd,
+                       const double* local_sum_dy, const double* local_sum_dy_xmu, const double* sum_dy,
+                       const double* sum_dy_xmu, double count, TensorView dx, VectorView grad_weight,
+                       VectorView grad_bias) {
+  const std::vector<double> invstd = read_channels<T>(save_invstd, g.C, 1.0);
+  if (!dx.empty()) {
+    std::vector<T> hi, lo;
+    split_means(read_channels<T>(save_mean, g.C, 0.0), hi, lo);
+    apply_dx(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out),
+             static_cast<T*>(dx.data()), g, hi, lo, read_channels<T>(weight, g.C, 1.0), invstd, sum_dy, sum_dy_xmu,
+             count, true);
+  }
+  write_param_grads<T>(grad_weight, grad_bias, local_sum_dy, local_sum_dy_xmu, invstd);
+}
+
+}  // namespace
+
+namespace detail {
+
+void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, double* m2) {
+  const Geometry& g = in.geometry;
+  if (g.per_channel() < 1) {
+    // No values here (a rank holding 0 samples): the merge skips a count of 0, so these are unused.
+    std::fill(mean, mean + g.C, 0.0);
+    std::fill(m2, m2 + g.C, 0.0);
+    return;
+  }
+  std::vector<double> ws = reduce_workspace(g);
+  if (input.dtype() == DType::Float32)
+    kernels::channel_moments(static_cast<const float*>(input.data()), g, mean, m2, ws.data());
+  else
+    kernels::channel_moments(static_cast<const double*>(input.data()), g, mean, m2, ws.data());
+}
+
+void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, const std::vector<double>& mean,
+                        const std::vector<double>& var, double count, VectorView running_mean, VectorView running_var,
+                        ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
+                        VectorView save_mean, VectorView save_invstd, Activation activation) {
+  if (input.dtype() == DType::Float32)
+    forward_with_stats_t<float>(input, output, in.geometry, mean, var, count, running_mean, running_var, weight, bias,
+                                training, momentum, eps, save_mean, save_invstd, activation);
+  else
+    forward_with_stats_t<double>(input, output, in.geometry, mean, var, count, running_mean, running_var, weight, bias,
+                                 training, momentum, eps, save_mean, save_invstd, activation);
+}
+
+void backward_sums(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
+                   ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu) {
+  std::fill(sum_dy, sum_dy + in.geometry.C, 0.0);
+  std::fill(sum_dy_xmu, sum_dy_xmu + in.geometry.C, 0.0);
+  if (input.dtype() == DType::Float32)
+    backward_sums_t<float>(grad_output, input, output, in.geometry, save_mean, sum_dy, sum_dy_xmu);
+  else
+    backward_sums_t<double>(grad_output, input, output, in.geometry, save_mean, sum_dy, sum_dy_xmu);
+}
+
+void backward_finish(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
+                     ConstVectorView weight, ConstVectorView save_mean, ConstVectorView save_invstd,
+                     const double* local_sum_dy, const double* local_sum_dy_xmu, const double* sum_dy,
+                     const double* sum_dy_xmu, double count, TensorView grad_input, VectorView grad_weight,
+                     VectorView grad_bias) {
+  if (input.dtype() == DType::Float32)
+    backward_finish_t<float>(grad_output, input, output, in.geometry, weight, save_mean, save_invstd, local_sum_dy,
+                             local_sum_dy_xmu, sum_dy, sum_dy_xmu, count, grad_input, grad_weight, grad_bias);
+  else
+    backward_finish_t<double>(grad_output, input, output, in.geometry, weight, save_mean, save_invstd, local_sum_dy,
+                              local_sum_dy_xmu, sum_dy, sum_dy_xmu, count, grad_input, grad_weight, grad_bias);
+}
+
+}  // namespace detail
 
 }  // namespace bnorm

@@ -2,6 +2,7 @@
 #include <bnorm/layer.hpp>
 
 #include "safetensors.hpp"
+#include "sync.hpp"
 #include "validate.hpp"
 
 #include <algorithm>
@@ -54,8 +55,13 @@ detail::SafeTensor vector_tensor(const std::vector<P>& v) {
 
 template <class P>
 BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims)
-    : num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
-  const char* fn = "BatchNorm";
+    : BasicBatchNorm(num_features, options, spatial_dims, nullptr) {}
+
+template <class P>
+BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims,
+                                  Communicator* comm)
+    : comm_(comm), num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
+  const char* fn = comm ? "SyncBatchNorm" : "BatchNorm";
   if (num_features < 1) detail::fail(fn, "num_features: expected >= 1, got " + std::to_string(num_features));
   // Refused before allocating: the layer's own state is ~(6 * sizeof(P) + 16) bytes per channel.
   if (num_features > kMaxFeatures)
@@ -118,9 +124,25 @@ void BasicBatchNorm<P>::check_input(ConstTensorView x, const char* fn) const {
 }
 
 template <class P>
-void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
-  const char* fn = "BatchNorm::forward";
+void BasicBatchNorm<P>::check_backward(ConstTensorView x, const char* fn) const {
+  if (!have_forward_) detail::fail(fn, "state: expected a forward call before backward, got none");
   check_input(x, fn);
+  // The batch statistics belong to the last batch-statistics forward's input; frozen statistics fit any.
+  if (forward_used_batch_stats_ && !(x.shape() == forward_shape_))
+    detail::fail(fn, "x: expected the last forward's input shape " + forward_shape_.str() + ", got " + x.shape().str());
+}
+
+template <class P>
+void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
+  const char* fn = comm_ ? "SyncBatchNorm::forward" : "BatchNorm::forward";
+  // SyncBatchNorm: a failed check must still reach the collective check, which all ranks make.
+  std::string local_error;
+  try {
+    check_input(x, fn);
+  } catch (const Error& e) {
+    if (!comm_) throw;
+    local_error = e.what();
+  }
   const bool track = options_.track_running_stats;
   // torch: batch statistics in training, and in eval when no running statistics are kept.
   const bool use_batch = training_ || !track;
@@ -135,8 +157,13 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
   std::vector<double> sm(save_mean_.size()), si(save_invstd_.size());
   const ConstVectorView w = options_.affine ? ConstVectorView(weight_) : ConstVectorView();
   const ConstVectorView b = options_.affine ? ConstVectorView(bias_) : ConstVectorView();
-  batch_norm(x, y, rm, rv, w, b, use_batch, factor, options_.eps, use_batch ? VectorView(sm) : VectorView(),
-             use_batch ? VectorView(si) : VectorView(), options_.activation);
+  if (comm_)
+    detail::sync_forward(*comm_, fn, local_error, x, y, rm, rv, w, b, use_batch, factor, options_.eps,
+                         use_batch ? VectorView(sm) : VectorView(), use_batch ? VectorView(si) : VectorView(),
+                         options_.activation);
+  else
+    batch_norm(x, y, rm, rv, w, b, use_batch, factor, options_.eps, use_batch ? VectorView(sm) : VectorView(),
+               use_batch ? VectorView(si) : VectorView(), options_.activation);
   // Only reached when the call succeeded: commit what backward needs.
   if (update) ++num_batches_tracked_;
   if (use_batch) {
@@ -155,20 +182,28 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
 
 template <class P>
 void BasicBatchNorm<P>::backward(ConstTensorView x, ConstTensorView dy, TensorView dx, ConstTensorView y) {
-  const char* fn = "BatchNorm::backward";
-  if (!have_forward_) detail::fail(fn, "state: expected a forward call before backward, got none");
-  check_input(x, fn);
-  // The batch statistics belong to the last batch-statistics forward's input; frozen statistics fit any.
-  if (forward_used_batch_stats_ && !(x.shape() == forward_shape_))
-    detail::fail(fn, "x: expected the last forward's input shape " + forward_shape_.str() + ", got " + x.shape().str());
+  const char* fn = comm_ ? "SyncBatchNorm::backward" : "BatchNorm::backward";
+  std::string local_error;
+  try {
+    check_backward(x, fn);
+  } catch (const Error& e) {
+    if (!comm_) throw;
+    local_error = e.what();
+  }
   const auto C = static_cast<std::size_t>(num_features_);
   std::vector<P> gw(options_.affine ? C : 0), gb(options_.affine ? C : 0);
   const ConstVectorView w = options_.affine ? ConstVectorView(weight_) : ConstVectorView();
-  batch_norm_backward(dy, x, w, forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_mean_),
-                      forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_var_),
-                      ConstVectorView(save_mean_), ConstVectorView(save_invstd_), forward_used_batch_stats_,
-                      options_.eps, dx, options_.affine ? VectorView(gw) : VectorView(),
-                      options_.affine ? VectorView(gb) : VectorView(), options_.activation, y);
+  const ConstVectorView rm = forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_mean_);
+  const ConstVectorView rv = forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_var_);
+  const VectorView gwv = options_.affine ? VectorView(gw) : VectorView();
+  const VectorView gbv = options_.affine ? VectorView(gb) : VectorView();
+  if (comm_)
+    detail::sync_backward(*comm_, fn, local_error, dy, x, w, rm, rv, ConstVectorView(save_mean_),
+                          ConstVectorView(save_invstd_), forward_used_batch_stats_, options_.eps, dx, gwv, gbv,
+                          options_.activation, y);
+  else
+    batch_norm_backward(dy, x, w, rm, rv, ConstVectorView(save_mean_), ConstVectorView(save_invstd_),
+                        forward_used_batch_stats_, options_.eps, dx, gwv, gbv, options_.activation, y);
   for (std::size_t c = 0; c < gw.size(); ++c) {
     weight_grad_[c] += gw[c];
     bias_grad_[c] += gb[c];

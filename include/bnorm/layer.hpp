@@ -10,6 +10,8 @@
 
 namespace bnorm {
 
+class Communicator;  // <bnorm/distributed.hpp>
+
 struct BatchNormOptions {
   double eps = 1e-5;
   // torch's convention: running = (1 - momentum) * running + momentum * batch.
@@ -72,8 +74,16 @@ class BasicBatchNorm {
   void save(const std::string& path, const std::string& prefix = "") const;
   void load(const std::string& path, const std::string& prefix = "");
 
+ protected:
+  // SyncBatchNorm (distributed.hpp): the same layer with batch statistics over every rank of
+  // `comm` (not owned; it must outlive the layer).
+  BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims, Communicator* comm);
+
  private:
   void check_input(ConstTensorView x, const char* fn) const;
+  void check_backward(ConstTensorView x, const char* fn) const;
+
+  Communicator* comm_ = nullptr;
 
   std::int64_t num_features_;
   BatchNormOptions options_;
