@@ -195,8 +195,10 @@ void check_large_offset(double mean, double stddev, Layout layout, int threads) 
   }
   std::vector<double> var64(ones.size()), mean64(ones.size());
   batch_stats(ConstTensorView(xm.data(), d.view_shape(), layout), VectorView(mean64), VectorView(var64));
-  EXPECT_TRUE(close(var64, ref.var, 0, 1e-10, "batch_stats var (float64 out)"));
-  EXPECT_TRUE(close(mean64, ref.mean, 0, 1e-14, "batch_stats mean"));
+  // Float32 input is summed in float32 within a block (at most 64 terms per lane, then double):
+  // docs/numerics.md bounds the error at 64 ulp relative; it is far smaller in practice.
+  EXPECT_TRUE(close(var64, ref.var, 0, 4e-6, "batch_stats var (float64 out)"));
+  EXPECT_TRUE(close(mean64, ref.mean, 4e-6 * stddev, 0, "batch_stats mean"));
   EXPECT_TRUE(close(widen(si), ref.invstd, 0, 1e-5, "save_invstd"));
   // The normalized output keeps full float32 precision: no cancellation of x * a against b.
   EXPECT_TRUE(close(from_layout(y, d, layout), ref.y, 1e-5, 1e-5, "y"));

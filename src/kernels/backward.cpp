@@ -1,74 +1,156 @@
 // Backward kernel family (the derivation is in docs/backward.md):
-//   reduce: sum(dy') and sum(dy' * (x - mean)) per channel, in double;
+//   reduce: sum(dy') and sum(dy' * (x - mean)) per channel;
 //   apply:  dx = dy' * k_dy - (x - mean) * k_x - k_c,
 // where dy' is dy masked by output > 0 under a fused ReLU.
+//
+// The reductions use the blocks of the statistics (stats.cpp): T vectors within a block, double
+// across blocks, and a block whose float sums are not finite is summed again in double.
 #include "kernels/kernels.hpp"
 #include "kernels/per_isa.hpp"
+#include "kernels/simd.hpp"
 #include "parallel.hpp"
+
+#include <type_traits>
 
 // Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
 namespace bnorm::kernels::BNORM_ISA {
 namespace {
-
 
 template <class T, bool Relu>
 inline T masked(T dy, const T* out, std::int64_t i) {
   if constexpr (Relu) return out[i] > T(0) ? dy : T(0);
   else return dy;
 }
-
-constexpr int kLanes = 8;
-
 template <class T, bool Relu>
-void reduce_row(const T* dy, const T* x, const T* out, std::int64_t len, T mh, T ml, double& sdy, double& sdx) {
-  double a[kLanes] = {}, b[kLanes] = {};
-  std::int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const double g = static_cast<double>(masked<T, Relu>(dy[i + j], out, i + j));
-      a[j] += g;
-      b[j] += g * static_cast<double>((x[i + j] - mh) - ml);
+inline Vec<T> masked_vec(const T* dy, const T* out, std::int64_t i) {
+  if constexpr (Relu) return keep_where_positive<T>(load(dy + i), load(out + i));
+  else return load(dy + i);
+}
+
+// The block's two sums in double, element by element: the fallback for non-finite float sums.
+template <class T, bool Relu>
+void segments_sums_exact(const T* dy, const T* x, const T* out, std::int64_t rows, std::int64_t stride,
+                         std::int64_t len, T mh, T ml, double& sdy, double& sdx) {
+  sdy = sdx = 0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t i = r * stride; i < r * stride + len; ++i) {
+      const double g = static_cast<double>(masked<T, Relu>(dy[i], out, i));
+      sdy += g;
+      sdx += g * static_cast<double>((x[i] - mh) - ml);
     }
-  for (; i < len; ++i) {
-    const double g = static_cast<double>(masked<T, Relu>(dy[i], out, i));
-    sdy += g;
-    sdx += g * static_cast<double>((x[i] - mh) - ml);
+}
+
+// sum(dy') and sum(dy' * (x - mean)) over `rows` segments of `len` values, `stride` apart.
+template <class T, bool Relu>
+void segments_sums(const T* dy, const T* x, const T* out, std::int64_t rows, std::int64_t stride, std::int64_t len,
+                   T mh, T ml, double& sdy, double& sdx) {
+  constexpr int A = kAccVectors<T>;
+  constexpr std::int64_t W = kWidth<T>;
+  const Vec<T> vh = splat(mh), vl = splat(ml);
+  Vec<T> a1[A] = {}, a2[A] = {};
+  T t1 = 0, t2 = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t o = r * stride;
+    const T* out_row = Relu ? out + o : nullptr;  // no arithmetic on a null pointer
+    std::int64_t i = 0;
+    for (; i + A * W <= len; i += A * W)
+      for (int a = 0; a < A; ++a) {
+        const Vec<T> g = masked_vec<T, Relu>(dy + o, out_row, i + a * W);
+        a1[a] += g;
+        a2[a] += g * ((load(x + o + i + a * W) - vh) - vl);
+      }
+    for (int a = 0; i + W <= len; i += W, ++a) {
+      const Vec<T> g = masked_vec<T, Relu>(dy + o, out_row, i);
+      a1[a] += g;
+      a2[a] += g * ((load(x + o + i) - vh) - vl);
+    }
+    for (; i < len; ++i) {
+      const T g = masked<T, Relu>(dy[o + i], out, o + i);
+      t1 += g;
+      t2 += g * ((x[o + i] - mh) - ml);
+    }
   }
-  for (int j = 0; j < kLanes; ++j) {
-    sdy += a[j];
-    sdx += b[j];
+  sdy = static_cast<double>(t1);
+  sdx = static_cast<double>(t2);
+  for (int a = 0; a < A; ++a) {
+    sdy += hsum<T>(a1[a]);
+    sdx += hsum<T>(a2[a]);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (!std::isfinite(sdy) || !std::isfinite(sdx))
+      segments_sums_exact<T, Relu>(dy, x, out, rows, stride, len, mh, ml, sdy, sdx);
+  }
+}
+
+// Channel c of channels-first data: both sums over its blocks.
+template <class T, bool Relu>
+void channel_sums_cf(const T* dy, const T* x, const T* out, const Geometry& g, std::int64_t c, T mh, T ml, double& sdy,
+                     double& sdx) {
+  sdy = sdx = 0;
+  for_each_cf_block(g, c, [&](std::int64_t offset, std::int64_t rows, std::int64_t len) {
+    double bdy, bdx;
+    segments_sums<T, Relu>(dy + offset, x + offset, Relu ? out + offset : nullptr, rows, g.C * g.S, len, mh, ml, bdy,
+                           bdx);
+    sdy += bdy;
+    sdx += bdx;
+  });
+}
+
+// Channels-last: rows [r0, r0 + rows) of a tile of ct channels at c0, both sums added to the
+// per-channel double accumulators acc_dy, acc_dx (tile-relative).
+template <class T, bool Relu>
+void tile_sums(const T* dy, const T* x, const T* out, std::int64_t C, std::int64_t rows, std::int64_t ct,
+               const T* mh, const T* ml, double* acc_dy, double* acc_dx) {
+  constexpr std::int64_t W = kWidth<T>;
+  T s1[kTileChannels], s2[kTileChannels];
+  for (std::int64_t c = 0; c < ct; ++c) s1[c] = s2[c] = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t o = r * C;
+    const T* out_row = Relu ? out + o : nullptr;
+    std::int64_t c = 0;
+    for (; c + W <= ct; c += W) {
+      const Vec<T> gv = masked_vec<T, Relu>(dy + o, out_row, c);
+      store(s1 + c, load(s1 + c) + gv);
+      store(s2 + c, load(s2 + c) + gv * ((load(x + o + c) - load(mh + c)) - load(ml + c)));
+    }
+    for (; c < ct; ++c) {
+      const T gs = masked<T, Relu>(dy[o + c], out, o + c);
+      s1[c] += gs;
+      s2[c] += gs * ((x[o + c] - mh[c]) - ml[c]);
+    }
+  }
+  for (std::int64_t c = 0; c < ct; ++c) {
+    double b1 = static_cast<double>(s1[c]), b2 = static_cast<double>(s2[c]);
+    if constexpr (std::is_same_v<T, float>) {
+      if (!std::isfinite(b1) || !std::isfinite(b2))  // column c: rows values, stride C
+        segments_sums_exact<T, Relu>(dy + c, x + c, Relu ? out + c : nullptr, rows, C, 1, mh[c], ml[c], b1, b2);
+    }
+    acc_dy[c] += b1;
+    acc_dx[c] += b2;
   }
 }
 
 template <class T, bool Relu>
 void reduce_impl(const T* dy, const T* x, const T* out, const Geometry& g, const T* mh, const T* ml, double* sum_dy,
                  double* sum_dy_xmu, double* ws) {
-  const std::int64_t C = g.C, S = g.S;
+  const std::int64_t C = g.C;
   if (g.layout == Layout::ChannelsFirst) {
     detail::parallel_for(C, [&](std::int64_t c) {
-      double sdy = 0, sdx = 0;
-      for (std::int64_t n = 0; n < g.N; ++n) {
-        const std::int64_t off = (n * C + c) * S;
-        reduce_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, S, mh[c], ml[c], sdy, sdx);
-      }
-      sum_dy[c] = sdy;
-      sum_dy_xmu[c] = sdx;
+      channel_sums_cf<T, Relu>(dy, x, out, g, c, mh[c], ml[c], sum_dy[c], sum_dy_xmu[c]);
     });
     return;
   }
+  const std::int64_t R = cl_rows_per_block(g);
   const int parts = reduce_threads(g);
-  detail::parallel_ranges(g.rows(), 1, parts, [&](int p, std::int64_t b, std::int64_t e) {
+  detail::parallel_ranges(g.rows(), R, parts, [&](int p, std::int64_t b, std::int64_t e) {
     double* a = ws + static_cast<std::int64_t>(p) * 2 * C;
-    double* d = a + C;
     zero(a, 2 * C);
-    for (std::int64_t r = b; r < e; ++r) {
-      const std::int64_t off = r * C;
-      for (std::int64_t c = 0; c < C; ++c) {
-        const double gr = static_cast<double>(masked<T, Relu>(dy[off + c], out, off + c));
-        a[c] += gr;
-        d[c] += gr * static_cast<double>((x[off + c] - mh[c]) - ml[c]);
+    for (std::int64_t r0 = b; r0 < e; r0 += R)
+      for (std::int64_t c0 = 0; c0 < C; c0 += kTileChannels) {
+        const std::int64_t o = r0 * C + c0;
+        tile_sums<T, Relu>(dy + o, x + o, Relu ? out + o : nullptr, C, lesser(R, e - r0), lesser(kTileChannels, C - c0),
+                           mh + c0, ml + c0, a + c0, a + C + c0);
       }
-    }
   });
   zero(sum_dy, C);
   zero(sum_dy_xmu, C);
@@ -86,22 +168,64 @@ inline T apply_one(T dy, T x, const T* out, std::int64_t i, T mh, T ml, T kdy, T
   return masked<T, Relu>(dy, out, i) * kdy - ((x - mh) - ml) * kx - kc;
 }
 
+// dx over `len` contiguous values of one channel (channels-first).
+template <class T, bool Relu>
+void apply_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc) {
+  constexpr std::int64_t W = kWidth<T>;
+  const Vec<T> vh = splat(mh), vl = splat(ml), vdy = splat(kdy), vx = splat(kx), vc = splat(kc);
+  std::int64_t i = 0;
+  for (; i + W <= len; i += W)
+    store(dx + i, masked_vec<T, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
+  for (; i < len; ++i) dx[i] = apply_one<T, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
+}
+
+// dx over one row of C channels (channels-last).
+template <class T, bool Relu>
+void apply_channels_last_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t C, const BackwardCoeffs<T>& k) {
+  constexpr std::int64_t W = kWidth<T>;
+  std::int64_t c = 0;
+  for (; c + W <= C; c += W)
+    store(dx + c, masked_vec<T, Relu>(dy, out, c) * load(k.k_dy + c) -
+                      ((load(x + c) - load(k.mean_hi + c)) - load(k.mean_lo + c)) * load(k.k_x + c) - load(k.k_c + c));
+  for (; c < C; ++c)
+    dx[c] = apply_one<T, Relu>(dy[c], x[c], out, c, k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]);
+}
+
 template <class T, bool Relu>
 void apply_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
     detail::parallel_for(g.N * g.C, [&](std::int64_t nc) {
       const std::int64_t c = nc % g.C, off = nc * g.S;
-      const T mh = k.mean_hi[c], ml = k.mean_lo[c], kdy = k.k_dy[c], kx = k.k_x[c], kc = k.k_c[c];
-      for (std::int64_t i = off; i < off + g.S; ++i) dx[i] = apply_one<T, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
+      apply_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.mean_hi[c], k.mean_lo[c],
+                         k.k_dy[c], k.k_x[c], k.k_c[c]);
     });
   } else {
     detail::parallel_for(g.rows(), [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
-      for (std::int64_t c = 0; c < g.C; ++c)
-        dx[off + c] = apply_one<T, Relu>(dy[off + c], x[off + c], out, off + c, k.mean_hi[c], k.mean_lo[c], k.k_dy[c],
-                                         k.k_x[c], k.k_c[c]);
+      apply_channels_last_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k);
     });
   }
+}
+
+template <class T, bool Relu>
+void fused_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const double* mean,
+                const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
+  const double m = static_cast<double>(g.per_channel());
+  detail::parallel_for(g.C, [&](std::int64_t c) {
+    T hi, lo;
+    split_mean(mean[c], hi, lo);
+    double sdy, sdx;
+    channel_sums_cf<T, Relu>(dy, x, out, g, c, hi, lo, sdy, sdx);  // first pass: from memory
+    sum_dy[c] = sdy;
+    sum_dy_xmu[c] = sdx;
+    if (!dx) return;
+    T kdy, kx, kc;
+    backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, kdy, kx, kc);
+    for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
+      const std::int64_t off = (n * g.C + c) * g.S;
+      apply_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, hi, lo, kdy, kx, kc);
+    }
+  });
 }
 
 }  // namespace
@@ -126,30 +250,10 @@ void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geome
 template <class T>
 void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
                        const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
-  const double m = static_cast<double>(g.per_channel());
-  detail::parallel_for(g.C, [&](std::int64_t c) {
-    T hi, lo;
-    split_mean(mean[c], hi, lo);
-    double sdy = 0, sdx = 0;
-    for (std::int64_t n = 0; n < g.N; ++n) {  // first pass: from memory
-      const std::int64_t off = (n * g.C + c) * g.S;
-      if (output)
-        reduce_row<T, true>(dy + off, x + off, output + off, g.S, hi, lo, sdy, sdx);
-      else
-        reduce_row<T, false>(dy + off, x + off, nullptr, g.S, hi, lo, sdy, sdx);
-    }
-    sum_dy[c] = sdy;
-    sum_dy_xmu[c] = sdx;
-    if (!dx) return;
-    T kdy, kx, kc;
-    backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, kdy, kx, kc);
-    for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
-      const std::int64_t off = (n * g.C + c) * g.S;
-      for (std::int64_t i = off; i < off + g.S; ++i)
-        dx[i] = output ? apply_one<T, true>(dy[i], x[i], output, i, hi, lo, kdy, kx, kc)
-                       : apply_one<T, false>(dy[i], x[i], output, i, hi, lo, kdy, kx, kc);
-    }
-  });
+  if (output)
+    fused_impl<T, true>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
+  else
+    fused_impl<T, false>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
 }
 
 template void fused_backward_cf<float>(const float*, const float*, const float*, float*, const Geometry&, const double*,

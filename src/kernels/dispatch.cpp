@@ -117,10 +117,16 @@ int reduce_threads(const Geometry& g) {
   return detail::threads_for((g.rows() + R - 1) / R);
 }
 
-std::int64_t cl_rows_per_block(const Geometry& g) { return g.C >= kBlock ? 1 : kBlock / (g.C > 0 ? g.C : 1); }
+std::int64_t cl_rows_per_block(const Geometry& g) {
+  // About kBlock values per channel tile, and 16 to 64 rows: enough rows that the per-block work
+  // is amortized, few enough that a float lane sums at most 64 terms.
+  const std::int64_t tile = g.C < kTileChannels ? (g.C > 0 ? g.C : 1) : kTileChannels;
+  const std::int64_t rows = kBlock / tile;
+  return rows < 16 ? 16 : (rows > 64 ? 64 : rows);
+}
 
 std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {
-  return g.layout == Layout::ChannelsFirst ? 0 : static_cast<std::int64_t>(threads) * 5 * g.C;
+  return g.layout == Layout::ChannelsFirst ? 0 : static_cast<std::int64_t>(threads) * 2 * g.C;
 }
 
 #if BNORM_HAVE_X86_ISAS

@@ -24,6 +24,10 @@ struct Geometry {
 // Elements handled by one two-pass block: small enough that the second pass over it hits L1.
 inline constexpr std::int64_t kBlock = 2048;
 
+// Channels-last reductions work on tiles of at most this many channels (and cl_rows_per_block
+// rows), so that a tile's values and its per-channel sums stay in L1 between the two passes.
+inline constexpr std::int64_t kTileChannels = 256;
+
 // The instruction sets the kernels are compiled for; dispatch picks the best the CPU has.
 enum class Isa { Generic, Avx2, Avx512 };
 Isa active_isa();
@@ -120,14 +124,23 @@ static inline void backward_coeffs(double gamma, double invstd, double sum_dy, d
   k_c = training ? static_cast<T>(a * sum_dy / m) : T(0);
 }
 
+// The mean of n values of mean `mean` and nb values of mean mb (total = n + nb). Chan's update
+// mean + (mb - mean) * nb / total in the finite case; where mb - mean is not finite (an infinite
+// mean on either side) the weighted average, so that same-signed infinities give that infinity,
+// as torch's sum / count does, and not Inf - Inf = NaN.
+static inline double merged_mean(double n, double mean, double nb, double mb, double total) {
+  const double delta = mb - mean;
+  return delta - delta == 0 ? mean + delta * (nb / total) : (mean * n + mb * nb) / total;
+}
+
 // Chan's merge of the moments (nb, mb, m2b) into (n, mean, m2). Static: every per-ISA build of the
 // kernels gets its own copy (see dispatch.cpp).
 static inline void chan_merge(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
   if (nb == 0) return;
   const double total = n + nb;
   const double delta = mb - mean;
-  mean += delta * (nb / total);
   m2 += m2b + delta * delta * (n * nb / total);
+  mean = merged_mean(n, mean, nb, mb, total);
   n = total;
 }
 

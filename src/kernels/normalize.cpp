@@ -6,6 +6,7 @@
 // (Sterbenz), so y keeps full precision.
 #include "kernels/kernels.hpp"
 #include "kernels/per_isa.hpp"
+#include "kernels/simd.hpp"
 #include "parallel.hpp"
 
 // Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
@@ -14,21 +15,37 @@ namespace {
 
 
 template <class T, bool Relu>
-void normalize_row(const T* x, T* y, std::int64_t len, T mh, T ml, T sc, T sh) {
-  for (std::int64_t i = 0; i < len; ++i) {
-    T v = ((x[i] - mh) - ml) * sc + sh;
-    if constexpr (Relu) v = v < T(0) ? T(0) : v;  // keeps NaN a NaN, like torch.relu
-    y[i] = v;
-  }
+inline T normalize_one(T x, T mh, T ml, T sc, T sh) {
+  T v = ((x - mh) - ml) * sc + sh;
+  if constexpr (Relu) v = v < T(0) ? T(0) : v;  // keeps NaN a NaN, like torch.relu
+  return v;
+}
+template <class T, bool Relu>
+inline Vec<T> normalize_vec(Vec<T> x, Vec<T> mh, Vec<T> ml, Vec<T> sc, Vec<T> sh) {
+  const Vec<T> v = ((x - mh) - ml) * sc + sh;
+  if constexpr (Relu) return relu<T>(v);
+  else return v;
 }
 
+// `len` contiguous values of one channel (channels-first).
+template <class T, bool Relu>
+void normalize_row(const T* x, T* y, std::int64_t len, T mh, T ml, T sc, T sh) {
+  constexpr std::int64_t W = kWidth<T>;
+  const Vec<T> vh = splat(mh), vl = splat(ml), vsc = splat(sc), vsh = splat(sh);
+  std::int64_t i = 0;
+  for (; i + W <= len; i += W) store(y + i, normalize_vec<T, Relu>(load(x + i), vh, vl, vsc, vsh));
+  for (; i < len; ++i) y[i] = normalize_one<T, Relu>(x[i], mh, ml, sc, sh);
+}
+
+// One row of C channels (channels-last).
 template <class T, bool Relu>
 void normalize_channels_last_row(const T* x, T* y, std::int64_t C, const ChannelCoeffs<T>& k) {
-  for (std::int64_t c = 0; c < C; ++c) {
-    T v = ((x[c] - k.mean_hi[c]) - k.mean_lo[c]) * k.scale[c] + k.shift[c];
-    if constexpr (Relu) v = v < T(0) ? T(0) : v;
-    y[c] = v;
-  }
+  constexpr std::int64_t W = kWidth<T>;
+  std::int64_t c = 0;
+  for (; c + W <= C; c += W)
+    store(y + c, normalize_vec<T, Relu>(load(x + c), load(k.mean_hi + c), load(k.mean_lo + c), load(k.scale + c),
+                                        load(k.shift + c)));
+  for (; c < C; ++c) y[c] = normalize_one<T, Relu>(x[c], k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c]);
 }
 
 template <class T, bool Relu>

@@ -1,54 +1,29 @@
-// Statistics kernel family: per-channel mean and M2 with per-block two-pass sums in double,
-// merged across blocks and threads with Chan's formula.
+// Statistics kernel family: per-channel mean and M2 with per-block two-pass sums, merged across
+// blocks and threads with Chan's formula.
 //
-// Why two passes per block: the block (at most kBlock values) is still in L1 for the second pass,
-// so it costs no memory traffic, and sum((x - block_mean)^2) has no cancellation however large the
-// offset |mean| / std is. The compensation term s1 (the sum of deviations, ~0) removes the effect of
-// the block mean's own rounding. Chan's merge is exact algebra on (count, mean, M2), so the result
-// does not depend on where the block boundaries fall.
+// Why two passes per block: the block (about kBlock values) is still in L1 for the second pass,
+// so it costs no memory traffic, and sum((x - shift)^2) with shift = the block's own mean has no
+// cancellation however large the offset |mean| / std is. The first-order term s1 = sum(x - shift)
+// (~0) corrects both the mean and M2 for the rounding of the shift. Chan's merge is exact algebra
+// on (count, mean, M2), so the result does not depend on where the block boundaries fall.
+//
+// Float input sums in float vectors within a block (kAccLanes independent lanes, so each lane
+// adds at most 64 terms before the block's sums go to double): the deviations x - shift are exact
+// for values near the mean (Sterbenz), so the float sums lose nothing that matters
+// (docs/numerics.md gives the bound). A block whose float sums are not finite (an Inf or NaN in
+// it, or values so large that a float sum or square overflows) is summed again in double, so
+// finite input up to float's range gives finite statistics, and non-finite input gives torch's
+// results (an Inf mean for same-signed infinities, NaN otherwise).
 #include "kernels/kernels.hpp"
 #include "kernels/per_isa.hpp"
+#include "kernels/simd.hpp"
 #include "parallel.hpp"
+
+#include <type_traits>
 
 // Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
 namespace bnorm::kernels::BNORM_ISA {
 namespace {
-
-
-constexpr int kLanes = 8;  // independent accumulators: lets the compiler vectorize the double sums
-
-template <class T>
-double sum_lanes(const T* p, std::int64_t len) {
-  double acc[kLanes] = {};
-  std::int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(p[i + j]);
-  double s = 0;
-  for (; i < len; ++i) s += static_cast<double>(p[i]);
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-template <class T>
-void deviation_sums(const T* p, std::int64_t len, double mean, double& s1, double& s2) {
-  double a1[kLanes] = {}, a2[kLanes] = {};
-  std::int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const double d = static_cast<double>(p[i + j]) - mean;
-      a1[j] += d;
-      a2[j] += d * d;
-    }
-  for (; i < len; ++i) {
-    const double d = static_cast<double>(p[i]) - mean;
-    s1 += d;
-    s2 += d * d;
-  }
-  for (int j = 0; j < kLanes; ++j) {
-    s1 += a1[j];
-    s2 += a2[j];
-  }
-}
 
 // M2 of a block from its deviation sums; clamped so that rounding can never make it negative
 // (the comparison keeps a NaN a NaN).
@@ -57,16 +32,97 @@ inline double block_m2(double s1, double s2, double count) {
   return m2 < 0 ? 0.0 : m2;
 }
 
-// Channels-first: a block is `rows` segments of `len` contiguous values, `stride` apart.
+// ---- Channels-first: a block is `rows` segments of `len` contiguous values, `stride` apart.
+
+// sum(x) over the segments, in T vectors.
+template <class T>
+double segments_sum(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len) {
+  constexpr int A = kAccVectors<T>;
+  constexpr std::int64_t W = kWidth<T>;
+  Vec<T> acc[A] = {};
+  T tail = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T* q = p + r * stride;
+    std::int64_t i = 0;
+    for (; i + A * W <= len; i += A * W)
+      for (int a = 0; a < A; ++a) acc[a] += load(q + i + a * W);
+    for (int a = 0; i + W <= len; i += W, ++a) acc[a] += load(q + i);  // fewer than A vectors left
+    for (; i < len; ++i) tail += q[i];
+  }
+  double s = static_cast<double>(tail);
+  for (int a = 0; a < A; ++a) s += hsum<T>(acc[a]);
+  return s;
+}
+
+// sum(x - shift) and sum((x - shift)^2) over the segments, in T vectors.
+template <class T>
+void segments_deviations(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len, T shift, double& s1,
+                         double& s2) {
+  constexpr int A = kAccVectors<T>;
+  constexpr std::int64_t W = kWidth<T>;
+  const Vec<T> vs = splat(shift);
+  Vec<T> a1[A] = {}, a2[A] = {};
+  T t1 = 0, t2 = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T* q = p + r * stride;
+    std::int64_t i = 0;
+    for (; i + A * W <= len; i += A * W)
+      for (int a = 0; a < A; ++a) {
+        const Vec<T> d = load(q + i + a * W) - vs;
+        a1[a] += d;
+        a2[a] += d * d;
+      }
+    for (int a = 0; i + W <= len; i += W, ++a) {
+      const Vec<T> d = load(q + i) - vs;
+      a1[a] += d;
+      a2[a] += d * d;
+    }
+    for (; i < len; ++i) {
+      const T d = q[i] - shift;
+      t1 += d;
+      t2 += d * d;
+    }
+  }
+  s1 = static_cast<double>(t1);
+  s2 = static_cast<double>(t2);
+  for (int a = 0; a < A; ++a) {
+    s1 += hsum<T>(a1[a]);
+    s2 += hsum<T>(a2[a]);
+  }
+}
+
+// The same two passes with every value converted to double: the fallback for float blocks whose
+// float sums are not finite.
+template <class T>
+void segments_moments_exact(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len, double& mean,
+                            double& m2) {
+  const double count = static_cast<double>(rows * len);
+  double s = 0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t i = 0; i < len; ++i) s += static_cast<double>(p[r * stride + i]);
+  mean = s / count;  // an Inf stays an Inf here (torch's mean); s1 below may be NaN
+  double s1 = 0, s2 = 0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t i = 0; i < len; ++i) {
+      const double d = static_cast<double>(p[r * stride + i]) - mean;
+      s1 += d;
+      s2 += d * d;
+    }
+  m2 = block_m2(s1, s2, count);
+}
+
 template <class T>
 void segments_moments(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len, double& mean,
                       double& m2) {
   const double count = static_cast<double>(rows * len);
-  double s = 0;
-  for (std::int64_t r = 0; r < rows; ++r) s += sum_lanes(p + r * stride, len);
-  mean = s / count;
-  double s1 = 0, s2 = 0;
-  for (std::int64_t r = 0; r < rows; ++r) deviation_sums(p + r * stride, len, mean, s1, s2);
+  const double sum = segments_sum(p, rows, stride, len);
+  const T shift = static_cast<T>(sum / count);
+  double s1, s2;
+  segments_deviations(p, rows, stride, len, shift, s1, s2);
+  if constexpr (std::is_same_v<T, float>) {
+    if (!std::isfinite(sum) || !std::isfinite(s2)) return segments_moments_exact(p, rows, stride, len, mean, m2);
+  }
+  mean = static_cast<double>(shift) + s1 / count;
   m2 = block_m2(s1, s2, count);
 }
 
@@ -75,40 +131,81 @@ void moments_channels_first(const T* x, const Geometry& g, double* mean, double*
   detail::parallel_for(g.C, [&](std::int64_t c) { channel_moments_cf(x, g, c, mean[c], m2[c]); });
 }
 
-// Channels-last: rows of C values; a block is `rows_per_block` rows, the per-channel sums run
-// across the row so that the loops over c vectorize.
+// ---- Channels-last: rows of C values. A block is cl_rows_per_block rows; within it, tiles of at
+// most kTileChannels channels (a tile's rows x channels values stay in L1 for the second pass), the
+// per-channel sums running along the row so that the loops over c are the vector loops.
+
+// Per-channel moments of `rows` rows of a tile of `ct` channels (row stride C).
+template <class T>
+void tile_moments(const T* p, std::int64_t rows, std::int64_t C, std::int64_t ct, double* bmean, double* bm2) {
+  constexpr std::int64_t W = kWidth<T>;
+  const double count = static_cast<double>(rows);
+  T sum[kTileChannels], shift[kTileChannels], s1[kTileChannels], s2[kTileChannels];
+  for (std::int64_t c = 0; c < ct; ++c) sum[c] = s1[c] = s2[c] = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T* q = p + r * C;
+    std::int64_t c = 0;
+    for (; c + W <= ct; c += W) store(sum + c, load(sum + c) + load(q + c));
+    for (; c < ct; ++c) sum[c] += q[c];
+  }
+  for (std::int64_t c = 0; c < ct; ++c) shift[c] = static_cast<T>(static_cast<double>(sum[c]) / count);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T* q = p + r * C;
+    std::int64_t c = 0;
+    for (; c + W <= ct; c += W) {
+      const Vec<T> d = load(q + c) - load(shift + c);
+      store(s1 + c, load(s1 + c) + d);
+      store(s2 + c, load(s2 + c) + d * d);
+    }
+    for (; c < ct; ++c) {
+      const T d = q[c] - shift[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+  for (std::int64_t c = 0; c < ct; ++c) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!std::isfinite(sum[c]) || !std::isfinite(s2[c])) {
+        segments_moments_exact(p + c, rows, C, 1, bmean[c], bm2[c]);  // column c: rows values, stride C
+        continue;
+      }
+    }
+    const double d1 = static_cast<double>(s1[c]);
+    bmean[c] = static_cast<double>(shift[c]) + d1 / count;
+    bm2[c] = block_m2(d1, static_cast<double>(s2[c]), count);
+  }
+}
+
+// Chan's merge of `count` new values per channel into (n, mean, m2) of every channel of a tile:
+// every channel has the same counts, so the weights are computed once.
+inline void merge_tile(double n, double count, double* mean, double* m2, const double* bmean, const double* bm2,
+                       std::int64_t ct) {
+  const double total = n + count, w_mean = count / total, w_m2 = n * count / total;
+  for (std::int64_t c = 0; c < ct; ++c) {
+    const double delta = bmean[c] - mean[c];
+    m2[c] += bm2[c] + delta * delta * w_m2;
+    mean[c] = delta - delta == 0 ? mean[c] + delta * w_mean : merged_mean(n, mean[c], count, bmean[c], total);
+  }
+}
 
 template <class T>
 void moments_channels_last(const T* x, const Geometry& g, double* mean, double* m2, double* ws) {
   const std::int64_t C = g.C, R = cl_rows_per_block(g);
   const int parts = reduce_threads(g);
   detail::parallel_ranges(g.rows(), R, parts, [&](int p, std::int64_t b, std::int64_t e) {
-    double* acc_mean = ws + static_cast<std::int64_t>(p) * 5 * C;
+    double* acc_mean = ws + static_cast<std::int64_t>(p) * 2 * C;
     double* acc_m2 = acc_mean + C;
-    double* bmean = acc_m2 + C;
-    double* s1 = bmean + C;
-    double* s2 = s1 + C;
     zero(acc_mean, 2 * C);
     double n = 0;
     for (std::int64_t r0 = b; r0 < e; r0 += R) {
       const std::int64_t rows = lesser(R, e - r0);
-      const T* blk = x + r0 * C;
-      zero(bmean, 3 * C);
-      for (std::int64_t r = 0; r < rows; ++r)
-        for (std::int64_t c = 0; c < C; ++c) bmean[c] += static_cast<double>(blk[r * C + c]);
-      const double count = static_cast<double>(rows);
-      for (std::int64_t c = 0; c < C; ++c) bmean[c] /= count;
-      for (std::int64_t r = 0; r < rows; ++r)
-        for (std::int64_t c = 0; c < C; ++c) {
-          const double d = static_cast<double>(blk[r * C + c]) - bmean[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      for (std::int64_t c = 0; c < C; ++c) {
-        double nc = n;  // every channel has the same count; merge each with its own copy
-        chan_merge(nc, acc_mean[c], acc_m2[c], count, bmean[c], block_m2(s1[c], s2[c], count));
+      for (std::int64_t c0 = 0; c0 < C; c0 += kTileChannels) {
+        const std::int64_t ct = lesser(kTileChannels, C - c0);
+        double bmean[kTileChannels], bm2[kTileChannels];
+        tile_moments(x + r0 * C + c0, rows, C, ct, bmean, bm2);
+        merge_tile(n, static_cast<double>(rows), acc_mean + c0, acc_m2 + c0, bmean, bm2, ct);
       }
-      n += count;
+      n += static_cast<double>(rows);
     }
   });
   // Merge the threads' partial moments in a fixed order.
@@ -116,14 +213,11 @@ void moments_channels_last(const T* x, const Geometry& g, double* mean, double* 
   zero(m2, C);
   double n = 0;
   for (int p = 0; p < parts; ++p) {
-    const double* acc_mean = ws + static_cast<std::int64_t>(p) * 5 * C;
-    const double* acc_m2 = acc_mean + C;
+    const double* acc_mean = ws + static_cast<std::int64_t>(p) * 2 * C;
     const detail::Range part = detail::range_of(g.rows(), R, parts, p);
     const double np = static_cast<double>(part.end - part.begin);
-    for (std::int64_t c = 0; c < C; ++c) {
-      double nc = n;
-      chan_merge(nc, mean[c], m2[c], np, acc_mean[c], acc_m2[c]);
-    }
+    if (np == 0) continue;
+    merge_tile(n, np, mean, m2, acc_mean, acc_mean + C, C);
     n += np;
   }
 }
@@ -132,20 +226,12 @@ void moments_channels_last(const T* x, const Geometry& g, double* mean, double* 
 
 template <class T>
 void channel_moments_cf(const T* x, const Geometry& g, std::int64_t c, double& mean, double& m2) {
-  const std::int64_t N = g.N, C = g.C, S = g.S;
-  // Blocks of whole rows (n, c) when a row is short, pieces of a row when it is long.
-  const std::int64_t rows_per_block = S >= kBlock ? 1 : greater(1, kBlock / greater(S, 1));
-  const std::int64_t piece = S >= kBlock ? kBlock : S;
   double n = 0, mu = 0, M2 = 0;
-  for (std::int64_t n0 = 0; n0 < N; n0 += rows_per_block) {
-    const std::int64_t rows = lesser(rows_per_block, N - n0);
-    for (std::int64_t s0 = 0; s0 < S; s0 += piece) {
-      const std::int64_t len = lesser(piece, S - s0);
-      double bm, bm2;
-      segments_moments(x + (n0 * C + c) * S + s0, rows, C * S, len, bm, bm2);
-      chan_merge(n, mu, M2, static_cast<double>(rows * len), bm, bm2);
-    }
-  }
+  for_each_cf_block(g, c, [&](std::int64_t offset, std::int64_t rows, std::int64_t len) {
+    double bm, bm2;
+    segments_moments(x + offset, rows, g.C * g.S, len, bm, bm2);
+    chan_merge(n, mu, M2, static_cast<double>(rows * len), bm, bm2);
+  });
   mean = mu;
   m2 = M2;
 }

@@ -1,0 +1,90 @@
+// Internal: the vector type of the kernel files, one per instruction-set build.
+//
+// GCC/Clang vector extensions rather than intrinsics: the same source is the AVX-512 (64-byte),
+// AVX2 (32-byte) or SSE2 (16-byte) kernel depending on the flags of the per-ISA object library,
+// and the hot loops say exactly how many independent accumulators they keep (the compiler may not
+// reassociate floating-point sums on its own, so a plain loop would be one dependent chain).
+//
+// Internal linkage throughout, for the reason given in per_isa.hpp.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace bnorm::kernels {
+namespace {
+
+#if defined(__AVX512F__)
+inline constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+inline constexpr int kVectorBytes = 32;
+#else
+inline constexpr int kVectorBytes = 16;
+#endif
+
+template <class T>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+  typedef std::int32_t mask __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+  typedef std::int64_t mask __attribute__((vector_size(kVectorBytes)));
+};
+
+template <class T>
+using Vec = typename VectorOf<T>::type;
+template <class T>
+using Mask = typename VectorOf<T>::mask;
+
+// Lanes of one vector.
+template <class T>
+inline constexpr std::int64_t kWidth = kVectorBytes / static_cast<int>(sizeof(T));
+
+// Vectors in one accumulator set: always 64 lanes of float (32 of double), whatever the ISA, so
+// that every build sums the same number of terms per lane and has the same rounding bound
+// (docs/numerics.md). 4 vectors of AVX-512 also cover the latency of the adds.
+template <class T>
+inline constexpr int kAccVectors = 256 / kVectorBytes;
+template <class T>
+inline constexpr std::int64_t kAccLanes = kAccVectors<T> * kWidth<T>;
+
+template <class T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class T>
+inline void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <class T>
+inline Vec<T> splat(T s) {
+  return Vec<T>{} + s;
+}
+template <class T>
+inline double hsum(Vec<T> v) {
+  double s = 0;
+  for (std::int64_t j = 0; j < kWidth<T>; ++j) s += static_cast<double>(v[j]);
+  return s;
+}
+
+// max(v, 0) lane by lane, keeping NaN a NaN (as torch.relu): clears the lanes where v < 0.
+template <class T>
+inline Vec<T> relu(Vec<T> v) {
+  const Mask<T> negative = v < Vec<T>{};
+  return reinterpret_cast<Vec<T>>(reinterpret_cast<Mask<T>>(v) & ~negative);
+}
+// v where gate > 0, else 0 (the ReLU's backward mask).
+template <class T>
+inline Vec<T> keep_where_positive(Vec<T> v, Vec<T> gate) {
+  const Mask<T> positive = gate > Vec<T>{};
+  return reinterpret_cast<Vec<T>>(reinterpret_cast<Mask<T>>(v) & positive);
+}
+
+}  // namespace
+}  // namespace bnorm::kernels
