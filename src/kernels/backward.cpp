@@ -70,12 +70,8 @@ void segments_sums(const T* dy, const T* x, const T* out, std::int64_t rows, std
       t2 += g * ((x[o + i] - mh) - ml);
     }
   }
-  sdy = static_cast<double>(t1);
-  sdx = static_cast<double>(t2);
-  for (int a = 0; a < A; ++a) {
-    sdy += hsum<T>(a1[a]);
-    sdx += hsum<T>(a2[a]);
-  }
+  sdy = static_cast<double>(t1) + hsum<T>(a1, A);
+  sdx = static_cast<double>(t2) + hsum<T>(a2, A);
   if constexpr (std::is_same_v<T, float>) {
     if (!std::isfinite(sdy) || !std::isfinite(sdx))
       segments_sums_exact<T, Relu>(dy, x, out, rows, stride, len, mh, ml, sdy, sdx);
@@ -119,12 +115,17 @@ void tile_sums(const T* dy, const T* x, const T* out, std::int64_t C, std::int64
       s2[c] += gs * ((x[o + c] - mh[c]) - ml[c]);
     }
   }
+  if (std::is_same_v<T, double> || all_finite(s1, s2, ct)) {  // the common case, as one vector loop
+    for (std::int64_t c = 0; c < ct; ++c) {
+      acc_dy[c] += static_cast<double>(s1[c]);
+      acc_dx[c] += static_cast<double>(s2[c]);
+    }
+    return;
+  }
   for (std::int64_t c = 0; c < ct; ++c) {
     double b1 = static_cast<double>(s1[c]), b2 = static_cast<double>(s2[c]);
-    if constexpr (std::is_same_v<T, float>) {
-      if (!std::isfinite(b1) || !std::isfinite(b2))  // column c: rows values, stride C
-        segments_sums_exact<T, Relu>(dy + c, x + c, Relu ? out + c : nullptr, rows, C, 1, mh[c], ml[c], b1, b2);
-    }
+    if (!std::isfinite(b1) || !std::isfinite(b2))  // column c: rows values, stride C
+      segments_sums_exact<T, Relu>(dy + c, x + c, Relu ? out + c : nullptr, rows, C, 1, mh[c], ml[c], b1, b2);
     acc_dy[c] += b1;
     acc_dx[c] += b2;
   }

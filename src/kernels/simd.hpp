@@ -66,11 +66,26 @@ template <class T>
 inline Vec<T> splat(T s) {
   return Vec<T>{} + s;
 }
+// The sum of all lanes of the n vectors at v, in double: lane-wise into double lanes, then a tree.
+// (A lane-by-lane scalar sum would be a chain of 64 dependent adds per accumulator set: at one
+// set per 2048-value block that alone would cost more than the block's loads.)
 template <class T>
-inline double hsum(Vec<T> v) {
-  double s = 0;
-  for (std::int64_t j = 0; j < kWidth<T>; ++j) s += static_cast<double>(v[j]);
-  return s;
+inline double hsum(const Vec<T>* v, int n) {
+  double lanes[kWidth<T>] = {};
+  for (int a = 0; a < n; ++a)
+    for (std::int64_t j = 0; j < kWidth<T>; ++j) lanes[j] += static_cast<double>(v[a][j]);
+  for (std::int64_t w = kWidth<T> / 2; w > 0; w /= 2)
+    for (std::int64_t j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+  return lanes[0];
+}
+
+// True when every a[i] and b[i] is finite (x - x is 0 exactly for finite x, NaN for Inf and NaN);
+// written as an integer or-reduction so that it vectorizes.
+template <class T>
+inline bool all_finite(const T* a, const T* b, std::int64_t n) {
+  int bad = 0;
+  for (std::int64_t i = 0; i < n; ++i) bad |= static_cast<int>(!(a[i] - a[i] == 0)) | static_cast<int>(!(b[i] - b[i] == 0));
+  return bad == 0;
 }
 
 // max(v, 0) lane by lane, keeping NaN a NaN (as torch.relu): clears the lanes where v < 0.

@@ -49,9 +49,7 @@ double segments_sum(const T* p, std::int64_t rows, std::int64_t stride, std::int
     for (int a = 0; i + W <= len; i += W, ++a) acc[a] += load(q + i);  // fewer than A vectors left
     for (; i < len; ++i) tail += q[i];
   }
-  double s = static_cast<double>(tail);
-  for (int a = 0; a < A; ++a) s += hsum<T>(acc[a]);
-  return s;
+  return static_cast<double>(tail) + hsum<T>(acc, A);
 }
 
 // sum(x - shift) and sum((x - shift)^2) over the segments, in T vectors.
@@ -83,12 +81,8 @@ void segments_deviations(const T* p, std::int64_t rows, std::int64_t stride, std
       t2 += d * d;
     }
   }
-  s1 = static_cast<double>(t1);
-  s2 = static_cast<double>(t2);
-  for (int a = 0; a < A; ++a) {
-    s1 += hsum<T>(a1[a]);
-    s2 += hsum<T>(a2[a]);
-  }
+  s1 = static_cast<double>(t1) + hsum<T>(a1, A);
+  s2 = static_cast<double>(t2) + hsum<T>(a2, A);
 }
 
 // The same two passes with every value converted to double: the fallback for float blocks whose
@@ -148,7 +142,8 @@ void tile_moments(const T* p, std::int64_t rows, std::int64_t C, std::int64_t ct
     for (; c + W <= ct; c += W) store(sum + c, load(sum + c) + load(q + c));
     for (; c < ct; ++c) sum[c] += q[c];
   }
-  for (std::int64_t c = 0; c < ct; ++c) shift[c] = static_cast<T>(static_cast<double>(sum[c]) / count);
+  const double inv_count = 1.0 / count;
+  for (std::int64_t c = 0; c < ct; ++c) shift[c] = static_cast<T>(static_cast<double>(sum[c]) * inv_count);
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* q = p + r * C;
     std::int64_t c = 0;
@@ -163,16 +158,22 @@ void tile_moments(const T* p, std::int64_t rows, std::int64_t C, std::int64_t ct
       s2[c] += d * d;
     }
   }
-  for (std::int64_t c = 0; c < ct; ++c) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (!std::isfinite(sum[c]) || !std::isfinite(s2[c])) {
-        segments_moments_exact(p + c, rows, C, 1, bmean[c], bm2[c]);  // column c: rows values, stride C
-        continue;
-      }
+  if (all_finite(sum, s2, ct)) {  // the common case, as one vector loop
+    for (std::int64_t c = 0; c < ct; ++c) {
+      const double d1 = static_cast<double>(s1[c]), m2 = static_cast<double>(s2[c]) - d1 * d1 * inv_count;
+      bmean[c] = static_cast<double>(shift[c]) + d1 * inv_count;
+      bm2[c] = m2 < 0 ? 0.0 : m2;
     }
-    const double d1 = static_cast<double>(s1[c]);
-    bmean[c] = static_cast<double>(shift[c]) + d1 / count;
-    bm2[c] = block_m2(d1, static_cast<double>(s2[c]), count);
+    return;
+  }
+  for (std::int64_t c = 0; c < ct; ++c) {
+    if (std::isfinite(sum[c]) && std::isfinite(s2[c])) {
+      const double d1 = static_cast<double>(s1[c]);
+      bmean[c] = static_cast<double>(shift[c]) + d1 * inv_count;
+      bm2[c] = block_m2(d1, static_cast<double>(s2[c]), count);
+    } else {
+      segments_moments_exact(p + c, rows, C, 1, bmean[c], bm2[c]);  // column c: rows values, stride C
+    }
   }
 }
 
@@ -184,7 +185,9 @@ inline void merge_tile(double n, double count, double* mean, double* m2, const d
   for (std::int64_t c = 0; c < ct; ++c) {
     const double delta = bmean[c] - mean[c];
     m2[c] += bm2[c] + delta * delta * w_m2;
-    mean[c] = delta - delta == 0 ? mean[c] + delta * w_mean : merged_mean(n, mean[c], count, bmean[c], total);
+    // merged_mean, written out so that the loop stays one vector loop (both sides are computed)
+    const double chan = mean[c] + delta * w_mean, weighted = (mean[c] * n + bmean[c] * count) / total;
+    mean[c] = delta - delta == 0 ? chan : weighted;
   }
 }
 
