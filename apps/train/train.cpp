@@ -7,6 +7,7 @@
 // exit status 2 (usage, data) or 1 (anything that fails later); tests: train_errors.sh.
 #include "bnorm_torch.hpp"
 #include "idx.hpp"
+#include "sync_bn.hpp"
 
 #include <bnorm/types.hpp>
 
@@ -510,6 +511,9 @@ int run(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // --sync-bn: data-parallel training under mpirun, its own options (apps/train/sync_bn.cpp).
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--sync-bn") return bnorm::train::sync_bn_main(argc, argv);
   Options o;
   CLI::App app{"bnorm-train: BatchNorm (bnorm's, torch's, none) on Fashion-MNIST with libtorch"};
   app.add_option("--data", o.data_dir, "folder with the Fashion-MNIST IDX files (.gz or plain)");
