@@ -167,6 +167,45 @@ INSTANTIATE_TEST_SUITE_P(Shapes, KernelVsReference, ::testing::Range<std::size_t
                            return name;
                          });
 
+// Outputs of kernels::kStreamBytes or more are written with non-temporal stores (after a scalar
+// head up to the vector boundary; channels-last only when every row is vector-aligned). y and dx
+// against the reference, both layouts, the fused channels-first path (256 KiB channels) and the
+// unfused one, output buffers 64-byte aligned and 4 bytes off, with the ReLU masks.
+TEST(Kernels, StreamedLargeOutputsMatchReference) {
+  ThreadScope threads(2);
+  for (const Dims& d : {Dims{{8, 160, 8192}}, Dims{{2, 6, 1 << 20}}}) {
+    ASSERT_GE(d.numel() * 4, kernels::kStreamBytes);
+    std::mt19937_64 rng(99);
+    const std::vector<double> x = random_input<float>(d, rng), dy = random_input<float>(d, rng, 0.5);
+    const reference::Problem p{d.N(), d.C(), d.S(), true, 0.1, 1e-5, true};
+    const reference::Forward ref = reference::forward(p, x, {}, {}, {}, {});
+    const reference::Backward rb = reference::backward(p, x, {}, ref, dy);
+    for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast})
+      for (std::size_t offset : {std::size_t{0}, std::size_t{1}}) {
+        SCOPED_TRACE(d.str() + (layout == Layout::ChannelsLast ? " CL" : " CF") + " offset " + std::to_string(offset));
+        const std::size_t n = static_cast<std::size_t>(d.numel());
+        const std::vector<float> xm = to_layout<float>(x, d, layout), dym = to_layout<float>(dy, d, layout);
+        std::vector<float> ybuf(n + 32), dxbuf(n + 32), sm(static_cast<std::size_t>(d.C())), si(sm.size());
+        auto aligned = [&](std::vector<float>& b) {
+          auto a = reinterpret_cast<std::uintptr_t>(b.data());
+          return b.data() + ((64 - a % 64) % 64) / 4 + offset;
+        };
+        float* y = aligned(ybuf);
+        float* dx = aligned(dxbuf);
+        const Shape s = d.view_shape();
+        batch_norm(ConstTensorView(xm.data(), s, layout), TensorView(y, s, layout), {}, {}, {}, {}, true, 0.1, 1e-5,
+                   VectorView(sm), VectorView(si), Activation::Relu);
+        batch_norm_backward(ConstTensorView(dym.data(), s, layout), ConstTensorView(xm.data(), s, layout), {}, {}, {},
+                            ConstVectorView(sm), ConstVectorView(si), true, 1e-5, TensorView(dx, s, layout), {}, {},
+                            Activation::Relu, ConstTensorView(y, s, layout));
+        const double t = tol<float>();
+        EXPECT_TRUE(close(from_layout(std::vector<float>(y, y + n), d, layout), ref.y, t, t, "y"));
+        EXPECT_TRUE(close(from_layout(std::vector<float>(dx, dx + n), d, layout), rb.dx, 4 * t * std::max(1.0, max_abs(rb.dx)),
+                          0, "dx"));
+      }
+  }
+}
+
 // ---- Numerical robustness -------------------------------------------------------------------
 
 // Batch statistics of float32 data with |mean| / std = ratio, in both layouts and with 1..4

@@ -169,25 +169,39 @@ inline T apply_one(T dy, T x, const T* out, std::int64_t i, T mh, T ml, T kdy, T
   return masked<T, Relu>(dy, out, i) * kdy - ((x - mh) - ml) * kx - kc;
 }
 
-// dx over `len` contiguous values of one channel (channels-first).
+// dx over `len` contiguous values of one channel (channels-first); with `stream`, non-temporal
+// stores (the caller fences). dx may be dy or x: each vector is read before it is written.
 template <class T, bool Relu>
-void apply_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc) {
+void apply_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc,
+               bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   const Vec<T> vh = splat(mh), vl = splat(ml), vdy = splat(kdy), vx = splat(kx), vc = splat(kc);
   std::int64_t i = 0;
+  if (stream) {
+    for (const std::int64_t head = elements_to_alignment(dx, len); i < head; ++i)
+      dx[i] = apply_one<T, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
+    for (; i + W <= len; i += W)
+      store_stream(dx + i, masked_vec<T, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
+  }
   for (; i + W <= len; i += W)
     store(dx + i, masked_vec<T, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
   for (; i < len; ++i) dx[i] = apply_one<T, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
 }
 
-// dx over one row of C channels (channels-last).
+// dx over one row of C channels (channels-last); with `stream`, every row is vector-aligned.
 template <class T, bool Relu>
-void apply_channels_last_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t C, const BackwardCoeffs<T>& k) {
+void apply_channels_last_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t C, const BackwardCoeffs<T>& k,
+                             bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   std::int64_t c = 0;
-  for (; c + W <= C; c += W)
-    store(dx + c, masked_vec<T, Relu>(dy, out, c) * load(k.k_dy + c) -
-                      ((load(x + c) - load(k.mean_hi + c)) - load(k.mean_lo + c)) * load(k.k_x + c) - load(k.k_c + c));
+  for (; c + W <= C; c += W) {
+    const Vec<T> v = masked_vec<T, Relu>(dy, out, c) * load(k.k_dy + c) -
+                     ((load(x + c) - load(k.mean_hi + c)) - load(k.mean_lo + c)) * load(k.k_x + c) - load(k.k_c + c);
+    if (stream)
+      store_stream(dx + c, v);
+    else
+      store(dx + c, v);
+  }
   for (; c < C; ++c)
     dx[c] = apply_one<T, Relu>(dy[c], x[c], out, c, k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]);
 }
@@ -195,15 +209,19 @@ void apply_channels_last_row(const T* dy, const T* x, const T* out, T* dx, std::
 template <class T, bool Relu>
 void apply_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
+    const bool stream = stream_output<T>(g);
     detail::parallel_for(g.N * g.C, [&](std::int64_t nc) {
       const std::int64_t c = nc % g.C, off = nc * g.S;
       apply_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.mean_hi[c], k.mean_lo[c],
-                         k.k_dy[c], k.k_x[c], k.k_c[c]);
+                         k.k_dy[c], k.k_x[c], k.k_c[c], stream);
+      if (stream) stream_fence();
     });
   } else {
+    const bool stream = stream_output<T>(g) && rows_stay_aligned(dx, g.C);
     detail::parallel_for(g.rows(), [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
-      apply_channels_last_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k);
+      apply_channels_last_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k, stream);
+      if (stream) stream_fence();
     });
   }
 }
@@ -212,6 +230,7 @@ template <class T, bool Relu>
 void fused_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const double* mean,
                 const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
   const double m = static_cast<double>(g.per_channel());
+  const bool stream = stream_output<T>(g);
   detail::parallel_for(g.C, [&](std::int64_t c) {
     T hi, lo;
     split_mean(mean[c], hi, lo);
@@ -224,8 +243,9 @@ void fused_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g,
     backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, kdy, kx, kc);
     for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
       const std::int64_t off = (n * g.C + c) * g.S;
-      apply_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, hi, lo, kdy, kx, kc);
+      apply_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, hi, lo, kdy, kx, kc, stream);
     }
+    if (stream) stream_fence();
   });
 }
 

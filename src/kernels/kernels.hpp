@@ -28,6 +28,15 @@ inline constexpr std::int64_t kBlock = 2048;
 // rows), so that a tile's values and its per-channel sums stay in L1 between the two passes.
 inline constexpr std::int64_t kTileChannels = 256;
 
+// Outputs of at least this many bytes are written with non-temporal stores (simd.hpp): a tensor
+// this large does not stay in the caches for its consumer anyway, and streaming it saves the read
+// of every destination line and keeps the input's lines in cache for the kernel's second pass.
+inline constexpr std::int64_t kStreamBytes = std::int64_t{32} << 20;
+template <class T>
+bool stream_output(const Geometry& g) {
+  return g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
+}
+
 // The instruction sets the kernels are compiled for; dispatch picks the best the CPU has.
 enum class Isa { Generic, Avx2, Avx512 };
 Isa active_isa();

@@ -27,37 +27,53 @@ inline Vec<T> normalize_vec(Vec<T> x, Vec<T> mh, Vec<T> ml, Vec<T> sc, Vec<T> sh
   else return v;
 }
 
-// `len` contiguous values of one channel (channels-first).
+// `len` contiguous values of one channel (channels-first); with `stream`, y is written with
+// non-temporal stores (the caller fences).
 template <class T, bool Relu>
-void normalize_row(const T* x, T* y, std::int64_t len, T mh, T ml, T sc, T sh) {
+void normalize_row(const T* x, T* y, std::int64_t len, T mh, T ml, T sc, T sh, bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   const Vec<T> vh = splat(mh), vl = splat(ml), vsc = splat(sc), vsh = splat(sh);
   std::int64_t i = 0;
+  if (stream) {
+    for (const std::int64_t head = elements_to_alignment(y, len); i < head; ++i)
+      y[i] = normalize_one<T, Relu>(x[i], mh, ml, sc, sh);
+    for (; i + W <= len; i += W) store_stream(y + i, normalize_vec<T, Relu>(load(x + i), vh, vl, vsc, vsh));
+  }
   for (; i + W <= len; i += W) store(y + i, normalize_vec<T, Relu>(load(x + i), vh, vl, vsc, vsh));
   for (; i < len; ++i) y[i] = normalize_one<T, Relu>(x[i], mh, ml, sc, sh);
 }
 
-// One row of C channels (channels-last).
+// One row of C channels (channels-last); with `stream`, y is vector-aligned and so is every row.
 template <class T, bool Relu>
-void normalize_channels_last_row(const T* x, T* y, std::int64_t C, const ChannelCoeffs<T>& k) {
+void normalize_channels_last_row(const T* x, T* y, std::int64_t C, const ChannelCoeffs<T>& k, bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   std::int64_t c = 0;
-  for (; c + W <= C; c += W)
-    store(y + c, normalize_vec<T, Relu>(load(x + c), load(k.mean_hi + c), load(k.mean_lo + c), load(k.scale + c),
-                                        load(k.shift + c)));
+  for (; c + W <= C; c += W) {
+    const Vec<T> v =
+        normalize_vec<T, Relu>(load(x + c), load(k.mean_hi + c), load(k.mean_lo + c), load(k.scale + c), load(k.shift + c));
+    if (stream)
+      store_stream(y + c, v);
+    else
+      store(y + c, v);
+  }
   for (; c < C; ++c) y[c] = normalize_one<T, Relu>(x[c], k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c]);
 }
 
 template <class T, bool Relu>
 void normalize_impl(const T* x, T* y, const Geometry& g, const ChannelCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
+    const bool stream = stream_output<T>(g);
     detail::parallel_for(g.N * g.C, [&](std::int64_t nc) {
       const std::int64_t c = nc % g.C;
-      normalize_row<T, Relu>(x + nc * g.S, y + nc * g.S, g.S, k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c]);
+      normalize_row<T, Relu>(x + nc * g.S, y + nc * g.S, g.S, k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c],
+                             stream);
+      if (stream) stream_fence();  // this thread's streamed lines are visible before the region's barrier
     });
   } else {
+    const bool stream = stream_output<T>(g) && rows_stay_aligned(y, g.C);
     detail::parallel_for(g.rows(), [&](std::int64_t r) {
-      normalize_channels_last_row<T, Relu>(x + r * g.C, y + r * g.C, g.C, k);
+      normalize_channels_last_row<T, Relu>(x + r * g.C, y + r * g.C, g.C, k, stream);
+      if (stream) stream_fence();
     });
   }
 }
@@ -76,6 +92,7 @@ template <class T>
 void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
                       Activation act, double* mean, double* var) {
   const double m = static_cast<double>(g.per_channel());
+  const bool stream = stream_output<T>(g);
   detail::parallel_for(g.C, [&](std::int64_t c) {
     double mu, m2;
     channel_moments_cf(x, g, c, mu, m2);  // first pass: from memory
@@ -88,10 +105,11 @@ void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, 
     for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
       const std::int64_t off = (n * g.C + c) * g.S;
       if (act == Activation::Relu)
-        normalize_row<T, true>(x + off, y + off, g.S, hi, lo, scale, shift);
+        normalize_row<T, true>(x + off, y + off, g.S, hi, lo, scale, shift, stream);
       else
-        normalize_row<T, false>(x + off, y + off, g.S, hi, lo, scale, shift);
+        normalize_row<T, false>(x + off, y + off, g.S, hi, lo, scale, shift, stream);
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -10,6 +10,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace bnorm::kernels {
 namespace {
@@ -62,6 +67,44 @@ template <class T>
 inline void store(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
+// Stores v at p (kVectorBytes-aligned) with a non-temporal store: the line goes to memory without
+// being read first (no read-for-ownership) and without evicting the data the kernel still needs.
+// For outputs far larger than the caches; stream_fence() must follow before the data are shared.
+template <class T>
+inline void store_stream(T* p, Vec<T> v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
+  else _mm512_stream_pd(p, v);
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v);
+  else _mm256_stream_pd(p, v);
+#elif defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) _mm_stream_ps(p, v);
+  else _mm_stream_pd(p, v);
+#else
+  store(p, v);
+#endif
+}
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+// Elements before p + result are not kVectorBytes-aligned (at most n).
+template <class T>
+inline std::int64_t elements_to_alignment(const T* p, std::int64_t n) {
+  const auto misalign = reinterpret_cast<std::uintptr_t>(p) % kVectorBytes;
+  const std::int64_t k = misalign == 0 ? 0 : static_cast<std::int64_t>((kVectorBytes - misalign) / sizeof(T));
+  return k < n ? k : n;
+}
+
+// True when p and every row of C values after it start on a vector boundary.
+template <class T>
+inline bool rows_stay_aligned(const T* p, std::int64_t C) {
+  return reinterpret_cast<std::uintptr_t>(p) % kVectorBytes == 0 &&
+         (C * static_cast<std::int64_t>(sizeof(T))) % kVectorBytes == 0;
+}
+
 template <class T>
 inline Vec<T> splat(T s) {
   return Vec<T>{} + s;
