@@ -14,32 +14,48 @@ namespace bnorm {
 namespace {
 
 using detail::check_vector;
+using kernels::Compute;
 using kernels::Geometry;
 
-// Reads a per-channel vector of dtype T or float64 as doubles; absent gives `fallback`.
+// Calls f(T{}) with T the storage type of dtype (float, double or bfloat16); validation has
+// already refused any other dtype.
+template <class F>
+void with_storage(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float64: return f(double{});
+    case DType::BFloat16: return f(bfloat16{});
+    case DType::Float32: break;
+  }
+  f(float{});
+}
+
+// Reads a per-channel vector that goes with a tensor stored as T (so of dtype Compute<T>, or
+// float64) as doubles; absent gives `fallback`.
 template <class T>
 std::vector<double> read_channels(const ConstVectorView& v, std::int64_t C, double fallback) {
+  using P = Compute<T>;
   std::vector<double> out(static_cast<std::size_t>(C), fallback);
   if (!v.present()) return out;
   for (std::size_t c = 0; c < out.size(); ++c)
     out[c] = v.dtype() == DType::Float64 ? static_cast<const double*>(v.data())[c]
-                                         : static_cast<double>(static_cast<const T*>(v.data())[c]);
+                                         : static_cast<double>(static_cast<const P*>(v.data())[c]);
   return out;
 }
 
 template <class T>
 void write_channels(const VectorView& v, const std::vector<double>& values) {
+  using P = Compute<T>;
   if (!v.present()) return;
   for (std::size_t c = 0; c < values.size(); ++c) {
     if (v.dtype() == DType::Float64)
       static_cast<double*>(v.data())[c] = values[c];
     else
-      static_cast<T*>(v.data())[c] = static_cast<T>(values[c]);
+      static_cast<P*>(v.data())[c] = static_cast<P>(values[c]);
   }
 }
 
-template <class T>
-void split_means(const std::vector<double>& mean, std::vector<T>& hi, std::vector<T>& lo) {
+template <class P>
+void split_means(const std::vector<double>& mean, std::vector<P>& hi, std::vector<P>& lo) {
   hi.resize(mean.size());
   lo.resize(mean.size());
   for (std::size_t c = 0; c < mean.size(); ++c) kernels::split_mean(mean[c], hi[c], lo[c]);
@@ -61,12 +77,13 @@ template <class T>
 void normalize_with(const T* x, T* y, const Geometry& g, const std::vector<double>& mean,
                     const std::vector<double>& invstd, const std::vector<double>& gamma,
                     const std::vector<double>& beta, Activation act) {
+  using P = Compute<T>;
   const std::size_t uC = mean.size();
-  std::vector<T> hi, lo, scale(uC), shift(uC);
+  std::vector<P> hi, lo, scale(uC), shift(uC);
   split_means(mean, hi, lo);
   for (std::size_t c = 0; c < uC; ++c) {
-    scale[c] = static_cast<T>(gamma[c] * invstd[c]);
-    shift[c] = static_cast<T>(beta[c]);
+    scale[c] = static_cast<P>(gamma[c] * invstd[c]);
+    shift[c] = static_cast<P>(beta[c]);
   }
   if (g.per_channel() > 0) kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act);
 }
@@ -120,8 +137,8 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
 
 // sum(dy') and sum(dy' * (x - mean)) of this input (zeros when it holds no values).
 template <class T>
-void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const std::vector<T>& hi,
-                 const std::vector<T>& lo, double* sum_dy, double* sum_dy_xmu) {
+void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const std::vector<Compute<T>>& hi,
+                 const std::vector<Compute<T>>& lo, double* sum_dy, double* sum_dy_xmu) {
   if (g.per_channel() < 1) return;
   std::vector<double> ws = reduce_workspace(g);
   kernels::backward_reduce(dy, x, out, g, hi.data(), lo.data(), sum_dy, sum_dy_xmu, ws.data());
@@ -129,12 +146,12 @@ void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const
 
 // dx from the sums over the m values the statistics came from.
 template <class T>
-void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const std::vector<T>& hi,
-              const std::vector<T>& lo, const std::vector<double>& gamma, const std::vector<double>& invstd,
+void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const std::vector<Compute<T>>& hi,
+              const std::vector<Compute<T>>& lo, const std::vector<double>& gamma, const std::vector<double>& invstd,
               const double* sum_dy, const double* sum_dy_xmu, double m, bool training) {
   if (g.per_channel() < 1) return;
   const std::size_t uC = hi.size();
-  std::vector<T> k_dy(uC), k_x(uC), k_c(uC);
+  std::vector<Compute<T>> k_dy(uC), k_x(uC), k_c(uC);
   for (std::size_t c = 0; c < uC; ++c)
     kernels::backward_coeffs(gamma[c], invstd[c], sum_dy[c], sum_dy_xmu[c], m, training, k_dy[c], k_x[c], k_c[c]);
   kernels::backward_apply(dy, x, out, dx, g, {hi.data(), lo.data(), k_dy.data(), k_x.data(), k_c.data()});
@@ -176,7 +193,7 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
     kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
                                sum_dy_xmu.data());
   } else {
-    std::vector<T> hi, lo;
+    std::vector<Compute<T>> hi, lo;
     split_means(mean, hi, lo);
     if (need_sums) reduce_sums(dy, x, out, g, hi, lo, sum_dy.data(), sum_dy_xmu.data());
     if (dx) apply_dx(dy, x, out, dx, g, hi, lo, gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m, training);
@@ -228,13 +245,11 @@ void batch_norm(ConstTensorView input, TensorView output, VectorView running_mea
   const detail::TensorInfo in = detail::check_forward_args(fn, input, output, running_mean, running_var, weight, bias,
                                                            training, momentum, eps, save_mean, save_invstd, activation);
   if (training) detail::check_training_count(fn, input, in);
-  const DType dt = input.dtype();
-  if (dt == DType::Float32)
-    forward_impl(static_cast<const float*>(input.data()), static_cast<float*>(output.data()), in.geometry, running_mean,
+  with_storage(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), in.geometry, running_mean,
                  running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation);
-  else
-    forward_impl(static_cast<const double*>(input.data()), static_cast<double*>(output.data()), in.geometry,
-                 running_mean, running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation);
+  });
 }
 
 void batch_norm_inference(ConstTensorView input, TensorView output, ConstVectorView running_mean,
@@ -308,16 +323,13 @@ void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, Con
                                   output);
   const bool want_dx = !grad_input.empty();
   const bool relu = activation == Activation::Relu;
-  if (input.dtype() == DType::Float32)
-    backward_impl(static_cast<const float*>(grad_output.data()), static_cast<const float*>(input.data()),
-                  relu ? static_cast<const float*>(output.data()) : nullptr,
-                  want_dx ? static_cast<float*>(grad_input.data()) : nullptr, in.geometry, weight, running_mean,
+  with_storage(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(input.data()),
+                  relu ? static_cast<const T*>(output.data()) : nullptr,
+                  want_dx ? static_cast<T*>(grad_input.data()) : nullptr, in.geometry, weight, running_mean,
                   running_var, save_mean, save_invstd, training, eps, grad_weight, grad_bias);
-  else
-    backward_impl(static_cast<const double*>(grad_output.data()), static_cast<const double*>(input.data()),
-                  relu ? static_cast<const double*>(output.data()) : nullptr,
-                  want_dx ? static_cast<double*>(grad_input.data()) : nullptr, in.geometry, weight, running_mean,
-                  running_var, save_mean, save_invstd, training, eps, grad_weight, grad_bias);
+  });
 }
 
 void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
@@ -330,18 +342,13 @@ void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
     detail::fail(fn, "input: expected at least 1 value per channel, got shape " + input.shape().str());
   const Geometry& g = in.geometry;
   std::vector<double> mu(static_cast<std::size_t>(C)), m2(mu.size()), ws = reduce_workspace(g);
-  if (input.dtype() == DType::Float32)
-    kernels::channel_moments(static_cast<const float*>(input.data()), g, mu.data(), m2.data(), ws.data());
-  else
-    kernels::channel_moments(static_cast<const double*>(input.data()), g, mu.data(), m2.data(), ws.data());
-  for (double& v : m2) v /= static_cast<double>(g.per_channel());
-  if (input.dtype() == DType::Float32) {
-    write_channels<float>(mean, mu);
-    write_channels<float>(var, m2);
-  } else {
-    write_channels<double>(mean, mu);
-    write_channels<double>(var, m2);
-  }
+  with_storage(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    kernels::channel_moments(static_cast<const T*>(input.data()), g, mu.data(), m2.data(), ws.data());
+    for (double& v : m2) v /= static_cast<double>(g.per_channel());
+    write_channels<T>(mean, mu);
+    write_channels<T>(var, m2);
+  });
 }
 
 // The shared pieces (functional_parts.hpp): the same templates as above, entered with a dtype.
@@ -369,7 +376,7 @@ const T* data_or_null(ConstTensorView t) {
 template <class T>
 void backward_sums_t(ConstTensorView dy, ConstTensorView x, ConstTensorView out, const Geometry& g,
                      ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu) {
-  std::vector<T> hi, lo;
+  std::vector<Compute<T>> hi, lo;
   split_means(read_channels<T>(save_mean, g.C, 0.0), hi, lo);
   reduce_sums(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out), g, hi, lo,
               sum_dy, sum_dy_xmu);
@@ -383,7 +390,7 @@ void backward_finish_t(ConstTensorView dy, ConstTensorView x, ConstTensorView ou
                        VectorView grad_bias) {
   const std::vector<double> invstd = read_channels<T>(save_invstd, g.C, 1.0);
   if (!dx.empty()) {
-    std::vector<T> hi, lo;
+    std::vector<Compute<T>> hi, lo;
     split_means(read_channels<T>(save_mean, g.C, 0.0), hi, lo);
     apply_dx(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out),
              static_cast<T*>(dx.data()), g, hi, lo, read_channels<T>(weight, g.C, 1.0), invstd, sum_dy, sum_dy_xmu,
@@ -405,32 +412,29 @@ void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, do
     return;
   }
   std::vector<double> ws = reduce_workspace(g);
-  if (input.dtype() == DType::Float32)
-    kernels::channel_moments(static_cast<const float*>(input.data()), g, mean, m2, ws.data());
-  else
-    kernels::channel_moments(static_cast<const double*>(input.data()), g, mean, m2, ws.data());
+  with_storage(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    kernels::channel_moments(static_cast<const T*>(input.data()), g, mean, m2, ws.data());
+  });
 }
 
 void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, const std::vector<double>& mean,
                         const std::vector<double>& var, double count, VectorView running_mean, VectorView running_var,
                         ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
                         VectorView save_mean, VectorView save_invstd, Activation activation) {
-  if (input.dtype() == DType::Float32)
-    forward_with_stats_t<float>(input, output, in.geometry, mean, var, count, running_mean, running_var, weight, bias,
-                                training, momentum, eps, save_mean, save_invstd, activation);
-  else
-    forward_with_stats_t<double>(input, output, in.geometry, mean, var, count, running_mean, running_var, weight, bias,
-                                 training, momentum, eps, save_mean, save_invstd, activation);
+  with_storage(input.dtype(), [&](auto tag) {
+    forward_with_stats_t<decltype(tag)>(input, output, in.geometry, mean, var, count, running_mean, running_var, weight,
+                                        bias, training, momentum, eps, save_mean, save_invstd, activation);
+  });
 }
 
 void backward_sums(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
                    ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu) {
   std::fill(sum_dy, sum_dy + in.geometry.C, 0.0);
   std::fill(sum_dy_xmu, sum_dy_xmu + in.geometry.C, 0.0);
-  if (input.dtype() == DType::Float32)
-    backward_sums_t<float>(grad_output, input, output, in.geometry, save_mean, sum_dy, sum_dy_xmu);
-  else
-    backward_sums_t<double>(grad_output, input, output, in.geometry, save_mean, sum_dy, sum_dy_xmu);
+  with_storage(input.dtype(), [&](auto tag) {
+    backward_sums_t<decltype(tag)>(grad_output, input, output, in.geometry, save_mean, sum_dy, sum_dy_xmu);
+  });
 }
 
 void backward_finish(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
@@ -438,12 +442,11 @@ void backward_finish(ConstTensorView grad_output, ConstTensorView input, ConstTe
                      const double* local_sum_dy, const double* local_sum_dy_xmu, const double* sum_dy,
                      const double* sum_dy_xmu, double count, TensorView grad_input, VectorView grad_weight,
                      VectorView grad_bias) {
-  if (input.dtype() == DType::Float32)
-    backward_finish_t<float>(grad_output, input, output, in.geometry, weight, save_mean, save_invstd, local_sum_dy,
-                             local_sum_dy_xmu, sum_dy, sum_dy_xmu, count, grad_input, grad_weight, grad_bias);
-  else
-    backward_finish_t<double>(grad_output, input, output, in.geometry, weight, save_mean, save_invstd, local_sum_dy,
-                              local_sum_dy_xmu, sum_dy, sum_dy_xmu, count, grad_input, grad_weight, grad_bias);
+  with_storage(input.dtype(), [&](auto tag) {
+    backward_finish_t<decltype(tag)>(grad_output, input, output, in.geometry, weight, save_mean, save_invstd,
+                                     local_sum_dy, local_sum_dy_xmu, sum_dy, sum_dy_xmu, count, grad_input, grad_weight,
+                                     grad_bias);
+  });
 }
 
 }  // namespace detail

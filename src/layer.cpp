@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <type_traits>
 
 namespace bnorm {
 namespace {
@@ -119,8 +120,11 @@ void BasicBatchNorm<P>::check_input(ConstTensorView x, const char* fn) const {
   if (x.shape()[1] != num_features_)
     detail::fail(fn, "input: expected " + std::to_string(num_features_) + " channels (num_features) in dim 1, got " +
                          std::to_string(x.shape()[1]) + " in shape " + x.shape().str());
-  if (x.dtype() != dtype_of<P>())
-    detail::fail(fn, "input: expected dtype " + to_string(dtype_of<P>()) + " (the layer's), got " + to_string(x.dtype()));
+  // A float32 layer also takes bfloat16 activations (its parameters and statistics stay float32).
+  const bool mixed = std::is_same_v<P, float> && x.dtype() == DType::BFloat16;
+  if (x.dtype() != dtype_of<P>() && !mixed)
+    detail::fail(fn, "input: expected dtype " + to_string(dtype_of<P>()) +
+                         (std::is_same_v<P, float> ? " or bfloat16" : "") + " (the layer's), got " + to_string(x.dtype()));
 }
 
 template <class P>

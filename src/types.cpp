@@ -8,6 +8,7 @@ std::string to_string(DType t) {
   switch (t) {
     case DType::Float32: return "float32";
     case DType::Float64: return "float64";
+    case DType::BFloat16: return "bfloat16";
   }
   return "dtype(" + std::to_string(static_cast<int>(t)) + ")";
 }
@@ -24,6 +25,7 @@ std::size_t size_of(DType t) {
   switch (t) {
     case DType::Float32: return 4;
     case DType::Float64: return 8;
+    case DType::BFloat16: return 2;
   }
   return 0;
 }

@@ -12,7 +12,7 @@ std::string num(double v) {
   s << v;
   return s.str();
 }
-bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float64; }
+bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float64 || d == DType::BFloat16; }
 bool valid_layout(Layout l) { return l == Layout::ChannelsFirst || l == Layout::ChannelsLast; }
 // The kernels read through float* / double*: a pointer off the element's alignment is undefined
 // behaviour there (and a fault with aligned vector loads), so it is refused up front.
@@ -37,7 +37,7 @@ TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView&
     fail(fn, arg + ": expected a tensor of rank >= 2 (N, C, ...), got rank " + std::to_string(s.rank()) +
                  " with shape " + s.str());
   if (!valid_dtype(t.dtype()))
-    fail(fn, arg + ": expected dtype float32 or float64, got unsupported " + to_string(t.dtype()));
+    fail(fn, arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(t.dtype()));
   if (!valid_layout(t.layout()))
     fail(fn, arg + ": expected layout channels_first or channels_last, got unsupported " + to_string(t.layout()));
   std::int64_t numel = 1, spatial = 1;
@@ -81,9 +81,11 @@ void check_like(const char* fn, const char* name, const ConstTensorView& t, cons
                  to_string(t.layout()));
 }
 
-void check_vector(const char* fn, const char* name, const ConstVectorView& v, std::int64_t C, DType dtype,
+void check_vector(const char* fn, const char* name, const ConstVectorView& v, std::int64_t C, DType tensor_dtype,
                   bool also_float64) {
   const std::string arg = name;
+  // The per-channel vectors of a bfloat16 tensor are float32 (torch's mixed-precision rule).
+  const DType dtype = tensor_dtype == DType::BFloat16 ? DType::Float32 : tensor_dtype;
   if (v.size() != C)
     fail(fn, arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
   if (v.dtype() != dtype && !(also_float64 && v.dtype() == DType::Float64))

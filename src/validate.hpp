@@ -27,7 +27,8 @@ TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView&
 void check_like(const char* fn, const char* name, const ConstTensorView& t, const char* like_name,
                 const ConstTensorView& like);
 
-// A per-channel vector: length C, one of the allowed dtypes, a data pointer when C > 0.
+// A per-channel vector that goes with a tensor of dtype `dtype`: length C, that dtype (float32 for a
+// bfloat16 tensor) or, with also_float64, float64; a data pointer when C > 0.
 void check_vector(const char* fn, const char* name, const ConstVectorView& v, std::int64_t C, DType dtype,
                   bool also_float64 = false);
 

@@ -165,7 +165,7 @@ TEST(Layer, WrongDtypeIsRejected) {
   BatchNorm2d bn(2);
   std::vector<double> x(16), y(16);
   EXPECT_NE(error_of([&] { bn.forward(ConstTensorView(x.data(), Shape{2, 2, 2, 2}), TensorView(y.data(), Shape{2, 2, 2, 2})); })
-                .find("expected dtype float32 (the layer's), got float64"),
+                .find("expected dtype float32 or bfloat16 (the layer's), got float64"),
             std::string::npos);
 }
 

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstddef>
+#include <bit>
 #include <cstdint>
 #include <initializer_list>
 #include <span>
@@ -26,7 +27,10 @@ class Error : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-enum class DType : std::uint8_t { Float32, Float64 };
+// Tensor element types. BFloat16 is a storage type: the kernels compute in float32, and the
+// per-channel vectors that go with a bfloat16 tensor are float32 (or float64), as in torch's
+// mixed-precision BatchNorm.
+enum class DType : std::uint8_t { Float32, Float64, BFloat16 };
 enum class Layout : std::uint8_t { ChannelsFirst, ChannelsLast };
 // An activation fused into the forward pass (and undone in backward through the saved output).
 enum class Activation : std::uint8_t { None, Relu };
@@ -35,12 +39,26 @@ std::string to_string(DType);
 std::string to_string(Layout);
 std::size_t size_of(DType);
 
+// bfloat16: the upper 16 bits of a float32 (sign, 8 exponent bits, 7 mantissa bits).
+struct bfloat16 {
+  std::uint16_t bits;  // trivial, so that arrays of it can be copied as bytes; bfloat16{} is 0
+  // Rounds to nearest, ties to even; a NaN stays a (quiet) NaN, +-Inf stays +-Inf.
+  static bfloat16 from_float(float f) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<std::uint16_t>((u >> 16) | 0x40u)};
+    return {static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+  }
+  float to_float() const { return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16); }
+};
+
 template <class T>
 constexpr DType dtype_of();
 template <>
 constexpr DType dtype_of<float>() { return DType::Float32; }
 template <>
 constexpr DType dtype_of<double>() { return DType::Float64; }
+template <>
+constexpr DType dtype_of<bfloat16>() { return DType::BFloat16; }
 
 // Shapes up to this rank are accepted (torch's BatchNorm3d needs 5).
 inline constexpr int kMaxRank = 8;

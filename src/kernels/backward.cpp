@@ -16,33 +16,35 @@
 namespace bnorm::kernels::BNORM_ISA {
 namespace {
 
-template <class T, bool Relu>
-inline T masked(T dy, const T* out, std::int64_t i) {
-  if constexpr (Relu) return out[i] > T(0) ? dy : T(0);
-  else return dy;
+// dy (stored as S, returned in Compute<S>), or 0 where the fused ReLU's output is not positive.
+template <class S, bool Relu>
+inline Compute<S> masked(S dy, const S* out, std::int64_t i) {
+  using T = Compute<S>;
+  if constexpr (Relu) return to_compute(out[i]) > T(0) ? to_compute(dy) : T(0);
+  else return to_compute(dy);
 }
-template <class T, bool Relu>
-inline Vec<T> masked_vec(const T* dy, const T* out, std::int64_t i) {
-  if constexpr (Relu) return keep_where_positive<T>(load(dy + i), load(out + i));
+template <class S, bool Relu>
+inline Vec<Compute<S>> masked_vec(const S* dy, const S* out, std::int64_t i) {
+  if constexpr (Relu) return keep_where_positive<Compute<S>>(load(dy + i), load(out + i));
   else return load(dy + i);
 }
 
 // The block's two sums in double, element by element: the fallback for non-finite float sums.
-template <class T, bool Relu>
-void segments_sums_exact(const T* dy, const T* x, const T* out, std::int64_t rows, std::int64_t stride,
+template <class S, bool Relu, class T = Compute<S>>
+void segments_sums_exact(const S* dy, const S* x, const S* out, std::int64_t rows, std::int64_t stride,
                          std::int64_t len, T mh, T ml, double& sdy, double& sdx) {
   sdy = sdx = 0;
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t i = r * stride; i < r * stride + len; ++i) {
-      const double g = static_cast<double>(masked<T, Relu>(dy[i], out, i));
+      const double g = static_cast<double>(masked<S, Relu>(dy[i], out, i));
       sdy += g;
-      sdx += g * static_cast<double>((x[i] - mh) - ml);
+      sdx += g * static_cast<double>((to_compute(x[i]) - mh) - ml);
     }
 }
 
 // sum(dy') and sum(dy' * (x - mean)) over `rows` segments of `len` values, `stride` apart.
-template <class T, bool Relu>
-void segments_sums(const T* dy, const T* x, const T* out, std::int64_t rows, std::int64_t stride, std::int64_t len,
+template <class S, bool Relu, class T = Compute<S>>
+void segments_sums(const S* dy, const S* x, const S* out, std::int64_t rows, std::int64_t stride, std::int64_t len,
                    T mh, T ml, double& sdy, double& sdx) {
   constexpr int A = kAccVectors<T>;
   constexpr std::int64_t W = kWidth<T>;
@@ -51,41 +53,41 @@ void segments_sums(const T* dy, const T* x, const T* out, std::int64_t rows, std
   T t1 = 0, t2 = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t o = r * stride;
-    const T* out_row = Relu ? out + o : nullptr;  // no arithmetic on a null pointer
+    const S* out_row = Relu ? out + o : nullptr;  // no arithmetic on a null pointer
     std::int64_t i = 0;
     for (; i + A * W <= len; i += A * W)
       for (int a = 0; a < A; ++a) {
-        const Vec<T> g = masked_vec<T, Relu>(dy + o, out_row, i + a * W);
+        const Vec<T> g = masked_vec<S, Relu>(dy + o, out_row, i + a * W);
         a1[a] += g;
         a2[a] += g * ((load(x + o + i + a * W) - vh) - vl);
       }
     for (int a = 0; i + W <= len; i += W, ++a) {
-      const Vec<T> g = masked_vec<T, Relu>(dy + o, out_row, i);
+      const Vec<T> g = masked_vec<S, Relu>(dy + o, out_row, i);
       a1[a] += g;
       a2[a] += g * ((load(x + o + i) - vh) - vl);
     }
     for (; i < len; ++i) {
-      const T g = masked<T, Relu>(dy[o + i], out, o + i);
+      const T g = masked<S, Relu>(dy[o + i], out, o + i);
       t1 += g;
-      t2 += g * ((x[o + i] - mh) - ml);
+      t2 += g * ((to_compute(x[o + i]) - mh) - ml);
     }
   }
   sdy = static_cast<double>(t1) + hsum<T>(a1, A);
   sdx = static_cast<double>(t2) + hsum<T>(a2, A);
   if constexpr (std::is_same_v<T, float>) {
     if (!std::isfinite(sdy) || !std::isfinite(sdx))
-      segments_sums_exact<T, Relu>(dy, x, out, rows, stride, len, mh, ml, sdy, sdx);
+      segments_sums_exact<S, Relu>(dy, x, out, rows, stride, len, mh, ml, sdy, sdx);
   }
 }
 
 // Channel c of channels-first data: both sums over its blocks.
-template <class T, bool Relu>
-void channel_sums_cf(const T* dy, const T* x, const T* out, const Geometry& g, std::int64_t c, T mh, T ml, double& sdy,
+template <class S, bool Relu, class T = Compute<S>>
+void channel_sums_cf(const S* dy, const S* x, const S* out, const Geometry& g, std::int64_t c, T mh, T ml, double& sdy,
                      double& sdx) {
   sdy = sdx = 0;
   for_each_cf_block(g, c, [&](std::int64_t offset, std::int64_t rows, std::int64_t len) {
     double bdy, bdx;
-    segments_sums<T, Relu>(dy + offset, x + offset, Relu ? out + offset : nullptr, rows, g.C * g.S, len, mh, ml, bdy,
+    segments_sums<S, Relu>(dy + offset, x + offset, Relu ? out + offset : nullptr, rows, g.C * g.S, len, mh, ml, bdy,
                            bdx);
     sdy += bdy;
     sdx += bdx;
@@ -94,25 +96,25 @@ void channel_sums_cf(const T* dy, const T* x, const T* out, const Geometry& g, s
 
 // Channels-last: rows [r0, r0 + rows) of a tile of ct channels at c0, both sums added to the
 // per-channel double accumulators acc_dy, acc_dx (tile-relative).
-template <class T, bool Relu>
-void tile_sums(const T* dy, const T* x, const T* out, std::int64_t C, std::int64_t rows, std::int64_t ct,
+template <class S, bool Relu, class T = Compute<S>>
+void tile_sums(const S* dy, const S* x, const S* out, std::int64_t C, std::int64_t rows, std::int64_t ct,
                const T* mh, const T* ml, double* acc_dy, double* acc_dx) {
   constexpr std::int64_t W = kWidth<T>;
   T s1[kTileChannels], s2[kTileChannels];
   for (std::int64_t c = 0; c < ct; ++c) s1[c] = s2[c] = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t o = r * C;
-    const T* out_row = Relu ? out + o : nullptr;
+    const S* out_row = Relu ? out + o : nullptr;
     std::int64_t c = 0;
     for (; c + W <= ct; c += W) {
-      const Vec<T> gv = masked_vec<T, Relu>(dy + o, out_row, c);
+      const Vec<T> gv = masked_vec<S, Relu>(dy + o, out_row, c);
       store(s1 + c, load(s1 + c) + gv);
       store(s2 + c, load(s2 + c) + gv * ((load(x + o + c) - load(mh + c)) - load(ml + c)));
     }
     for (; c < ct; ++c) {
-      const T gs = masked<T, Relu>(dy[o + c], out, o + c);
+      const T gs = masked<S, Relu>(dy[o + c], out, o + c);
       s1[c] += gs;
-      s2[c] += gs * ((x[o + c] - mh[c]) - ml[c]);
+      s2[c] += gs * ((to_compute(x[o + c]) - mh[c]) - ml[c]);
     }
   }
   if (std::is_same_v<T, double> || all_finite(s1, s2, ct)) {  // the common case, as one vector loop
@@ -125,19 +127,19 @@ void tile_sums(const T* dy, const T* x, const T* out, std::int64_t C, std::int64
   for (std::int64_t c = 0; c < ct; ++c) {
     double b1 = static_cast<double>(s1[c]), b2 = static_cast<double>(s2[c]);
     if (!std::isfinite(b1) || !std::isfinite(b2))  // column c: rows values, stride C
-      segments_sums_exact<T, Relu>(dy + c, x + c, Relu ? out + c : nullptr, rows, C, 1, mh[c], ml[c], b1, b2);
+      segments_sums_exact<S, Relu>(dy + c, x + c, Relu ? out + c : nullptr, rows, C, 1, mh[c], ml[c], b1, b2);
     acc_dy[c] += b1;
     acc_dx[c] += b2;
   }
 }
 
-template <class T, bool Relu>
-void reduce_impl(const T* dy, const T* x, const T* out, const Geometry& g, const T* mh, const T* ml, double* sum_dy,
+template <class S, bool Relu, class T = Compute<S>>
+void reduce_impl(const S* dy, const S* x, const S* out, const Geometry& g, const T* mh, const T* ml, double* sum_dy,
                  double* sum_dy_xmu, double* ws) {
   const std::int64_t C = g.C;
   if (g.layout == Layout::ChannelsFirst) {
     detail::parallel_for(C, [&](std::int64_t c) {
-      channel_sums_cf<T, Relu>(dy, x, out, g, c, mh[c], ml[c], sum_dy[c], sum_dy_xmu[c]);
+      channel_sums_cf<S, Relu>(dy, x, out, g, c, mh[c], ml[c], sum_dy[c], sum_dy_xmu[c]);
     });
     return;
   }
@@ -149,7 +151,7 @@ void reduce_impl(const T* dy, const T* x, const T* out, const Geometry& g, const
     for (std::int64_t r0 = b; r0 < e; r0 += R)
       for (std::int64_t c0 = 0; c0 < C; c0 += kTileChannels) {
         const std::int64_t o = r0 * C + c0;
-        tile_sums<T, Relu>(dy + o, x + o, Relu ? out + o : nullptr, C, lesser(R, e - r0), lesser(kTileChannels, C - c0),
+        tile_sums<S, Relu>(dy + o, x + o, Relu ? out + o : nullptr, C, lesser(R, e - r0), lesser(kTileChannels, C - c0),
                            mh + c0, ml + c0, a + c0, a + C + c0);
       }
   });
@@ -164,38 +166,38 @@ void reduce_impl(const T* dy, const T* x, const T* out, const Geometry& g, const
   }
 }
 
-template <class T, bool Relu>
-inline T apply_one(T dy, T x, const T* out, std::int64_t i, T mh, T ml, T kdy, T kx, T kc) {
-  return masked<T, Relu>(dy, out, i) * kdy - ((x - mh) - ml) * kx - kc;
+template <class S, bool Relu, class T = Compute<S>>
+inline S apply_one(S dy, S x, const S* out, std::int64_t i, T mh, T ml, T kdy, T kx, T kc) {
+  return from_compute<S>(masked<S, Relu>(dy, out, i) * kdy - ((to_compute(x) - mh) - ml) * kx - kc);
 }
 
 // dx over `len` contiguous values of one channel (channels-first); with `stream`, non-temporal
 // stores (the caller fences). dx may be dy or x: each vector is read before it is written.
-template <class T, bool Relu>
-void apply_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc,
+template <class S, bool Relu, class T = Compute<S>>
+void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc,
                bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   const Vec<T> vh = splat(mh), vl = splat(ml), vdy = splat(kdy), vx = splat(kx), vc = splat(kc);
   std::int64_t i = 0;
   if (stream) {
     for (const std::int64_t head = elements_to_alignment(dx, len); i < head; ++i)
-      dx[i] = apply_one<T, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
+      dx[i] = apply_one<S, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
     for (; i + W <= len; i += W)
-      store_stream(dx + i, masked_vec<T, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
+      store_stream(dx + i, masked_vec<S, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
   }
   for (; i + W <= len; i += W)
-    store(dx + i, masked_vec<T, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
-  for (; i < len; ++i) dx[i] = apply_one<T, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
+    store(dx + i, masked_vec<S, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
+  for (; i < len; ++i) dx[i] = apply_one<S, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
 }
 
 // dx over one row of C channels (channels-last); with `stream`, every row is vector-aligned.
-template <class T, bool Relu>
-void apply_channels_last_row(const T* dy, const T* x, const T* out, T* dx, std::int64_t C, const BackwardCoeffs<T>& k,
+template <class S, bool Relu, class T = Compute<S>>
+void apply_channels_last_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t C, const BackwardCoeffs<T>& k,
                              bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   std::int64_t c = 0;
   for (; c + W <= C; c += W) {
-    const Vec<T> v = masked_vec<T, Relu>(dy, out, c) * load(k.k_dy + c) -
+    const Vec<T> v = masked_vec<S, Relu>(dy, out, c) * load(k.k_dy + c) -
                      ((load(x + c) - load(k.mean_hi + c)) - load(k.mean_lo + c)) * load(k.k_x + c) - load(k.k_c + c);
     if (stream)
       store_stream(dx + c, v);
@@ -203,39 +205,40 @@ void apply_channels_last_row(const T* dy, const T* x, const T* out, T* dx, std::
       store(dx + c, v);
   }
   for (; c < C; ++c)
-    dx[c] = apply_one<T, Relu>(dy[c], x[c], out, c, k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]);
+    dx[c] = apply_one<S, Relu>(dy[c], x[c], out, c, k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]);
 }
 
-template <class T, bool Relu>
-void apply_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
+template <class S, bool Relu, class T = Compute<S>>
+void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
-    const bool stream = stream_output<T>(g);
+    const bool stream = stream_output<S>(g);
     detail::parallel_for(g.N * g.C, [&](std::int64_t nc) {
       const std::int64_t c = nc % g.C, off = nc * g.S;
-      apply_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.mean_hi[c], k.mean_lo[c],
+      apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.mean_hi[c], k.mean_lo[c],
                          k.k_dy[c], k.k_x[c], k.k_c[c], stream);
       if (stream) stream_fence();
     });
   } else {
-    const bool stream = stream_output<T>(g) && rows_stay_aligned(dx, g.C);
+    const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.C);
     detail::parallel_for(g.rows(), [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
-      apply_channels_last_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k, stream);
+      apply_channels_last_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k, stream);
       if (stream) stream_fence();
     });
   }
 }
 
-template <class T, bool Relu>
-void fused_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const double* mean,
+template <class S, bool Relu>
+void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, const double* mean,
                 const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
+  using T = Compute<S>;
   const double m = static_cast<double>(g.per_channel());
-  const bool stream = stream_output<T>(g);
+  const bool stream = stream_output<S>(g);
   detail::parallel_for(g.C, [&](std::int64_t c) {
     T hi, lo;
     split_mean(mean[c], hi, lo);
     double sdy, sdx;
-    channel_sums_cf<T, Relu>(dy, x, out, g, c, hi, lo, sdy, sdx);  // first pass: from memory
+    channel_sums_cf<S, Relu>(dy, x, out, g, c, hi, lo, sdy, sdx);  // first pass: from memory
     sum_dy[c] = sdy;
     sum_dy_xmu[c] = sdx;
     if (!dx) return;
@@ -243,7 +246,7 @@ void fused_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g,
     backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, kdy, kx, kc);
     for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
       const std::int64_t off = (n * g.C + c) * g.S;
-      apply_row<T, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, hi, lo, kdy, kx, kc, stream);
+      apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, hi, lo, kdy, kx, kc, stream);
     }
     if (stream) stream_fence();
   });
@@ -251,30 +254,30 @@ void fused_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g,
 
 }  // namespace
 
-template <class T>
-void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const T* mean_hi, const T* mean_lo,
-                     double* sum_dy, double* sum_dy_xmu, double* workspace) {
+template <class S>
+void backward_reduce(const S* dy, const S* x, const S* output, const Geometry& g, const Compute<S>* mean_hi,
+                     const Compute<S>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace) {
   if (output)
-    reduce_impl<T, true>(dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace);
+    reduce_impl<S, true>(dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace);
   else
-    reduce_impl<T, false>(dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace);
+    reduce_impl<S, false>(dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace);
 }
 
-template <class T>
-void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k) {
+template <class S>
+void backward_apply(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, BackwardCoeffs<Compute<S>> k) {
   if (output)
-    apply_impl<T, true>(dy, x, output, dx, g, k);
+    apply_impl<S, true>(dy, x, output, dx, g, k);
   else
-    apply_impl<T, false>(dy, x, output, dx, g, k);
+    apply_impl<S, false>(dy, x, output, dx, g, k);
 }
 
-template <class T>
-void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
+template <class S>
+void fused_backward_cf(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, const double* mean,
                        const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
   if (output)
-    fused_impl<T, true>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
+    fused_impl<S, true>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
   else
-    fused_impl<T, false>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
+    fused_impl<S, false>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
 }
 
 template void fused_backward_cf<float>(const float*, const float*, const float*, float*, const Geometry&, const double*,
@@ -289,5 +292,11 @@ template void backward_apply<float>(const float*, const float*, const float*, fl
                                     BackwardCoeffs<float>);
 template void backward_apply<double>(const double*, const double*, const double*, double*, const Geometry&,
                                      BackwardCoeffs<double>);
+template void fused_backward_cf<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, bfloat16*, const Geometry&,
+                                          const double*, const double*, const double*, bool, double*, double*);
+template void backward_reduce<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, const Geometry&, const float*,
+                                        const float*, double*, double*, double*);
+template void backward_apply<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, bfloat16*, const Geometry&,
+                                       BackwardCoeffs<float>);
 
 }  // namespace bnorm::kernels::BNORM_ISA

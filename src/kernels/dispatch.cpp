@@ -20,12 +20,13 @@
   template <class T>                                                                                          \
   void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace);           \
   template <class T>                                                                                          \
-  void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act);                    \
+  void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act);           \
   template <class T>                                                                                          \
-  void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const T* mean_hi,         \
-                       const T* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);              \
+  void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const Compute<T>* mean_hi, \
+                       const Compute<T>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);     \
   template <class T>                                                                                          \
-  void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k); \
+  void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g,                    \
+                      BackwardCoeffs<Compute<T>> k);                                                          \
   template <class T>                                                                                          \
   void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta,         \
                         double eps, Activation act, double* mean, double* var);                               \
@@ -146,16 +147,16 @@ void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, do
   BNORM_DISPATCH(channel_moments<T>, x, g, mean, m2, workspace);
 }
 template <class T>
-void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act) {
+void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act) {
   BNORM_DISPATCH(normalize<T>, x, y, g, k, act);
 }
 template <class T>
-void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const T* mean_hi, const T* mean_lo,
-                     double* sum_dy, double* sum_dy_xmu, double* workspace) {
+void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const Compute<T>* mean_hi,
+                     const Compute<T>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace) {
   BNORM_DISPATCH(backward_reduce<T>, dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace);
 }
 template <class T>
-void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k) {
+void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<Compute<T>> k) {
   BNORM_DISPATCH(backward_apply<T>, dy, x, output, dx, g, k);
 }
 
@@ -172,15 +173,16 @@ void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Ge
 
 #define BNORM_INSTANTIATE(T)                                                                                   \
   template void channel_moments<T>(const T*, const Geometry&, double*, double*, double*);                     \
-  template void normalize<T>(const T*, T*, const Geometry&, ChannelCoeffs<T>, Activation);                    \
-  template void backward_reduce<T>(const T*, const T*, const T*, const Geometry&, const T*, const T*, double*, \
-                                   double*, double*);                                                          \
-  template void backward_apply<T>(const T*, const T*, const T*, T*, const Geometry&, BackwardCoeffs<T>);        \
+  template void normalize<T>(const T*, T*, const Geometry&, ChannelCoeffs<Compute<T>>, Activation);           \
+  template void backward_reduce<T>(const T*, const T*, const T*, const Geometry&, const Compute<T>*,          \
+                                   const Compute<T>*, double*, double*, double*);                              \
+  template void backward_apply<T>(const T*, const T*, const T*, T*, const Geometry&, BackwardCoeffs<Compute<T>>); \
   template void fused_forward_cf<T>(const T*, T*, const Geometry&, const double*, const double*, double, Activation, \
                                     double*, double*);                                                          \
   template void fused_backward_cf<T>(const T*, const T*, const T*, T*, const Geometry&, const double*, const double*, \
                                      const double*, bool, double*, double*);
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
+BNORM_INSTANTIATE(bfloat16)
 
 }  // namespace bnorm::kernels

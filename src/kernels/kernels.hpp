@@ -8,8 +8,22 @@
 #include <bnorm/types.hpp>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace bnorm::kernels {
+
+// The arithmetic type of a storage type: kernels read and write S and compute in Compute<S>
+// (float32 for bfloat16; the type itself otherwise).
+template <class S>
+struct ComputeOf {
+  using type = S;
+};
+template <>
+struct ComputeOf<bfloat16> {
+  using type = float;
+};
+template <class S>
+using Compute = typename ComputeOf<S>::type;
 
 struct Geometry {
   std::int64_t N = 0, C = 0, S = 0;
@@ -34,6 +48,7 @@ inline constexpr std::int64_t kTileChannels = 256;
 inline constexpr std::int64_t kStreamBytes = std::int64_t{32} << 20;
 template <class T>
 bool stream_output(const Geometry& g) {
+  if constexpr (std::is_same_v<T, bfloat16>) return false;  // half-width vector stores: not worth it
   return g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
 }
 
@@ -54,8 +69,8 @@ std::int64_t cl_rows_per_block(const Geometry& g);
 
 // Per-channel mean and M2 = sum((x - mean)^2) of the N * S values of each channel: per-block
 // two-pass sums in double, blocks merged with Chan's formula. M2 is never negative.
-template <class T>
-void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace);
+template <class S>
+void channel_moments(const S* x, const Geometry& g, double* mean, double* m2, double* workspace);
 
 // Per-channel coefficients of the elementwise passes, in T. The mean is split in two parts of T
 // (hi + lo ~ the double mean) so that x - mean is exact where it matters: a constant channel gives
@@ -70,14 +85,14 @@ struct ChannelCoeffs {
 
 // y = ((x - mean_hi) - mean_lo) * scale + shift, then max(y, 0) with Activation::Relu.
 // y may equal x.
-template <class T>
-void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act);
+template <class S>
+void normalize(const S* x, S* y, const Geometry& g, ChannelCoeffs<Compute<S>> k, Activation act);
 
 // Per-channel sum(dy') and sum(dy' * (x - mean)) in double, where dy' = dy masked by output > 0
 // when `output` is given (fused ReLU) and dy otherwise.
-template <class T>
-void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const T* mean_hi,
-                     const T* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);
+template <class S>
+void backward_reduce(const S* dy, const S* x, const S* output, const Geometry& g, const Compute<S>* mean_hi,
+                     const Compute<S>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);
 
 // dx = dy' * k_dy - (x - mean) * k_x - k_c. dx may equal dy or x.
 template <class T>
@@ -88,8 +103,8 @@ struct BackwardCoeffs {
   const T* k_x;
   const T* k_c;
 };
-template <class T>
-void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<T> k);
+template <class S>
+void backward_apply(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, BackwardCoeffs<Compute<S>> k);
 
 // The channels-first fast paths: one channel at a time, the second pass while the channel is still
 // in L2, so that the tensor crosses memory twice in forward (not three times) and three times in
@@ -98,14 +113,14 @@ inline constexpr std::int64_t kFuseBytes = std::int64_t{1} << 20;
 
 // Training forward: statistics of channel c, then y for channel c. gamma/beta may be null (1, 0).
 // Writes mean[c] and var[c] (biased).
-template <class T>
-void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
+template <class S>
+void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, const double* beta, double eps,
                       Activation act, double* mean, double* var);
 
 // Backward: the two reductions of channel c, then dx for channel c (when dx is not null), with
 // mean/invstd the statistics of the forward and training selecting the full or frozen form.
-template <class T>
-void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
+template <class S>
+void fused_backward_cf(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, const double* mean,
                        const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu);
 
 // The per-channel constants of the elementwise passes, computed in one place for every path.

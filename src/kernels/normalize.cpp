@@ -29,23 +29,23 @@ inline Vec<T> normalize_vec(Vec<T> x, Vec<T> mh, Vec<T> ml, Vec<T> sc, Vec<T> sh
 
 // `len` contiguous values of one channel (channels-first); with `stream`, y is written with
 // non-temporal stores (the caller fences).
-template <class T, bool Relu>
-void normalize_row(const T* x, T* y, std::int64_t len, T mh, T ml, T sc, T sh, bool stream) {
+template <class S, bool Relu, class T = Compute<S>>
+void normalize_row(const S* x, S* y, std::int64_t len, T mh, T ml, T sc, T sh, bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   const Vec<T> vh = splat(mh), vl = splat(ml), vsc = splat(sc), vsh = splat(sh);
   std::int64_t i = 0;
   if (stream) {
     for (const std::int64_t head = elements_to_alignment(y, len); i < head; ++i)
-      y[i] = normalize_one<T, Relu>(x[i], mh, ml, sc, sh);
+      y[i] = from_compute<S>(normalize_one<T, Relu>(to_compute(x[i]), mh, ml, sc, sh));
     for (; i + W <= len; i += W) store_stream(y + i, normalize_vec<T, Relu>(load(x + i), vh, vl, vsc, vsh));
   }
   for (; i + W <= len; i += W) store(y + i, normalize_vec<T, Relu>(load(x + i), vh, vl, vsc, vsh));
-  for (; i < len; ++i) y[i] = normalize_one<T, Relu>(x[i], mh, ml, sc, sh);
+  for (; i < len; ++i) y[i] = from_compute<S>(normalize_one<T, Relu>(to_compute(x[i]), mh, ml, sc, sh));
 }
 
 // One row of C channels (channels-last); with `stream`, y is vector-aligned and so is every row.
-template <class T, bool Relu>
-void normalize_channels_last_row(const T* x, T* y, std::int64_t C, const ChannelCoeffs<T>& k, bool stream) {
+template <class S, bool Relu, class T = Compute<S>>
+void normalize_channels_last_row(const S* x, S* y, std::int64_t C, const ChannelCoeffs<T>& k, bool stream) {
   constexpr std::int64_t W = kWidth<T>;
   std::int64_t c = 0;
   for (; c + W <= C; c += W) {
@@ -56,23 +56,24 @@ void normalize_channels_last_row(const T* x, T* y, std::int64_t C, const Channel
     else
       store(y + c, v);
   }
-  for (; c < C; ++c) y[c] = normalize_one<T, Relu>(x[c], k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c]);
+  for (; c < C; ++c)
+    y[c] = from_compute<S>(normalize_one<T, Relu>(to_compute(x[c]), k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c]));
 }
 
-template <class T, bool Relu>
-void normalize_impl(const T* x, T* y, const Geometry& g, const ChannelCoeffs<T>& k) {
+template <class S, bool Relu, class T = Compute<S>>
+void normalize_impl(const S* x, S* y, const Geometry& g, const ChannelCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
-    const bool stream = stream_output<T>(g);
+    const bool stream = stream_output<S>(g);
     detail::parallel_for(g.N * g.C, [&](std::int64_t nc) {
       const std::int64_t c = nc % g.C;
-      normalize_row<T, Relu>(x + nc * g.S, y + nc * g.S, g.S, k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c],
+      normalize_row<S, Relu>(x + nc * g.S, y + nc * g.S, g.S, k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c],
                              stream);
       if (stream) stream_fence();  // this thread's streamed lines are visible before the region's barrier
     });
   } else {
-    const bool stream = stream_output<T>(g) && rows_stay_aligned(y, g.C);
+    const bool stream = stream_output<S>(g) && rows_stay_aligned(y, g.C);
     detail::parallel_for(g.rows(), [&](std::int64_t r) {
-      normalize_channels_last_row<T, Relu>(x + r * g.C, y + r * g.C, g.C, k, stream);
+      normalize_channels_last_row<S, Relu>(x + r * g.C, y + r * g.C, g.C, k, stream);
       if (stream) stream_fence();
     });
   }
@@ -80,19 +81,20 @@ void normalize_impl(const T* x, T* y, const Geometry& g, const ChannelCoeffs<T>&
 
 }  // namespace
 
-template <class T>
-void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<T> k, Activation act) {
+template <class S>
+void normalize(const S* x, S* y, const Geometry& g, ChannelCoeffs<Compute<S>> k, Activation act) {
   if (act == Activation::Relu)
-    normalize_impl<T, true>(x, y, g, k);
+    normalize_impl<S, true>(x, y, g, k);
   else
-    normalize_impl<T, false>(x, y, g, k);
+    normalize_impl<S, false>(x, y, g, k);
 }
 
-template <class T>
-void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
+template <class S>
+void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, const double* beta, double eps,
                       Activation act, double* mean, double* var) {
+  using T = Compute<S>;
   const double m = static_cast<double>(g.per_channel());
-  const bool stream = stream_output<T>(g);
+  const bool stream = stream_output<S>(g);
   detail::parallel_for(g.C, [&](std::int64_t c) {
     double mu, m2;
     channel_moments_cf(x, g, c, mu, m2);  // first pass: from memory
@@ -105,9 +107,9 @@ void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, 
     for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
       const std::int64_t off = (n * g.C + c) * g.S;
       if (act == Activation::Relu)
-        normalize_row<T, true>(x + off, y + off, g.S, hi, lo, scale, shift, stream);
+        normalize_row<S, true>(x + off, y + off, g.S, hi, lo, scale, shift, stream);
       else
-        normalize_row<T, false>(x + off, y + off, g.S, hi, lo, scale, shift, stream);
+        normalize_row<S, false>(x + off, y + off, g.S, hi, lo, scale, shift, stream);
     }
     if (stream) stream_fence();
   });
@@ -119,5 +121,8 @@ template void fused_forward_cf<double>(const double*, double*, const Geometry&, 
                                        Activation, double*, double*);
 template void normalize<float>(const float*, float*, const Geometry&, ChannelCoeffs<float>, Activation);
 template void normalize<double>(const double*, double*, const Geometry&, ChannelCoeffs<double>, Activation);
+template void fused_forward_cf<bfloat16>(const bfloat16*, bfloat16*, const Geometry&, const double*, const double*,
+                                         double, Activation, double*, double*);
+template void normalize<bfloat16>(const bfloat16*, bfloat16*, const Geometry&, ChannelCoeffs<float>, Activation);
 
 }  // namespace bnorm::kernels::BNORM_ISA

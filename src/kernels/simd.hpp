@@ -8,6 +8,8 @@
 // Internal linkage throughout, for the reason given in per_isa.hpp.
 #pragma once
 
+#include "kernels/kernels.hpp"
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -67,6 +69,36 @@ template <class T>
 inline void store(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
+
+// ---- Storage types (kernels.hpp: Compute<S>): conversions of single values and vector loads/stores.
+template <class T>
+inline T to_compute(T v) {
+  return v;
+}
+inline float to_compute(bfloat16 v) { return v.to_float(); }
+template <class S>
+inline S from_compute(Compute<S> v) {
+  if constexpr (std::is_same_v<S, bfloat16>) return bfloat16::from_float(v);
+  else return v;
+}
+
+// A vector of kWidth<float> bfloat16 values (half a vector register) as floats: the bits move to
+// the upper half of each 32-bit lane.
+typedef std::uint16_t Bf16Bits __attribute__((vector_size(kVectorBytes / 2)));
+typedef std::uint32_t Bf16Wide __attribute__((vector_size(kVectorBytes)));
+inline Vec<float> load(const bfloat16* p) {
+  Bf16Bits h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<Vec<float>>(__builtin_convertvector(h, Bf16Wide) << 16);
+}
+// Rounds each lane to bfloat16 (nearest, ties to even; NaN stays a quiet NaN), as from_float.
+inline void store(bfloat16* p, Vec<float> v) {
+  const Bf16Wide u = reinterpret_cast<Bf16Wide>(v);
+  const Bf16Wide rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const Bf16Wide nan = reinterpret_cast<Bf16Wide>(v != v);  // all ones where v is NaN
+  const Bf16Bits h = __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x40u) & nan), Bf16Bits);
+  std::memcpy(p, &h, sizeof h);
+}
 // Stores v at p (kVectorBytes-aligned) with a non-temporal store: the line goes to memory without
 // being read first (no read-for-ownership) and without evicting the data the kernel still needs.
 // For outputs far larger than the caches; stream_fence() must follow before the data are shared.
@@ -85,6 +117,8 @@ inline void store_stream(T* p, Vec<T> v) {
   store(p, v);
 #endif
 }
+// bfloat16 outputs are not streamed (stream_output is false for them); this keeps the code generic.
+inline void store_stream(bfloat16* p, Vec<float> v) { store(p, v); }
 inline void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();

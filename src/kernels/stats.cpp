@@ -34,27 +34,28 @@ inline double block_m2(double s1, double s2, double count) {
 
 // ---- Channels-first: a block is `rows` segments of `len` contiguous values, `stride` apart.
 
-// sum(x) over the segments, in T vectors.
-template <class T>
-double segments_sum(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len) {
+// sum(x) over the segments, in Compute<S> vectors.
+template <class S>
+double segments_sum(const S* p, std::int64_t rows, std::int64_t stride, std::int64_t len) {
+  using T = Compute<S>;
   constexpr int A = kAccVectors<T>;
   constexpr std::int64_t W = kWidth<T>;
   Vec<T> acc[A] = {};
   T tail = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
-    const T* q = p + r * stride;
+    const S* q = p + r * stride;
     std::int64_t i = 0;
     for (; i + A * W <= len; i += A * W)
       for (int a = 0; a < A; ++a) acc[a] += load(q + i + a * W);
     for (int a = 0; i + W <= len; i += W, ++a) acc[a] += load(q + i);  // fewer than A vectors left
-    for (; i < len; ++i) tail += q[i];
+    for (; i < len; ++i) tail += to_compute(q[i]);
   }
   return static_cast<double>(tail) + hsum<T>(acc, A);
 }
 
-// sum(x - shift) and sum((x - shift)^2) over the segments, in T vectors.
-template <class T>
-void segments_deviations(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len, T shift, double& s1,
+// sum(x - shift) and sum((x - shift)^2) over the segments, in Compute<S> vectors.
+template <class S, class T = Compute<S>>
+void segments_deviations(const S* p, std::int64_t rows, std::int64_t stride, std::int64_t len, T shift, double& s1,
                          double& s2) {
   constexpr int A = kAccVectors<T>;
   constexpr std::int64_t W = kWidth<T>;
@@ -62,7 +63,7 @@ void segments_deviations(const T* p, std::int64_t rows, std::int64_t stride, std
   Vec<T> a1[A] = {}, a2[A] = {};
   T t1 = 0, t2 = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
-    const T* q = p + r * stride;
+    const S* q = p + r * stride;
     std::int64_t i = 0;
     for (; i + A * W <= len; i += A * W)
       for (int a = 0; a < A; ++a) {
@@ -76,7 +77,7 @@ void segments_deviations(const T* p, std::int64_t rows, std::int64_t stride, std
       a2[a] += d * d;
     }
     for (; i < len; ++i) {
-      const T d = q[i] - shift;
+      const T d = to_compute(q[i]) - shift;
       t1 += d;
       t2 += d * d;
     }
@@ -87,27 +88,28 @@ void segments_deviations(const T* p, std::int64_t rows, std::int64_t stride, std
 
 // The same two passes with every value converted to double: the fallback for float blocks whose
 // float sums are not finite.
-template <class T>
-void segments_moments_exact(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len, double& mean,
+template <class S>
+void segments_moments_exact(const S* p, std::int64_t rows, std::int64_t stride, std::int64_t len, double& mean,
                             double& m2) {
   const double count = static_cast<double>(rows * len);
   double s = 0;
   for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t i = 0; i < len; ++i) s += static_cast<double>(p[r * stride + i]);
+    for (std::int64_t i = 0; i < len; ++i) s += static_cast<double>(to_compute(p[r * stride + i]));
   mean = s / count;  // an Inf stays an Inf here (torch's mean); s1 below may be NaN
   double s1 = 0, s2 = 0;
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t i = 0; i < len; ++i) {
-      const double d = static_cast<double>(p[r * stride + i]) - mean;
+      const double d = static_cast<double>(to_compute(p[r * stride + i])) - mean;
       s1 += d;
       s2 += d * d;
     }
   m2 = block_m2(s1, s2, count);
 }
 
-template <class T>
-void segments_moments(const T* p, std::int64_t rows, std::int64_t stride, std::int64_t len, double& mean,
+template <class S>
+void segments_moments(const S* p, std::int64_t rows, std::int64_t stride, std::int64_t len, double& mean,
                       double& m2) {
+  using T = Compute<S>;
   const double count = static_cast<double>(rows * len);
   const double sum = segments_sum(p, rows, stride, len);
   const T shift = static_cast<T>(sum / count);
@@ -120,8 +122,8 @@ void segments_moments(const T* p, std::int64_t rows, std::int64_t stride, std::i
   m2 = block_m2(s1, s2, count);
 }
 
-template <class T>
-void moments_channels_first(const T* x, const Geometry& g, double* mean, double* m2) {
+template <class S>
+void moments_channels_first(const S* x, const Geometry& g, double* mean, double* m2) {
   detail::parallel_for(g.C, [&](std::int64_t c) { channel_moments_cf(x, g, c, mean[c], m2[c]); });
 }
 
@@ -130,22 +132,23 @@ void moments_channels_first(const T* x, const Geometry& g, double* mean, double*
 // per-channel sums running along the row so that the loops over c are the vector loops.
 
 // Per-channel moments of `rows` rows of a tile of `ct` channels (row stride C).
-template <class T>
-void tile_moments(const T* p, std::int64_t rows, std::int64_t C, std::int64_t ct, double* bmean, double* bm2) {
+template <class S>
+void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct, double* bmean, double* bm2) {
+  using T = Compute<S>;
   constexpr std::int64_t W = kWidth<T>;
   const double count = static_cast<double>(rows);
   T sum[kTileChannels], shift[kTileChannels], s1[kTileChannels], s2[kTileChannels];
   for (std::int64_t c = 0; c < ct; ++c) sum[c] = s1[c] = s2[c] = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
-    const T* q = p + r * C;
+    const S* q = p + r * C;
     std::int64_t c = 0;
     for (; c + W <= ct; c += W) store(sum + c, load(sum + c) + load(q + c));
-    for (; c < ct; ++c) sum[c] += q[c];
+    for (; c < ct; ++c) sum[c] += to_compute(q[c]);
   }
   const double inv_count = 1.0 / count;
   for (std::int64_t c = 0; c < ct; ++c) shift[c] = static_cast<T>(static_cast<double>(sum[c]) * inv_count);
   for (std::int64_t r = 0; r < rows; ++r) {
-    const T* q = p + r * C;
+    const S* q = p + r * C;
     std::int64_t c = 0;
     for (; c + W <= ct; c += W) {
       const Vec<T> d = load(q + c) - load(shift + c);
@@ -153,7 +156,7 @@ void tile_moments(const T* p, std::int64_t rows, std::int64_t C, std::int64_t ct
       store(s2 + c, load(s2 + c) + d * d);
     }
     for (; c < ct; ++c) {
-      const T d = q[c] - shift[c];
+      const T d = to_compute(q[c]) - shift[c];
       s1[c] += d;
       s2[c] += d * d;
     }
@@ -191,8 +194,8 @@ inline void merge_tile(double n, double count, double* mean, double* m2, const d
   }
 }
 
-template <class T>
-void moments_channels_last(const T* x, const Geometry& g, double* mean, double* m2, double* ws) {
+template <class S>
+void moments_channels_last(const S* x, const Geometry& g, double* mean, double* m2, double* ws) {
   const std::int64_t C = g.C, R = cl_rows_per_block(g);
   const int parts = reduce_threads(g);
   detail::parallel_ranges(g.rows(), R, parts, [&](int p, std::int64_t b, std::int64_t e) {
@@ -227,8 +230,8 @@ void moments_channels_last(const T* x, const Geometry& g, double* mean, double* 
 
 }  // namespace
 
-template <class T>
-void channel_moments_cf(const T* x, const Geometry& g, std::int64_t c, double& mean, double& m2) {
+template <class S>
+void channel_moments_cf(const S* x, const Geometry& g, std::int64_t c, double& mean, double& m2) {
   double n = 0, mu = 0, M2 = 0;
   for_each_cf_block(g, c, [&](std::int64_t offset, std::int64_t rows, std::int64_t len) {
     double bm, bm2;
@@ -241,9 +244,10 @@ void channel_moments_cf(const T* x, const Geometry& g, std::int64_t c, double& m
 
 template void channel_moments_cf<float>(const float*, const Geometry&, std::int64_t, double&, double&);
 template void channel_moments_cf<double>(const double*, const Geometry&, std::int64_t, double&, double&);
+template void channel_moments_cf<bfloat16>(const bfloat16*, const Geometry&, std::int64_t, double&, double&);
 
-template <class T>
-void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace) {
+template <class S>
+void channel_moments(const S* x, const Geometry& g, double* mean, double* m2, double* workspace) {
   if (g.layout == Layout::ChannelsFirst)
     moments_channels_first(x, g, mean, m2);
   else
@@ -252,5 +256,6 @@ void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, do
 
 template void channel_moments<float>(const float*, const Geometry&, double*, double*, double*);
 template void channel_moments<double>(const double*, const Geometry&, double*, double*, double*);
+template void channel_moments<bfloat16>(const bfloat16*, const Geometry&, double*, double*, double*);
 
 }  // namespace bnorm::kernels::BNORM_ISA
