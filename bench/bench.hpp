@@ -7,22 +7,30 @@
 // copies of its own). An implementation's run() is what is timed; publish() moves a private result
 // into the shared output buffers before the harness checks it against the float64 reference.
 //
-// Adding a dtype (bf16): add it to DType with its name and size below, teach store()/load() in
-// main.cpp its conversion, and make each Impl::supports() accept it where the library under test
-// does. The traffic model, the table and the JSON already carry the dtype.
+// Dtypes: f32 and bf16 (bfloat16 storage of x, dy, y, dx; every per-channel vector stays float32,
+// and the libraries compute in float32). Adding another: add it to DType with its name and size
+// below, teach store()/load() and the tolerance in main.cpp, and make each Impl::supports() accept
+// it where the library under test does. The traffic model, the table and the JSON carry the dtype.
+// An implementation that finds at prepare() time that it has no kernel for a case (oneDNN without
+// a bf16 implementation on this CPU) throws Unsupported: the row says so and is not a failure.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace bench {
 
-enum class DType { F32 };
-inline const char* name_of(DType) { return "f32"; }
-inline std::size_t size_of(DType) { return 4; }
+enum class DType { F32, BF16 };
+inline const char* name_of(DType d) { return d == DType::BF16 ? "bf16" : "f32"; }
+inline std::size_t size_of(DType d) { return d == DType::BF16 ? 2 : 4; }
+
+struct Unsupported : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 enum class Layout { NCHW, NHWC };  // for a 2-D (N, C) shape both are the same memory: labelled "NC"
 enum class Op { TrainFwd, InferFwd, Backward };
@@ -53,8 +61,9 @@ struct Case {
   bool is_2d() const { return dims.size() == 2; }
 };
 
-// Memory of one case. Tensors (x, dy, y, dx) have the case's dtype and layout; per-channel vectors
-// are float32. Outputs are shared by all implementations (and filled with NaN before each check).
+// Memory of one case. Tensors (x, dy, y, dx) have the case's dtype and layout (bf16: 16-bit words,
+// bnorm::bfloat16's bits); per-channel vectors are float32 for every dtype. Outputs are shared by
+// all implementations (and filled with NaN before each check).
 struct Data {
   const void* x = nullptr;
   const void* dy = nullptr;

@@ -1,4 +1,5 @@
-// bnorm under test: the public functional API over the harness's memory.
+// bnorm under test: the public functional API over the harness's memory. bf16: bnorm::DType::BFloat16
+// views of x, dy, y, dx with the float32 per-channel vectors (bnorm's mixed-precision form).
 #include "bench.hpp"
 
 #include <bnorm/bnorm.hpp>
@@ -9,7 +10,7 @@ namespace {
 class BnormImpl final : public Impl {
  public:
   std::string name() const override { return "bnorm"; }
-  bool supports(const Case& c) const override { return c.dtype == DType::F32; }
+  bool supports(const Case& c) const override { return c.dtype == DType::F32 || c.dtype == DType::BF16; }
   void set_threads(int n) override { bnorm::set_num_threads(n); }
 
   void prepare(const Case& c, const Data& d) override {
@@ -17,10 +18,11 @@ class BnormImpl final : public Impl {
     d_ = d;
     bnorm::Shape shape(std::span<const std::int64_t>(c.dims.data(), c.dims.size()));
     const auto layout = c.layout == Layout::NHWC ? bnorm::Layout::ChannelsLast : bnorm::Layout::ChannelsFirst;
-    x_ = bnorm::ConstTensorView(static_cast<const float*>(d.x), shape, layout);
-    dy_ = bnorm::ConstTensorView(static_cast<const float*>(d.dy), shape, layout);
-    y_ = bnorm::TensorView(static_cast<float*>(d.y), shape, layout);
-    dx_ = bnorm::TensorView(static_cast<float*>(d.dx), shape, layout);
+    const auto dtype = c.dtype == DType::BF16 ? bnorm::DType::BFloat16 : bnorm::DType::Float32;
+    x_ = bnorm::ConstTensorView(d.x, dtype, shape, layout);
+    dy_ = bnorm::ConstTensorView(d.dy, dtype, shape, layout);
+    y_ = bnorm::TensorView(d.y, dtype, shape, layout);
+    dx_ = bnorm::TensorView(d.dx, dtype, shape, layout);
   }
 
   void run() override {

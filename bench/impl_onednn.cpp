@@ -6,6 +6,10 @@
 //                    reordered from the harness's NCHW data in prepare() and back in publish(), both
 //                    outside the timing. Shown in the NCHW group but not counted as a plain peer.
 // Timed: execute() + stream.wait(). The primitives are created once per case.
+// bf16: src, dst, diff_dst, diff_src are memory::data_type::bf16; scale, shift, mean, variance and
+// their diffs stay f32 (what oneDNN v3 requires of them for every src type). Where oneDNN has no
+// bf16 batch normalization for this CPU, creating the primitive descriptor fails with
+// dnnl_unimplemented: the row says "unsupported" (bench::Unsupported), it is not an error.
 //
 // Threads: oneDNN's CPU threading is whatever it was built with. The PyPI wheel (onednn 2026.x =
 // oneDNN v3.13) is a SYCL build whose CPU threading is TBB, so the thread count is set with
@@ -47,7 +51,7 @@ class OnednnImpl final : public Impl {
   std::string name() const override { return blocked_ ? "onednn-blocked" : "onednn"; }
   std::string layout_label(const Case& c) const override { return blocked_ ? "nChw16c" : Impl::layout_label(c); }
   bool supports(const Case& c) const override {
-    if (c.dtype != DType::F32) return false;
+    if (c.dtype != DType::F32 && c.dtype != DType::BF16) return false;
     if (blocked_) return c.dims.size() == 4 && c.layout == Layout::NCHW && c.C() % 16 == 0;
     return true;
   }
@@ -65,13 +69,30 @@ class OnednnImpl final : public Impl {
   }
 
   void prepare(const Case& c, const Data& d) override {
+    try {
+      build(c, d);
+    } catch (const dnnl::error& e) {
+      args_.clear();
+      prim_ = dnnl::primitive();
+      if (e.status == dnnl_unimplemented) {
+        std::string what = "oneDNN has no ";
+        what += name_of(c.dtype);
+        what += " batch normalization for this case on this CPU";
+        throw Unsupported(what);
+      }
+      throw;
+    }
+  }
+
+  void build(const Case& c, const Data& d) {
     c_ = c;
     d_ = d;
     auto& eng = cpu_engine();
     const memory::dims dims(c.dims.begin(), c.dims.end());
     const Tag plain = c.is_2d() ? Tag::nc : (c.layout == Layout::NHWC ? Tag::nhwc : Tag::nchw);
-    const memory::desc plain_md(dims, memory::data_type::f32, plain);
-    const memory::desc md = blocked_ ? memory::desc(dims, memory::data_type::f32, Tag::nChw16c) : plain_md;
+    const auto dt = c.dtype == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
+    const memory::desc plain_md(dims, dt, plain);
+    const memory::desc md = blocked_ ? memory::desc(dims, dt, Tag::nChw16c) : plain_md;
     const memory::desc cmd({c.C()}, memory::data_type::f32, Tag::x);
     auto vec = [&](const float* p) { return memory(cmd, eng, const_cast<float*>(p)); };
 

@@ -10,6 +10,10 @@
 // torch-out's backward figure still includes an allocation and a copy of dx. That is the cost a
 // caller with preallocated buffers pays with torch.
 //
+// bf16: x, dy, y, dx are at::kBFloat16 tensors and weight, bias, running and saved statistics stay
+// at::kFloat: torch's CPU BatchNorm accepts this "mixed type" (bf16 input, float32 parameters) in
+// forward and backward and computes in float32, like bnorm.
+//
 // Threads: at::set_num_threads (torch::set_num_threads is the same function, re-exported).
 #include "bench.hpp"
 
@@ -48,7 +52,8 @@ at::Tensor wrap_tensor(const void* p, const Case& c) {
       s *= c.dims[i];
     }
   }
-  return at::from_blob(const_cast<void*>(p), c.dims, strides, at::TensorOptions().dtype(at::kFloat));
+  const auto dtype = c.dtype == DType::BF16 ? at::kBFloat16 : at::kFloat;
+  return at::from_blob(const_cast<void*>(p), c.dims, strides, at::TensorOptions().dtype(dtype));
 }
 
 at::Tensor wrap_vector(const float* p, std::int64_t n) {
@@ -59,7 +64,7 @@ class TorchImpl final : public Impl {
  public:
   explicit TorchImpl(bool preallocated) : out_(preallocated) {}
   std::string name() const override { return out_ ? "torch-out" : "torch-alloc"; }
-  bool supports(const Case& c) const override { return c.dtype == DType::F32; }
+  bool supports(const Case& c) const override { return c.dtype == DType::F32 || c.dtype == DType::BF16; }
   void set_threads(int n) override { at::set_num_threads(n); }
 
   void prepare(const Case& c, const Data& d) override {

@@ -2,20 +2,27 @@
 // same bytes as the roofline, in one run. See BENCHMARKS.md for the method and the numbers.
 //
 //   bnorm-bench [--quick] [--json] [--threads 2,1] [--shapes LIST] [--ops LIST] [--layouts LIST]
-//               [--impls LIST] [--min-time S] [--max-reps N] [--no-check] [--json-out FILE]
+//               [--dtypes LIST] [--impls LIST] [--min-time S] [--max-reps N] [--no-check]
+//               [--json-out FILE]
 //
-// For every (shape, threads, op, layout) group each implementation is prepared once (buffers are
+// Dtypes: f32, and bf16 (bfloat16 x, dy, y, dx; float32 per-channel vectors, float32 arithmetic).
+// For every (shape, dtype, threads, op, layout) group each implementation is prepared once (buffers are
 // the harness's, allocated and first-touched once per shape), warmed up, checked once against the
 // float64 reference (bnorm::reference, src/kernels/reference.hpp) and then timed: repetitions until
 // max-reps, or until min-time has passed after at least 5 (3 with --quick); the median is reported.
-// Minimal traffic, with B the tensor's bytes: training forward 3B (x read twice, y written),
-// inference forward 2B, backward 5B (x and dy read for the reductions, then x, dy read and dx
-// written), copy 2B. GB/s = traffic / median; roofline % = GB/s / the GB/s of the faster of two
-// copies of the same bytes, memcpy and a non-temporal streaming copy (same shape, same threads);
+// Minimal traffic, with B the tensor's bytes (numel * 4 for f32, numel * 2 for bf16): training
+// forward 3B (x read twice, y written), inference forward 2B, backward 5B (x and dy read for the
+// reductions, then x, dy read and dx written), copy 2B. GB/s = traffic / median; roofline % = GB/s
+// / the GB/s of the faster of two copies of the same bytes, memcpy and a non-temporal streaming
+// copy (same shape, dtype and threads: a bf16 case has its own copies, of half the f32 bytes);
 // "vs peer" = median / the fastest peer's median (torch-out, torch-alloc, onednn in the same
 // layout), so below 1 is faster than every peer. "others" is how many CPUs other processes
 // kept busy while the row was timed (from /proc/stat): on a shared machine it tells which rows to
 // distrust; such a row (> 0.5 CPU) is timed once more and the less disturbed attempt kept.
+// The check: max |out - ref| / max(1, max |ref|) against the float64 reference computed on the
+// inputs as stored (rounded to bf16 for bf16), <= 1e-4 for f32 and <= 2^-7 for bf16 (a bf16 output
+// is one rounding, 2^-9 relative, away from the exact value). A row whose implementation has no
+// kernel for the case (oneDNN without bf16 here) says "unsupported" and is not a failure.
 // Exit status 1 when a bnorm row fails its check (the peers' failures only warn).
 #include "bench.hpp"
 
@@ -46,6 +53,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace bench {
@@ -74,8 +82,10 @@ struct Options {
   std::string json_out;  // also write the JSON rows to this file (the table stays on stdout)
   std::vector<int> threads{2, 1};
   std::vector<std::vector<std::int64_t>> shapes;
+  std::vector<std::pair<std::vector<std::int64_t>, DType>> runs;  // (shape, dtype), in order
   std::vector<Op> ops{Op::TrainFwd, Op::InferFwd, Op::Backward};
   std::vector<Layout> layouts{Layout::NCHW, Layout::NHWC};
+  std::vector<DType> dtypes{DType::F32, DType::BF16};
   std::set<std::string> impls;  // empty: all
   double min_time = 0.3;
   int max_reps = 20, min_reps = 5, warmup = 2;
@@ -83,7 +93,8 @@ struct Options {
 
 const char* kUsage =
     "usage: bnorm-bench [options]\n"
-    "  --quick            a small subset (seed shape, 32x256x14x14, 256x1024), few repetitions\n"
+    "  --quick            a small subset (seed shape, 32x256x14x14, 256x1024; bf16 only on 32x256x14x14\n"
+    "                     unless --dtypes or --shapes is given), few repetitions\n"
     "  --json             one JSON object per row on stdout (the table goes away)\n"
     "  --json-out FILE    the table on stdout and the JSON rows into FILE (for bench/plot.py)\n"
     "  --threads LIST     thread counts, e.g. 2,1 (default 2,1)\n"
@@ -91,6 +102,7 @@ const char* kUsage =
     "                     (default seed,resnet50,2d)\n"
     "  --ops LIST         train_fwd,infer_fwd,backward (default all)\n"
     "  --layouts LIST     NCHW,NHWC (default both; a 2-D shape runs once, labelled NC)\n"
+    "  --dtypes LIST      f32,bf16 (default both; bf16: bfloat16 tensors, float32 per-channel vectors)\n"
     "  --impls LIST       bnorm,torch-out,torch-alloc,onednn,onednn-blocked (default all built; copy always)\n"
     "  --min-time S       seconds of repetitions per row (default 0.3; --quick 0.02)\n"
     "  --max-reps N       at most N timed repetitions per row (default 20; --quick 5)\n"
@@ -133,7 +145,7 @@ std::vector<std::vector<std::int64_t>> named_shapes(const std::string& name) {
 Options parse(int argc, char** argv) {
   Options o;
   std::string shapes = "seed,resnet50,2d";
-  bool min_time_set = false, max_reps_set = false;
+  bool min_time_set = false, max_reps_set = false, dtypes_set = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -168,6 +180,14 @@ Options parse(int argc, char** argv) {
         else if (s == "NHWC" || s == "nhwc") o.layouts.push_back(Layout::NHWC);
         else throw std::invalid_argument("bad layout '" + s + "'");
       }
+    } else if (a == "--dtypes") {
+      o.dtypes.clear();
+      dtypes_set = true;
+      for (const auto& s : split(value(), ',')) {
+        if (s == "f32" || s == "float32") o.dtypes.push_back(DType::F32);
+        else if (s == "bf16" || s == "bfloat16") o.dtypes.push_back(DType::BF16);
+        else throw std::invalid_argument("bad dtype '" + s + "'");
+      }
     } else if (a == "--impls") {
       for (const auto& s : split(value(), ',')) o.impls.insert(s);
     } else if (a == "--min-time") {
@@ -181,8 +201,12 @@ Options parse(int argc, char** argv) {
       std::exit(0);
     } else throw std::invalid_argument("unknown option '" + a + "'");
   }
+  bool quick_bf16_subset = false;
   if (o.quick) {
-    if (shapes == "seed,resnet50,2d") shapes = "seed,32x256x14x14,2d";
+    if (shapes == "seed,resnet50,2d") {
+      shapes = "seed,32x256x14x14,2d";
+      quick_bf16_subset = !dtypes_set;  // keeps CI's smoke test short and still covers bf16
+    }
     if (!min_time_set) o.min_time = 0.02;
     if (!max_reps_set) o.max_reps = 5;
     o.min_reps = 3;
@@ -191,6 +215,11 @@ Options parse(int argc, char** argv) {
   o.min_reps = std::min(o.min_reps, o.max_reps);
   for (const auto& s : split(shapes, ','))
     for (auto& d : named_shapes(s)) o.shapes.push_back(d);
+  if (o.dtypes.empty()) throw std::invalid_argument("--dtypes: no dtype given");
+  for (const auto& d : o.shapes)
+    for (const DType dt : o.dtypes)
+      if (!quick_bf16_subset || dt != DType::BF16 || d == std::vector<std::int64_t>{32, 256, 14, 14})
+        o.runs.emplace_back(d, dt);
   return o;
 }
 
@@ -218,8 +247,17 @@ struct Buffer {
   T* as() const { return static_cast<T*>(p); }
 };
 
-void store(DType, void* p, std::size_t i, double v) { static_cast<float*>(p)[i] = static_cast<float>(v); }
-double load(DType, const void* p, std::size_t i) { return static_cast<const float*>(p)[i]; }
+// bf16: rounded to nearest even by bnorm::bfloat16 (through float32: a value between two bf16
+// values may round twice, which only moves an input by one bf16 step; the reference reads back
+// what was stored, so it sees exactly what the libraries see).
+void store(DType dt, void* p, std::size_t i, double v) {
+  if (dt == DType::BF16) static_cast<bnorm::bfloat16*>(p)[i] = bnorm::bfloat16::from_float(static_cast<float>(v));
+  else static_cast<float*>(p)[i] = static_cast<float>(v);
+}
+double load(DType dt, const void* p, std::size_t i) {
+  if (dt == DType::BF16) return static_cast<const bnorm::bfloat16*>(p)[i].to_float();
+  return static_cast<const float*>(p)[i];
+}
 
 // Deterministic values in [-1, 1) from an index (a hash, so that filling is parallel).
 double noise(std::uint64_t i, std::uint64_t seed) {
@@ -440,8 +478,11 @@ double check_error(const ShapeData& sd, Layout layout, Op op) {
 }
 
 // Relative to the largest reference value; float32 rounding of a BatchNorm output is ~1e-7, and
-// float32 accumulation over 400k values per channel costs a few 1e-6 at most.
-constexpr double kTolerance = 1e-4;
+// float32 accumulation over 400k values per channel costs a few 1e-6 at most. A bf16 output is
+// rounded once to 8 significant bits (2^-9 relative); 2^-7 (~1/128) leaves room for float32
+// arithmetic and for an implementation that rounds an intermediate to bf16. The reference runs on
+// the bf16-rounded inputs, so input rounding is not counted as error.
+double tolerance(DType dt) { return dt == DType::BF16 ? 0x1.0p-7 : 1e-4; }
 
 // ---------------------------------------------------------------------------------------------
 // Timing
@@ -600,14 +641,17 @@ std::string num(double v, int prec = 4) {
 }
 
 void print_json(const Row& r, FILE* f = stdout) {
+  // An error or unsupported row has no timing: null, not 0.
+  const bool ok = r.error.empty();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
   std::fprintf(f,
       "{\"shape\":\"%s\",\"layout\":\"%s\",\"op\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"impl\":\"%s\","
       "\"median_ms\":%s,\"min_ms\":%s,\"reps\":%d,\"traffic_bytes\":%.0f,\"gbps\":%s,\"roofline_pct\":%s,"
       "\"ratio_to_best_peer\":%s,\"best_peer\":%s,\"check\":\"%s\",\"max_err\":%s,\"detail\":\"%s\","
       "\"others_cpus\":%s",
       r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.dtype.c_str(), r.threads, r.impl.c_str(),
-      num(r.t.median_ms, 6).c_str(), num(r.t.min_ms, 6).c_str(), r.t.reps, r.traffic, num(r.gbps).c_str(),
-      num(r.roofline_pct).c_str(), r.ratio ? num(*r.ratio).c_str() : "null",
+      num(ok ? r.t.median_ms : nan, 6).c_str(), num(ok ? r.t.min_ms : nan, 6).c_str(), r.t.reps, r.traffic,
+      num(ok ? r.gbps : nan).c_str(), num(ok ? r.roofline_pct : nan).c_str(), r.ratio ? num(*r.ratio).c_str() : "null",
       r.best_peer.empty() ? "null" : ("\"" + r.best_peer + "\"").c_str(), r.check.c_str(),
       r.max_err ? num(*r.max_err, 3).c_str() : "null", json_escape(r.detail).c_str(), num(r.t.others, 2).c_str());
   if (!r.error.empty()) std::fprintf(f, ",\"error\":\"%s\"", json_escape(r.error).c_str());
@@ -622,8 +666,9 @@ void print_table_header() {
 
 void print_table_row(const Row& r) {
   if (!r.error.empty()) {
-    std::printf("%-14s %-7s %-9s %-5s %3d %-14s  error: %s\n", r.shape.c_str(), r.layout.c_str(), r.op.c_str(),
-                r.dtype.c_str(), r.threads, r.impl.c_str(), r.error.c_str());
+    std::printf("%-14s %-7s %-9s %-5s %3d %-14s  %s: %s\n", r.shape.c_str(), r.layout.c_str(), r.op.c_str(),
+                r.dtype.c_str(), r.threads, r.impl.c_str(), r.check == "unsupported" ? "unsupported" : "error",
+                r.error.c_str());
     return;
   }
   char ratio[32] = "";
@@ -705,10 +750,12 @@ int main(int argc, char** argv) {
   std::fprintf(info, "GLIBC_TUNABLES=%s; %s; threading runtimes loaded: %s\n", tunables ? tunables : "(unset)",
                o.quick ? "quick" : "full", threading_runtimes().c_str());
   std::fprintf(info,
-               "median of up to %d reps (>= %d, stop after %.2f s) after %d warm-up; traffic: train_fwd 3B, "
-               "infer_fwd 2B, backward 5B, copy 2B; %%roof = GB/s / GB/s of the faster copy (memcpy or copy-nt); vs peer = median / fastest peer's; "
-               "others = CPUs busy with other processes while the row ran\n",
-               o.max_reps, o.min_reps, o.min_time, o.warmup);
+               "median of up to %d reps (>= %d, stop after %.2f s) after %d warm-up; traffic (B = numel * 4 f32, "
+               "* 2 bf16): train_fwd 3B, infer_fwd 2B, backward 5B, copy 2B; %%roof = GB/s / GB/s of the faster copy "
+               "(memcpy or copy-nt) of the same dtype's bytes; vs peer = median / fastest peer's; check: max rel err "
+               "vs float64 reference, ok <= %.0e f32, <= 2^-7 bf16; others = CPUs busy with other processes while the "
+               "row ran\n",
+               o.max_reps, o.min_reps, o.min_time, o.warmup, tolerance(DType::F32));
   if (!o.json) print_table_header();
   FILE* json_file = nullptr;
   if (!o.json_out.empty()) {
@@ -724,12 +771,13 @@ int main(int argc, char** argv) {
     if (json_file) print_json(r, json_file);
   };
 
-  const DType dtype = DType::F32;  // bf16: loop over dtypes here
   const auto run_start = std::chrono::steady_clock::now();
   const CpuSample run_cpu = cpu_sample();
   int failures = 0, peer_failures = 0;  // bnorm's own (the exit status), the peers' (a warning)
   double ref_seconds = 0;
-  for (const auto& dims : o.shapes) {
+  for (const auto& run : o.runs) {
+    const std::vector<std::int64_t>& dims = run.first;
+    const DType dtype = run.second;
     ShapeData sd = make_shape_data(dims, dtype);
     const std::string shape = shape_str(dims);
     bool first_threads = true;
@@ -792,12 +840,17 @@ int main(int argc, char** argv) {
                 impl->publish();
                 const double err = check_error(sd, c.layout, op);
                 r.max_err = err;
-                r.check = err <= kTolerance ? "ok" : "FAIL";
-                if (err > kTolerance) ++(impl->name() == "bnorm" ? failures : peer_failures);
+                r.check = err <= tolerance(dtype) ? "ok" : "FAIL";
+                if (!(err <= tolerance(dtype))) ++(impl->name() == "bnorm" ? failures : peer_failures);
                 reset_state(sd);
               }
               r.t = time_row([&] { impl->run(); }, o);
               r.gbps = traffic / (r.t.median_ms * 1e-3) / 1e9;
+            } catch (const Unsupported& e) {
+              // No kernel for this case in that library here: said, not counted as a failure.
+              r.error = e.what();
+              r.check = "unsupported";
+              r.max_err.reset();
             } catch (const std::exception& e) {
               r.error = e.what();
               r.check = "error";

@@ -5,9 +5,12 @@
     python3 bench/plot.py bench.jsonl [-o BENCHMARKS_roofline.png]
     python3 bench/plot.py bench.jsonl --summary [--threads 2]   # a Markdown summary table instead
 
-One panel per (op, threads, layout); in each, one group of bars per shape: bnorm, torch (the _out
+One row of panels per (dtype, op), one column per (threads, layout); in each, one group of bars per shape: bnorm, torch (the _out
 call with preallocated outputs), torch-alloc, oneDNN in the same plain layout, and oneDNN's blocked
 layout (nChw16c, in the NCHW panels). The 2-D shape's rows (layout NC) sit in the NCHW panels.
+Each dtype (f32, bf16) has its own panels: its %roof is against a copy of its own bytes (bf16: half
+of f32's). Rows without a timing (errors, "unsupported") are left out of the plot; --summary shows
+them as "unsupp." / "error".
 Needs matplotlib (`python3 -m pip install matplotlib`).
 """
 import argparse
@@ -21,6 +24,7 @@ IMPLS = [  # (impl, label, colour, hatch)
     ("onednn", "oneDNN", "#2ca02c", None),
     ("onednn-blocked", "oneDNN nChw16c", "#98df8a", "//"),
 ]
+DTYPES = ["f32", "bf16"]
 OPS = [("train_fwd", "training forward (3B)"), ("infer_fwd", "inference forward (2B)"), ("backward", "backward (5B)")]
 
 
@@ -45,43 +49,49 @@ def main():
 
     lines = open(args.jsonl) if args.jsonl else sys.stdin
     rows = [json.loads(line) for line in lines if line.strip().startswith("{")]
-    rows = [r for r in rows if r.get("op") != "copy" and r.get("roofline_pct") is not None]
+    rows = [r for r in rows if r.get("op") != "copy" and r.get("roofline_pct") is not None
+            and r.get("median_ms") is not None]
     if not rows:
         sys.exit("plot.py: no benchmark rows in the input")
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     threads = sorted({r["threads"] for r in rows}, reverse=True)
-    ops = [op for op in OPS if any(r["op"] == op[0] for r in rows)]
+    dtype_of = lambda r: r.get("dtype", "f32")
+    dtypes = [d for d in DTYPES if any(dtype_of(r) == d for r in rows)]
+    dtypes += sorted({dtype_of(r) for r in rows} - set(dtypes))
+    ops = [(d, op, label) for d in dtypes for op, label in OPS if any(r["op"] == op and dtype_of(r) == d for r in rows)]
     panel_layout = lambda r: "NHWC" if r["layout"] == "NHWC" else "NCHW"  # NC and nChw16c go with NCHW
     layouts = [l for l in ("NCHW", "NHWC") if any(panel_layout(r) == l for r in rows)]
     impls = [i for i in IMPLS if any(r["impl"] == i[0] for r in rows)]
-    value = {(r["op"], r["threads"], panel_layout(r), r["shape"], r["impl"]): r["roofline_pct"] for r in rows}
+    value = {(dtype_of(r), r["op"], r["threads"], panel_layout(r), r["shape"], r["impl"]): r["roofline_pct"]
+             for r in rows}
 
     cols = [(t, l) for t in threads for l in layouts]
     fig, axes = plt.subplots(len(ops), len(cols), figsize=(6.5 * len(cols), 4.2 * len(ops)), squeeze=False,
                              sharey="row")
     width = 0.8 / max(1, len(impls))
-    for i, (op, op_label) in enumerate(ops):
+    for i, (dtype, op, op_label) in enumerate(ops):
         for j, (t, layout) in enumerate(cols):
             ax = axes[i][j]
-            here = [sh for sh in shapes if any(key[:3] == (op, t, layout) and key[3] == sh for key in value)]
+            here = [sh for sh in shapes if any(key[:4] == (dtype, op, t, layout) and key[4] == sh for key in value)]
             for k, (impl, label, colour, hatch) in enumerate(impls):
                 xs, ys = [], []
                 for s, shape in enumerate(here):
-                    v = value.get((op, t, layout, shape, impl))
+                    v = value.get((dtype, op, t, layout, shape, impl))
                     if v is not None:
                         xs.append(s + (k - (len(impls) - 1) / 2) * width)
                         ys.append(v)
                 ax.bar(xs, ys, width, label=label, color=colour, hatch=hatch, edgecolor="white" if not hatch else "#555")
             ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
-            ax.set_title(f"{op_label}, {layout}, {t} thread{'s' if t > 1 else ''}", fontsize=10)
+            ax.set_title(f"{dtype} {op_label}, {layout}, {t} thread{'s' if t > 1 else ''}", fontsize=10)
             ax.set_xticks(range(len(here)))
             ax.set_xticklabels(here, rotation=60, ha="right", fontsize=7)
             ax.grid(axis="y", alpha=0.3)
             if j == 0:
                 ax.set_ylabel("% of copy roofline")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.suptitle("BatchNorm float32: GB/s of minimal traffic as % of a copy of the same bytes (dashed: 100%)",
+    fig.suptitle(f"BatchNorm {' and '.join(dtypes)}: GB/s of minimal traffic as % of a copy of the same bytes "
+                 "(dashed: 100%)",
                  y=0.995, fontsize=13)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=len(impls), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
@@ -90,37 +100,45 @@ def main():
 
 
 def summary(rows, threads):
-    """Per (shape, op, layout, threads): ms of bnorm, the faster torch call, oneDNN (plain and blocked),
-    bnorm's % of the copy roofline and its ratio to the faster peer."""
+    """Per (shape, dtype, op, layout, threads): ms of bnorm, the faster torch call, oneDNN (plain and
+    blocked), bnorm's % of the copy roofline (the copy of that dtype's bytes) and its ratio to the faster
+    peer. An implementation that errored or has no kernel for the dtype shows "error" / "unsupp."."""
     copy = {}
     for r in rows:
-        if r["op"] == "copy":
-            key = (r["shape"], r["threads"])
-            copy[key] = max(copy.get(key, 0), r["gbps"] or 0)
+        if r["op"] == "copy" and r.get("gbps") is not None:
+            key = (r["shape"], r.get("dtype", "f32"), r["threads"])
+            copy[key] = max(copy.get(key, 0), r["gbps"])
     groups = {}
     for r in rows:
-        if r["op"] == "copy" or (threads and r["threads"] != threads) or r.get("median_ms") is None:
+        if r["op"] == "copy" or (threads and r["threads"] != threads):
             continue
         layout = "NCHW" if r["layout"] == "nChw16c" else r["layout"]
-        groups.setdefault((r["shape"], r["threads"], r["op"], layout), {})[r["impl"]] = r
+        groups.setdefault((r["shape"], r.get("dtype", "f32"), r["threads"], r["op"], layout), {})[r["impl"]] = r
 
     def ms(g, *impls):
-        got = [g[i]["median_ms"] for i in impls if i in g]
-        return f"{min(got):.3f}" if got else "-"
+        got = [g[i]["median_ms"] for i in impls if i in g and g[i].get("median_ms") is not None]
+        if got:
+            return f"{min(got):.3f}"
+        marks = {"unsupp." if g[i].get("check") == "unsupported" else "error" for i in impls if i in g}
+        return "/".join(sorted(marks)) or "-"
 
-    print("| shape | thr | op | layout | bnorm ms | torch ms (faster call) | oneDNN ms | oneDNN nChw16c ms | copy GB/s "
-          "| bnorm % roof | bnorm vs faster peer | others (max) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (shape, thr, op, layout), g in groups.items():
+    print("| shape | dtype | thr | op | layout | bnorm ms | torch ms (faster call) | oneDNN ms | oneDNN nChw16c ms "
+          "| copy GB/s | bnorm % roof | bnorm vs faster peer | others (max) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (shape, dtype, thr, op, layout), g in groups.items():
         b = g.get("bnorm")
-        torch = min((g[i] for i in ("torch-out", "torch-alloc") if i in g), key=lambda r: r["median_ms"], default=None)
+        timed = [g[i] for i in ("torch-out", "torch-alloc") if i in g and g[i].get("median_ms") is not None]
+        torch = min(timed, key=lambda r: r["median_ms"], default=None)
         tname = "" if torch is None else (" (out)" if torch["impl"] == "torch-out" else " (alloc)")
         others = max((r.get("others_cpus") or 0) for r in g.values())
-        print(f"| {shape} | {thr} | {op} | {layout} | {ms(g, 'bnorm')} | {ms(g, 'torch-out', 'torch-alloc')}{tname} "
-              f"| {ms(g, 'onednn')} | {ms(g, 'onednn-blocked')} | {copy.get((shape, thr), 0):.1f} "
-              f"| {b['roofline_pct']:.0f}% | {b['ratio_to_best_peer']:.2f}x | {others:.1f} |"
-              if b and b.get("ratio_to_best_peer") is not None else
-              f"| {shape} | {thr} | {op} | {layout} | {ms(g, 'bnorm')} | - | - | - | - | - | - | {others:.1f} |")
+        head = f"| {shape} | {dtype} | {thr} | {op} | {layout} | {ms(g, 'bnorm')} "
+        if b and b.get("ratio_to_best_peer") is not None:
+            print(head + f"| {ms(g, 'torch-out', 'torch-alloc')}{tname} | {ms(g, 'onednn')} | {ms(g, 'onednn-blocked')} "
+                  f"| {copy.get((shape, dtype, thr), 0):.1f} | {b['roofline_pct']:.0f}% "
+                  f"| {b['ratio_to_best_peer']:.2f}x | {others:.1f} |")
+        else:
+            print(head + f"| {ms(g, 'torch-out', 'torch-alloc')} | {ms(g, 'onednn')} | {ms(g, 'onednn-blocked')} "
+                  f"| - | - | - | {others:.1f} |")
 
 
 if __name__ == "__main__":
