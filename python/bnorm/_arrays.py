@@ -2,7 +2,9 @@
 
 Each adapter answers the same questions about an array of its kind (dtype, shape, strides in
 elements, whether it may be written) and makes the few new arrays the API needs (outputs in a given
-layout, per-channel vectors, dense copies). Nothing here imports torch unless a torch tensor is
+layout, per-channel vectors, dense copies). Tensors are float32 or float64, and for torch also
+bfloat16: a storage type whose per-channel vectors (running statistics, weight, bias and their
+gradients) are float32, torch's CPU mixed-precision rule (NumPy has no bfloat16). Nothing here imports torch unless a torch tensor is
 actually used, so `import bnorm` stays light for NumPy users.
 """
 
@@ -79,6 +81,7 @@ class NumpyArrays:
 
     name = "numpy.ndarray"
     float64 = np.float64
+    supported = "float32 and float64"
 
     @staticmethod
     def owns(x) -> bool:
@@ -107,6 +110,20 @@ class NumpyArrays:
     @staticmethod
     def is_float64(x) -> bool:
         return x.dtype == np.float64
+
+    @staticmethod
+    def vector_dtype_ok(v, input) -> bool:
+        """v has the dtype of input's per-channel vectors (input's own: float32 or float64)."""
+        return v.dtype == input.dtype
+
+    @staticmethod
+    def vector_dtype_name(input) -> str:
+        return str(input.dtype)
+
+    @staticmethod
+    def is_reduced(x) -> bool:
+        """True for a storage-only dtype computed in float32 (never, for NumPy)."""
+        return False
 
     @staticmethod
     def shape(x):
@@ -157,6 +174,7 @@ class NumpyArrays:
 
     @staticmethod
     def empty_vector(n, like=None, float64=False):
+        """n values of the dtype of like's per-channel vectors (float64 when asked or no like)."""
         return np.empty(n, dtype=np.float64 if float64 or like is None else like.dtype)
 
     @staticmethod
@@ -186,6 +204,7 @@ class TorchTensors:
     """torch.Tensor on the CPU (torch is imported by whoever made the tensor)."""
 
     name = "torch.Tensor"
+    supported = "float32, float64 and bfloat16"
 
     @staticmethod
     def _torch():
@@ -212,7 +231,7 @@ class TorchTensors:
     @staticmethod
     def is_supported_dtype(x) -> bool:
         torch = TorchTensors._torch()
-        return x.dtype == torch.float32 or x.dtype == torch.float64
+        return x.dtype == torch.float32 or x.dtype == torch.float64 or x.dtype == torch.bfloat16
 
     @staticmethod
     def same_dtype(a, b) -> bool:
@@ -221,6 +240,25 @@ class TorchTensors:
     @staticmethod
     def is_float64(x) -> bool:
         return x.dtype == TorchTensors._torch().float64
+
+    @staticmethod
+    def _vector_dtype(input):
+        """The dtype of input's per-channel vectors: float32 for bfloat16, else input's own."""
+        torch = TorchTensors._torch()
+        return torch.float32 if input.dtype == torch.bfloat16 else input.dtype
+
+    @staticmethod
+    def vector_dtype_ok(v, input) -> bool:
+        return v.dtype == TorchTensors._vector_dtype(input)
+
+    @staticmethod
+    def vector_dtype_name(input) -> str:
+        return str(TorchTensors._vector_dtype(input)).replace("torch.", "")
+
+    @staticmethod
+    def is_reduced(x) -> bool:
+        """True for bfloat16: stored in 16 bits, computed in float32 with float32 vectors."""
+        return x.dtype == TorchTensors._torch().bfloat16
 
     @staticmethod
     def shape(x):
@@ -270,11 +308,11 @@ class TorchTensors:
     @staticmethod
     def empty_vector(n, like=None, float64=False):
         torch = TorchTensors._torch()
-        return torch.empty(n, dtype=torch.float64 if float64 or like is None else like.dtype)
+        return torch.empty(n, dtype=torch.float64 if float64 or like is None else TorchTensors._vector_dtype(like))
 
     @staticmethod
     def zeros_vector(n, like):
-        return TorchTensors._torch().zeros(n, dtype=like.dtype)
+        return TorchTensors._torch().zeros(n, dtype=TorchTensors._vector_dtype(like))
 
     @staticmethod
     def contiguous_vector(v):

@@ -48,8 +48,10 @@ def _input_kind(fn, input):
     return kind
 
 
-def _check_array(fn, kind, name, x, input=None, also_float64=False):
-    """x is an array of input's kind, usable (device, storage) and of input's dtype."""
+def _check_array(fn, kind, name, x, input=None, also_float64=False, vector=False):
+    """x is an array of input's kind, usable (device, storage) and of input's dtype (vector=True:
+    the dtype of input's per-channel vectors, float32 for a bfloat16 input; also_float64: or
+    float64)."""
     if kind_of(x) is not kind:
         raise TypeError(f"{fn}: {name} must be a {kind.name} like input (or None), not {_type_name(x)}")
     problem = kind.problem(x)
@@ -58,20 +60,29 @@ def _check_array(fn, kind, name, x, input=None, also_float64=False):
     if input is None:
         if not kind.is_supported_dtype(x):
             raise TypeError(
-                f"{fn}: {name} has dtype {kind.dtype_name(x)}, but bnorm supports float32 and float64 only"
+                f"{fn}: {name} has dtype {kind.dtype_name(x)}, but bnorm supports {kind.supported} only"
             )
-    elif not kind.same_dtype(x, input) and not (also_float64 and kind.is_float64(x)):
-        also = " (or float64)" if also_float64 else ""
+        return
+    also = " (or float64)" if also_float64 else ""
+    if not vector:
+        if not kind.same_dtype(x, input):
+            raise TypeError(f"{fn}: mixed dtypes: {name} has dtype {kind.dtype_name(x)} but input has "
+                            f"{kind.dtype_name(input)}; {name} must have the input's dtype")
+    elif not kind.vector_dtype_ok(x, input) and not (also_float64 and kind.is_float64(x)):
+        if kind.is_reduced(input):
+            rule = (f"the per-channel vectors of a {kind.dtype_name(input)} input must be "
+                    f"{kind.vector_dtype_name(input)}{also} (torch's mixed-precision rule)")
+        else:
+            rule = f"per-channel vectors must have the input's dtype{also}"
         raise TypeError(
-            f"{fn}: mixed dtypes: {name} has dtype {kind.dtype_name(x)} but input has "
-            f"{kind.dtype_name(input)}; per-channel vectors must have the input's dtype{also}"
+            f"{fn}: mixed dtypes: {name} has dtype {kind.dtype_name(x)} but input has {kind.dtype_name(input)}; {rule}"
         )
 
 
 def _check_vector(fn, kind, name, v, input, C, also_float64=False):
     if v is None:
         return
-    _check_array(fn, kind, name, v, input, also_float64)
+    _check_array(fn, kind, name, v, input, also_float64, vector=True)
     n = kind.numel(v)
     if n != C:
         raise ValueError(f"{fn}: {name} should contain {C} elements not {n}")
@@ -243,7 +254,8 @@ def apply_backward(kind, grad_output, saved, weight, need_input=True, need_weigh
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05):
-    """torch.nn.functional.batch_norm on NumPy arrays (float32, float64) or CPU torch tensors.
+    """torch.nn.functional.batch_norm on NumPy arrays (float32, float64) or CPU torch tensors
+    (float32, float64, bfloat16).
 
     Normalizes each channel (dim 1) of `input` (N, C, ...) with the batch statistics (training=True:
     mean and biased variance over N and the spatial dims) or with running_mean / running_var
@@ -253,6 +265,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     In training, running_mean and running_var (when given) are updated in place:
     running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance.
+
+    A bfloat16 input is computed in float32 and its running_mean, running_var, weight and bias are
+    float32 (torch's CPU mixed precision); the output is bfloat16.
 
     Returns a new array of input's kind, shape, dtype and layout (channels-first or channels-last).
     Torch tensors that require grad get a graph node (bnorm.torch's autograd Function). Raises
@@ -278,7 +293,9 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
 
     training=True differentiates through the batch statistics. They are recomputed from input
     (one more pass over it) unless save_mean and save_invstd (the batch mean and 1/sqrt(var + eps),
-    input's dtype or float64; bnorm.batch_stats gives mean and var) are passed. training=False uses
+    input's dtype or float64, float32 or float64 for a bfloat16 input; bnorm.batch_stats gives mean
+    and var) are passed. For a bfloat16 input grad_input is bfloat16 and grad_weight and grad_bias
+    float32. training=False uses
     running_mean and running_var, which are then required. Works on NumPy arrays and CPU torch
     tensors alike (no autograd: for that, use the torch path of batch_norm).
     """

@@ -8,7 +8,9 @@ The modules subclass torch.nn.BatchNorm1d/2d/3d (isinstance checks, state_dict k
 load_state_dict, reset_parameters, repr are torch's own) and replace only forward: the same rules
 (momentum=None as a cumulative average over num_batches_tracked, batch statistics in eval when
 track_running_stats=False) computed by bnorm's kernels, with gradients through BatchNormFunction.
-CPU tensors of float32 and float64 only: anything else raises TypeError.
+CPU tensors of float32 and float64, and bfloat16 inputs with float32 parameters and buffers (torch's
+mixed precision: bfloat16 output and input gradient, float32 running statistics and parameter
+gradients); anything else raises TypeError.
 """
 
 from __future__ import annotations

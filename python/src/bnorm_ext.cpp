@@ -1,5 +1,6 @@
 // bnorm._bnorm: the thin binding between Python arrays (NumPy arrays, torch tensors: anything that
-// speaks DLPack or the buffer protocol, on the CPU) and bnorm's functional API.
+// speaks DLPack or the buffer protocol, on the CPU; float32, float64 and, from DLPack, bfloat16) and
+// bnorm's functional API.
 //
 // The Python package (python/bnorm/*.py) does the argument checking that gives torch's errors and
 // prepares the memory (one of the two dense layouts, vectors of C contiguous values). This file
@@ -38,9 +39,18 @@ bnorm::DType dtype_of(const A& a, const char* name) {
     if (dt.bits == 32) return bnorm::DType::Float32;
     if (dt.bits == 64) return bnorm::DType::Float64;
   }
-  throw nb::type_error((std::string("bnorm: ") + name + ": expected dtype float32 or float64, got DLPack type code " +
-                        std::to_string(dt.code) + " with " + std::to_string(dt.bits) + " bits")
-                           .c_str());
+  // bfloat16 (torch.bfloat16): a storage type; its per-channel vectors are float32, which the
+  // library checks (a bfloat16 vector is a ValueError there).
+  if (dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.lanes == 1 && dt.bits == 16)
+    return bnorm::DType::BFloat16;
+  std::string msg = "bnorm: ";
+  msg += name;
+  msg += ": expected dtype float32, float64 or bfloat16, got DLPack type code ";
+  msg += std::to_string(dt.code);
+  msg += " with ";
+  msg += std::to_string(dt.bits);
+  msg += " bits";
+  throw nb::type_error(msg.c_str());
 }
 
 // True when the array's memory is dense in the axis order `order` (outermost first). Dims of size 1
