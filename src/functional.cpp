@@ -76,7 +76,7 @@ std::vector<double> reduce_workspace(const Geometry& g) {
 template <class T>
 void normalize_with(const T* x, T* y, const Geometry& g, const std::vector<double>& mean,
                     const std::vector<double>& invstd, const std::vector<double>& gamma,
-                    const std::vector<double>& beta, Activation act) {
+                    const std::vector<double>& beta, Activation act, const T* residual = nullptr) {
   using P = Compute<T>;
   const std::size_t uC = mean.size();
   std::vector<P> hi, lo, scale(uC), shift(uC);
@@ -85,7 +85,8 @@ void normalize_with(const T* x, T* y, const Geometry& g, const std::vector<doubl
     scale[c] = static_cast<P>(gamma[c] * invstd[c]);
     shift[c] = static_cast<P>(beta[c]);
   }
-  if (g.per_channel() > 0) kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act);
+  if (g.per_channel() > 0)
+    kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act, residual);
 }
 
 // Training only: the saved statistics, and the running update with the unbiased variance of m values.
@@ -111,14 +112,14 @@ void commit_training(const std::vector<double>& mean, const std::vector<double>&
 template <class T>
 void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, VectorView running_var,
                   ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                  VectorView save_mean, VectorView save_invstd, Activation act) {
+                  VectorView save_mean, VectorView save_invstd, Activation act, const T* residual) {
   const std::int64_t C = g.C;
   const auto uC = static_cast<std::size_t>(C);
   const double m = static_cast<double>(g.per_channel());
   std::vector<double> mean(uC), var(uC), invstd(uC);
   const std::vector<double> gamma = read_channels<T>(weight, C, 1.0), beta = read_channels<T>(bias, C, 0.0);
   if (training && fuse_channels<T>(g, 2)) {
-    kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, mean.data(), var.data());
+    kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, residual, mean.data(), var.data());
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
   } else {
     if (training) {
@@ -130,7 +131,7 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
       var = read_channels<T>(running_var, C, 1.0);
     }
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    normalize_with(x, y, g, mean, invstd, gamma, beta, act);
+    normalize_with(x, y, g, mean, invstd, gamma, beta, act, residual);
   }
   if (training) commit_training<T>(mean, var, invstd, m, running_mean, running_var, momentum, save_mean, save_invstd);
 }
@@ -240,15 +241,23 @@ TensorInfo check_forward_args(const char* fn, ConstTensorView input, TensorView 
 
 void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
                 ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                VectorView save_mean, VectorView save_invstd, Activation activation) {
+                VectorView save_mean, VectorView save_invstd, Activation activation, ConstTensorView residual) {
   const char* fn = "batch_norm";
   const detail::TensorInfo in = detail::check_forward_args(fn, input, output, running_mean, running_var, weight, bias,
                                                            training, momentum, eps, save_mean, save_invstd, activation);
+  if (!residual.empty()) {
+    detail::check_tensor(fn, "residual", residual);
+    detail::check_like(fn, "residual", residual, "input", input);
+    // The output may be the residual itself (each element is read before it is written), not a
+    // partial overlap of it.
+    detail::check_alias(fn, "output", output.data(), in.bytes, "residual", residual.data(), in.bytes);
+  }
   if (training) detail::check_training_count(fn, input, in);
   with_storage(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
     forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), in.geometry, running_mean,
-                 running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation);
+                 running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation,
+                 residual.empty() ? nullptr : static_cast<const T*>(residual.data()));
   });
 }
 

@@ -206,6 +206,53 @@ TEST(Kernels, StreamedLargeOutputsMatchReference) {
   }
 }
 
+// The fused residual: y = act(bn(x) + z), training and eval, both layouts, fused and unfused
+// channels-first paths, with the output written over the residual; errors for a residual that does
+// not match or partly overlaps the output.
+TEST(Kernels, FusedResidualAddMatchesReference) {
+  for (const Dims& d : {Dims{{4, 5, 33}}, Dims{{2, 3, 70001}}, Dims{{3, 300, 2, 3}}})
+    for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast})
+      for (bool relu : {false, true})
+        for (bool training : {true, false})
+          for (bool into_residual : {false, true}) {
+            SCOPED_TRACE(d.str() + (layout == Layout::ChannelsLast ? " CL" : " CF") + (relu ? " relu" : "") +
+                         (training ? " train" : " eval") + (into_residual ? " y=z" : ""));
+            std::mt19937_64 rng(21);
+            const std::int64_t C = d.C();
+            const std::vector<double> x = random_input<float>(d, rng), z = random_input<float>(d, rng, 1.0);
+            const std::vector<double> w = random_vector<float>(C, rng, 0.5, 1.5), b = random_vector<float>(C, rng, -1, 1);
+            const std::vector<double> rm = random_vector<float>(C, rng, -1, 1), rv = random_vector<float>(C, rng, 0.5, 2);
+            const reference::Problem p{d.N(), C, d.S(), training, 0.1, 1e-5, false};
+            const reference::Forward ref = reference::forward(p, x, w, b, rm, rv);
+            std::vector<double> want(x.size());
+            for (std::size_t i = 0; i < want.size(); ++i) {
+              const double v = ref.y[i] + z[i];
+              want[i] = relu && v < 0 ? 0.0 : v;
+            }
+            const Shape s = d.view_shape();
+            const std::vector<float> xm = to_layout<float>(x, d, layout), wt = cast<float>(w), bt = cast<float>(b);
+            std::vector<float> zm = to_layout<float>(z, d, layout), y(xm.size()), rmt = cast<float>(rm), rvt = cast<float>(rv);
+            float* out = into_residual ? zm.data() : y.data();
+            batch_norm(ConstTensorView(xm.data(), s, layout), TensorView(out, s, layout), rmt, rvt, wt, bt, training, 0.1,
+                       1e-5, {}, {}, relu ? Activation::Relu : Activation::None, ConstTensorView(zm.data(), s, layout));
+            EXPECT_TRUE(close(from_layout(std::vector<float>(out, out + xm.size()), d, layout), want, 4 * tol<float>(),
+                              4 * tol<float>(), "y"));
+          }
+  const Dims d{{2, 3, 4}};
+  std::vector<float> x(24, 1.f), y(24), z(30), rm(3, 0.f), rv(3, 1.f);
+  const Shape s = d.view_shape();
+  EXPECT_NE(error_of([&] {
+              batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), rm, rv, {}, {}, false, 0.1, 1e-5, {}, {},
+                         Activation::None, ConstTensorView(z.data(), Shape{2, 3, 5}));
+            }).find("residual: expected the shape of input"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              batch_norm(ConstTensorView(x.data(), s), TensorView(z.data(), s), rm, rv, {}, {}, false, 0.1, 1e-5, {}, {},
+                         Activation::None, ConstTensorView(z.data() + 1, s));
+            }).find("output"),
+            std::string::npos);
+}
+
 // ---- Numerical robustness -------------------------------------------------------------------
 
 // Batch statistics of float32 data with |mean| / std = ratio, in both layouts and with 1..4

@@ -17,11 +17,16 @@ namespace bnorm {
 //   save_mean, save_invstd : optional outputs, written in training only: the batch mean and
 //                   1 / sqrt(var + eps), which batch_norm_backward needs.
 //   activation    : Relu fuses y = max(y, 0); backward then needs the output.
+//   residual      : optional, like input: y = activation(normalized + residual) in the same pass
+//                   (ResNet's BN -> add -> ReLU; torch's relu(bn(x) + z)). output may be the
+//                   residual. Backward: batch_norm_backward with the same activation and this
+//                   output gives grad_input; the residual's gradient is grad_output masked by
+//                   output > 0 under Relu, grad_output itself without.
 // Per-channel vectors have length C and the input's dtype. Throws bnorm::Error on misuse.
 void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
                 ConstVectorView weight, ConstVectorView bias, bool training, double momentum = 0.1,
                 double eps = 1e-5, VectorView save_mean = {}, VectorView save_invstd = {},
-                Activation activation = Activation::None);
+                Activation activation = Activation::None, ConstTensorView residual = {});
 
 // Inference with frozen statistics: batch_norm(..., training = false) for read-only running
 // statistics (an inference server's shared, const model state).

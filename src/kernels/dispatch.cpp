@@ -20,7 +20,8 @@
   template <class T>                                                                                          \
   void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace);           \
   template <class T>                                                                                          \
-  void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act);           \
+  void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act,           \
+                 const T* residual);                                                                          \
   template <class T>                                                                                          \
   void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const Compute<T>* mean_hi, \
                        const Compute<T>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);     \
@@ -29,7 +30,7 @@
                       BackwardCoeffs<Compute<T>> k);                                                          \
   template <class T>                                                                                          \
   void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta,         \
-                        double eps, Activation act, double* mean, double* var);                               \
+                        double eps, Activation act, const T* residual, double* mean, double* var);            \
   template <class T>                                                                                          \
   void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g,                 \
                          const double* mean, const double* invstd, const double* gamma, bool training,        \
@@ -147,8 +148,8 @@ void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, do
   BNORM_DISPATCH(channel_moments<T>, x, g, mean, m2, workspace);
 }
 template <class T>
-void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act) {
-  BNORM_DISPATCH(normalize<T>, x, y, g, k, act);
+void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act, const T* residual) {
+  BNORM_DISPATCH(normalize<T>, x, y, g, k, act, residual);
 }
 template <class T>
 void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const Compute<T>* mean_hi,
@@ -162,8 +163,8 @@ void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geome
 
 template <class T>
 void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
-                      Activation act, double* mean, double* var) {
-  BNORM_DISPATCH(fused_forward_cf<T>, x, y, g, gamma, beta, eps, act, mean, var);
+                      Activation act, const T* residual, double* mean, double* var) {
+  BNORM_DISPATCH(fused_forward_cf<T>, x, y, g, gamma, beta, eps, act, residual, mean, var);
 }
 template <class T>
 void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
@@ -173,12 +174,12 @@ void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Ge
 
 #define BNORM_INSTANTIATE(T)                                                                                   \
   template void channel_moments<T>(const T*, const Geometry&, double*, double*, double*);                     \
-  template void normalize<T>(const T*, T*, const Geometry&, ChannelCoeffs<Compute<T>>, Activation);           \
+  template void normalize<T>(const T*, T*, const Geometry&, ChannelCoeffs<Compute<T>>, Activation, const T*); \
   template void backward_reduce<T>(const T*, const T*, const T*, const Geometry&, const Compute<T>*,          \
                                    const Compute<T>*, double*, double*, double*);                              \
   template void backward_apply<T>(const T*, const T*, const T*, T*, const Geometry&, BackwardCoeffs<Compute<T>>); \
   template void fused_forward_cf<T>(const T*, T*, const Geometry&, const double*, const double*, double, Activation, \
-                                    double*, double*);                                                          \
+                                    const T*, double*, double*);                                                \
   template void fused_backward_cf<T>(const T*, const T*, const T*, T*, const Geometry&, const double*, const double*, \
                                      const double*, bool, double*, double*);
 BNORM_INSTANTIATE(float)

@@ -85,8 +85,10 @@ struct ChannelCoeffs {
 
 // y = ((x - mean_hi) - mean_lo) * scale + shift, then max(y, 0) with Activation::Relu.
 // y may equal x.
+// With a residual (same layout as x; null for none): y = act(normalized + residual).
 template <class S>
-void normalize(const S* x, S* y, const Geometry& g, ChannelCoeffs<Compute<S>> k, Activation act);
+void normalize(const S* x, S* y, const Geometry& g, ChannelCoeffs<Compute<S>> k, Activation act,
+               const S* residual = nullptr);
 
 // Per-channel sum(dy') and sum(dy' * (x - mean)) in double, where dy' = dy masked by output > 0
 // when `output` is given (fused ReLU) and dy otherwise.
@@ -115,7 +117,7 @@ inline constexpr std::int64_t kFuseBytes = std::int64_t{1} << 20;
 // Writes mean[c] and var[c] (biased).
 template <class S>
 void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, const double* beta, double eps,
-                      Activation act, double* mean, double* var);
+                      Activation act, const S* residual, double* mean, double* var);
 
 // Backward: the two reductions of channel c, then dx for channel c (when dx is not null), with
 // mean/invstd the statistics of the forward and training selecting the full or frozen form.
