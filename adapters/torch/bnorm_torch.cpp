@@ -19,8 +19,30 @@ using ::torch::autograd::tensor_list;
 DType dtype_of_tensor(const at::Tensor& t, const char* what) {
   if (t.scalar_type() == at::kFloat) return DType::Float32;
   if (t.scalar_type() == at::kDouble) return DType::Float64;
-  throw std::invalid_argument(std::string("bnorm::torch::batch_norm: ") + what + ": expected float32 or float64, got " +
-                              std::string(c10::toString(t.scalar_type())));
+  if (t.scalar_type() == at::kBFloat16) return DType::BFloat16;
+  std::string msg = "bnorm::torch::batch_norm: ";
+  msg += what;
+  msg += ": expected float32, float64 or bfloat16, got ";
+  msg += c10::toString(t.scalar_type());
+  throw std::invalid_argument(msg);
+}
+
+// The per-channel vectors (weight, bias, running statistics) have the input's dtype, except for a
+// bfloat16 input, whose vectors are float32 (torch's CPU mixed precision: bfloat16 activations,
+// float32 parameters and buffers). Checked here so that the error names the argument in torch's terms.
+void check_vector_dtype(const at::Tensor& v, const char* what, const at::Tensor& input) {
+  if (!v.defined()) return;
+  const at::ScalarType expected = input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type();
+  if (v.scalar_type() == expected) return;
+  std::string msg = "bnorm::torch::batch_norm: ";
+  msg += what;
+  msg += ": expected ";
+  msg += c10::toString(expected);
+  msg += " like the input's per-channel vectors";
+  if (input.scalar_type() == at::kBFloat16) msg += " (a BFloat16 input takes Float weight, bias and running statistics)";
+  msg += ", got ";
+  msg += c10::toString(v.scalar_type());
+  throw std::invalid_argument(msg);
 }
 
 Shape shape_of(const at::Tensor& t) { return Shape(std::span<const std::int64_t>(t.sizes().data(), t.sizes().size())); }
@@ -69,6 +91,12 @@ struct BatchNormFunction : public ::torch::autograd::Function<BatchNormFunction>
     at::Tensor running_var = has_running ? running_var_ : at::Tensor();
     if (!input_.device().is_cpu()) throw std::invalid_argument("bnorm::torch::batch_norm: input: expected a CPU tensor");
     dtype_of_tensor(input_, "input");
+    check_vector_dtype(running_mean, "running_mean", input_);
+    check_vector_dtype(running_var, "running_var", input_);
+    if (has_affine) {
+      check_vector_dtype(weight_, "weight", input_);
+      check_vector_dtype(bias_, "bias", input_);
+    }
     const Layout layout = (input_.dim() >= 3 && !input_.is_contiguous() && is_channels_last(input_))
                               ? Layout::ChannelsLast
                               : Layout::ChannelsFirst;
@@ -108,10 +136,11 @@ struct BatchNormFunction : public ::torch::autograd::Function<BatchNormFunction>
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
-    at::Tensor grad_output = to_layout(grads[0], layout);
+    // grad_output has the output's dtype (the input's: bfloat16 for a bfloat16 input).
+    at::Tensor grad_output = to_layout(grads[0].to(input.scalar_type()), layout);
     at::Tensor grad_input = at::empty_like(input);
     at::Tensor grad_weight, grad_bias;
-    if (weight.defined()) {
+    if (weight.defined()) {  // float32 for a bfloat16 input, like weight
       grad_weight = at::zeros_like(weight);
       grad_bias = at::zeros_like(weight);
     }

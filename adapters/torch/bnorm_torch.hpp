@@ -14,8 +14,10 @@ namespace bnorm::torch {
 
 // The functional form, like torch::nn::functional::batch_norm, differentiable (input, weight, bias).
 // running_mean / running_var may be undefined (then training must be true); weight / bias may be undefined.
-// Float32 or Float64 CPU tensors; channels-first (contiguous) or channels-last memory is used in place,
-// any other striding is copied first.
+// Float32 or Float64 CPU tensors, with vectors of the input's dtype; or a BFloat16 input with Float32
+// vectors (torch's CPU mixed precision: the output and grad_input are BFloat16, the running statistics
+// and the gradients of weight and bias Float32). Channels-first (contiguous) or channels-last memory is
+// used in place, any other striding is copied first.
 at::Tensor batch_norm(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                       const at::Tensor& weight, const at::Tensor& bias, bool training, double momentum,
                       double eps);

@@ -1,6 +1,7 @@
 // bnorm::torch::BatchNorm*d against torch::nn::BatchNorm*d: forward, running statistics over several
 // training steps, eval, and the gradients of input, weight and bias, on contiguous and channels-last
-// tensors, float32 and float64.
+// tensors, float32 and float64, and bfloat16 input with float32 parameters and buffers (torch's CPU mixed
+// precision).
 #include "bnorm_torch.hpp"
 
 #include <gtest/gtest.h>
@@ -18,12 +19,13 @@ struct Case {
   bool track;
   bool momentum_none;  // cumulative average
   bool rank2;          // BatchNorm1d on (N, C)
+  bool bf16;           // bfloat16 input and output gradient; float32 parameters and buffers (dbl is false)
 };
 
 std::string name(const Case& c) {
   return "BatchNorm" + std::to_string(c.dims) + "d" + (c.rank2 ? "_NC" : "") + (c.channels_last ? "_cl" : "_cf") +
          (c.dbl ? "_f64" : "_f32") + (c.affine ? "" : "_noaffine") + (c.track ? "" : "_notrack") +
-         (c.momentum_none ? "_cumavg" : "");
+         (c.momentum_none ? "_cumavg" : "") + (c.bf16 ? "_bf16" : "");
 }
 
 at::Tensor make_input(const Case& c, std::int64_t C, int seed) {
@@ -32,6 +34,7 @@ at::Tensor make_input(const Case& c, std::int64_t C, int seed) {
   if (!c.rank2)
     for (int d = 0; d < c.dims; ++d) shape.push_back(c.dims == 3 ? 3 : 5 - d);
   at::Tensor x = torch::randn(shape, torch::dtype(c.dbl ? torch::kDouble : torch::kFloat)) * 3.0 + 1.5;
+  if (c.bf16) x = x.to(torch::kBFloat16);  // the same bfloat16 values for both modules
   if (c.channels_last) {
     std::vector<std::int64_t> order{0};
     for (std::int64_t d = 2; d < x.dim(); ++d) order.push_back(d);
@@ -43,11 +46,24 @@ at::Tensor make_input(const Case& c, std::int64_t C, int seed) {
   return x;
 }
 
+// Tolerances relative to the values' scale: 1e-10 (float64), 2e-4 (float32). A bfloat16 tensor
+// (output, grad_input) gets 2^-7: both sides compute in float32 from the same bfloat16 values and round
+// once to bfloat16; float32 noise may put the two on either side of a rounding boundary, one bfloat16
+// step (8 significant bits) apart. Float32 results of a bfloat16 run (running statistics, gradients of
+// weight and bias) are never rounded to bfloat16 and keep a float32 tolerance.
+// What torch's module is given: the same values, and the same memory except for a bfloat16 tensor of
+// rank 3 with channels-last strides (a layout torch has no memory format for). There torch's bfloat16
+// fallback accumulates the backward sums in bfloat16 (grad_bias off by ~2e-2 against a float64
+// reference, where bnorm is off by ~1e-6), so torch gets a contiguous copy: the math does not depend on
+// the layout, and ours still runs on the channels-last memory.
+at::Tensor torch_side(const Case& c, const at::Tensor& t) { return c.bf16 && t.dim() == 3 ? t.contiguous() : t; }
+
 void expect_close(const at::Tensor& a, const at::Tensor& b, bool dbl, const std::string& what) {
   ASSERT_EQ(a.defined(), b.defined()) << what;
   if (!a.defined()) return;
   ASSERT_TRUE(a.sizes().equals(b.sizes())) << what;
-  const double tol = dbl ? 1e-10 : 2e-4;
+  ASSERT_EQ(a.scalar_type(), b.scalar_type()) << what;
+  const double tol = dbl ? 1e-10 : a.scalar_type() == torch::kBFloat16 ? 1.0 / 128 : 2e-4;
   const double err = (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
   const double scale = 1.0 + b.to(torch::kDouble).abs().max().item<double>();
   EXPECT_LE(err, tol * scale) << what;
@@ -73,13 +89,13 @@ void run_case(const Case& c) {
   bnorm::torch::copy_state(*theirs, *ours);
 
   for (int step = 0; step < 3; ++step) {
-    at::Tensor x1 = make_input(c, C, 10 + step).requires_grad_(true);
-    at::Tensor x2 = x1.detach().clone(at::MemoryFormat::Preserve).requires_grad_(true);
+    at::Tensor x1 = torch_side(c, make_input(c, C, 10 + step)).requires_grad_(true);
+    at::Tensor x2 = make_input(c, C, 10 + step).requires_grad_(true);
     at::Tensor y1 = theirs->forward(x1);
     at::Tensor y2 = ours->forward(x2);
     expect_close(y2, y1, c.dbl, name(c) + " forward step " + std::to_string(step));
     at::Tensor dy = make_input(c, C, 100 + step);
-    (y1 * dy).sum().backward();
+    (y1 * torch_side(c, dy)).sum().backward();
     (y2 * dy).sum().backward();
     expect_close(x2.grad(), x1.grad(), c.dbl, name(c) + " grad_input step " + std::to_string(step));
     if (c.affine) {
@@ -96,13 +112,13 @@ void run_case(const Case& c) {
   // eval: running statistics (or batch statistics without tracking), and its gradient.
   theirs->eval();
   ours->eval();
-  at::Tensor x1 = make_input(c, C, 7).requires_grad_(true);
-  at::Tensor x2 = x1.detach().clone(at::MemoryFormat::Preserve).requires_grad_(true);
+  at::Tensor x1 = torch_side(c, make_input(c, C, 7)).requires_grad_(true);
+  at::Tensor x2 = make_input(c, C, 7).requires_grad_(true);
   at::Tensor y1 = theirs->forward(x1);
   at::Tensor y2 = ours->forward(x2);
   expect_close(y2, y1, c.dbl, name(c) + " eval forward");
   at::Tensor dy = make_input(c, C, 8);
-  (y1 * dy).sum().backward();
+  (y1 * torch_side(c, dy)).sum().backward();
   (y2 * dy).sum().backward();
   expect_close(x2.grad(), x1.grad(), c.dbl, name(c) + " eval grad_input");
   if (c.channels_last) {
@@ -115,22 +131,54 @@ TEST(TorchAdapter, AgreesWithTorchBatchNorm2d) {
     for (bool dbl : {false, true})
       for (bool affine : {true, false})
         for (bool track : {true, false})
-          run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, cl, dbl, affine, track, false, false});
-  run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, true, false, true, true, true, false});
+          run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, cl, dbl, affine, track, false, false, false});
+  run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, true, false, true, true, true, false, false});
 }
 
 TEST(TorchAdapter, AgreesWithTorchBatchNorm1d) {
   for (bool rank2 : {true, false})
     for (bool dbl : {false, true})
       for (bool affine : {true, false})
-        run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, false, dbl, affine, true, false, rank2});
-  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, true, false, true, true, false, false});
-  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, false, false, true, true, true, true});
+        run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, false, dbl, affine, true, false, rank2, false});
+  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, true, false, true, true, false, false, false});
+  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, false, false, true, true, true, true, false});
+}
+
+// bfloat16 activations with float32 module state, as torch::nn::BatchNorm*d takes them on CPU.
+TEST(TorchAdapter, AgreesWithTorchOnBFloat16Input) {
+  for (bool cl : {false, true})
+    for (bool affine : {true, false})
+      for (bool track : {true, false})
+        run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, cl, false, affine, track, false, false, true});
+  run_case<bnorm::torch::BatchNorm2d, torch::nn::BatchNorm2d>({2, true, false, true, true, true, false, true});
+  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, false, false, true, true, false, true, true});
+  run_case<bnorm::torch::BatchNorm1d, torch::nn::BatchNorm1d>({1, true, false, true, true, false, false, true});
+  for (bool cl : {false, true})
+    run_case<bnorm::torch::BatchNorm3d, torch::nn::BatchNorm3d>({3, cl, false, true, true, false, false, true});
+}
+
+TEST(TorchAdapter, BFloat16KeepsFloat32StateAndGradients) {
+  bnorm::torch::BatchNorm2d bn(3);
+  at::Tensor x = torch::randn({4, 3, 5, 5}).to(torch::kBFloat16).contiguous(at::MemoryFormat::ChannelsLast);
+  x.requires_grad_(true);
+  at::Tensor y = bn->forward(x);
+  EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(y.is_contiguous(at::MemoryFormat::ChannelsLast));
+  y.sum().backward();
+  EXPECT_EQ(x.grad().scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(bn->weight.grad().scalar_type(), torch::kFloat);
+  EXPECT_EQ(bn->bias.grad().scalar_type(), torch::kFloat);
+  EXPECT_EQ(bn->running_mean.scalar_type(), torch::kFloat);
+  EXPECT_EQ(bn->running_var.scalar_type(), torch::kFloat);
+  // The functional form, without weight/bias, in eval with running statistics.
+  at::Tensor z = bnorm::torch::batch_norm(x.detach(), bn->running_mean, bn->running_var, {}, {}, false, 0.1, 1e-5);
+  at::Tensor tz = torch::batch_norm(x.detach(), {}, {}, bn->running_mean, bn->running_var, false, 0.1, 1e-5, false);
+  expect_close(z, tz, false, "functional bf16 eval");
 }
 
 TEST(TorchAdapter, AgreesWithTorchBatchNorm3d) {
   for (bool cl : {false, true})
-    run_case<bnorm::torch::BatchNorm3d, torch::nn::BatchNorm3d>({3, cl, false, true, true, false, false});
+    run_case<bnorm::torch::BatchNorm3d, torch::nn::BatchNorm3d>({3, cl, false, true, true, false, false, false});
 }
 
 TEST(TorchAdapter, SameNamesAsTorch) {
@@ -167,6 +215,23 @@ TEST(TorchAdapter, Errors) {
   EXPECT_THROW(bn->forward(torch::randn({1, 3, 1, 1})), std::exception);      // m == 1 in training
   EXPECT_THROW(bn->forward(torch::randn({2, 5, 2, 2})), std::exception);      // wrong channel count
   EXPECT_THROW(bn->forward(torch::randn({2, 3, 2, 2}, torch::kHalf)), std::invalid_argument);
+  // A bfloat16 input takes float32 vectors only: float64 or bfloat16 parameters are refused, naming them.
+  bnorm::torch::BatchNorm2d bn64(3);
+  bn64->to(torch::kDouble);
+  try {
+    bn64->forward(torch::randn({2, 3, 2, 2}).to(torch::kBFloat16));
+    ADD_FAILURE() << "float64 weight with a bfloat16 input must throw";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("weight"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("Double"), std::string::npos) << e.what();
+  }
+  bnorm::torch::BatchNorm2d bn16(3);
+  bn16->to(torch::kBFloat16);
+  EXPECT_THROW(bn16->forward(torch::randn({2, 3, 2, 2}).to(torch::kBFloat16)), std::invalid_argument);
+  at::Tensor x = torch::randn({2, 3, 2, 2}).to(torch::kBFloat16);
+  EXPECT_THROW(bnorm::torch::batch_norm(x, torch::zeros({3}, torch::kDouble), torch::ones({3}, torch::kDouble), {}, {},
+                                        true, 0.1, 1e-5),
+               std::invalid_argument);
 }
 
 }  // namespace
