@@ -7,7 +7,7 @@
 - bnorm.batch_norm: torch.nn.functional.batch_norm's signature and behaviour on NumPy arrays and
   CPU torch tensors (float32, float64; contiguous or channels-last memory, used without copies).
 - bnorm.batch_norm_backward: its gradients (grad_input, grad_weight, grad_bias) for NumPy users.
-- bnorm.batch_stats: per-channel mean and biased variance, accumulated in double.
+- bnorm.batch_stats: per-channel mean and biased variance, as float64.
 - bnorm.torch (imported on first use; needs torch): BatchNorm1d/2d/3d modules that are drop-ins
   for torch.nn.BatchNorm*d, an autograd-aware batch_norm, and convert(model).
 

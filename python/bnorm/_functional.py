@@ -345,7 +345,8 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
 
 def batch_stats(input):
     """Per-channel (mean, biased variance) of input (N, C, ...) over N and the spatial dims, as
-    float64 vectors of input's kind, accumulated in double (exact where float32 sums are not)."""
+    float64 vectors of input's kind: float64 input summed in double, float32 and bfloat16 input in
+    float32 blocks merged in double (see docs/numerics.md for the bound)."""
     fn = "bnorm.batch_stats"
     kind = _input_kind(fn, input)
     shape = kind.shape(input)

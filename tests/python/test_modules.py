@@ -250,7 +250,9 @@ def test_convert_shares_state_and_keeps_optimizers_working():
     assert holder["seq"][1].weight is weight and holder["seq"][1].running_mean is buf
     assert not holder["seq"][1].training
     holder.train()
-    holder["seq"](torch.randn(2, 2, 3, 3, 3)).sum().backward()
+    # square(): the gradient of weight is sum(2 * y * xhat), far from 0 (with .sum() it is sum(xhat),
+    # 0 up to rounding, and may be exactly 0).
+    holder["seq"](torch.randn(2, 2, 3, 3, 3)).square().sum().backward()
     before = weight.detach().clone()
     opt.step()
     assert not torch.equal(weight, before)

@@ -225,8 +225,11 @@ def test_batch_stats(dtype):
         mean, var = bnorm.batch_stats(arr)
         assert mean.dtype == np.float64 and var.dtype == np.float64
         ref = x.astype(np.float64)
-        np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(var, ref.var(axis=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+        # float64 data is summed in double; float32 data in float32 blocks merged in double, which
+        # docs/numerics.md bounds by 4e-6 relative on the variance and 32 ulp of the std on the mean.
+        tol = dict(rtol=1e-12, atol=1e-12) if np_dt == np.float64 else dict(rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), **tol)
+        np.testing.assert_allclose(var, ref.var(axis=(0, 2, 3)), **tol)
 
 
 def test_statistics_exact_at_large_offset():
