@@ -61,11 +61,16 @@ void split_means(const std::vector<double>& mean, std::vector<P>& hi, std::vecto
   for (std::size_t c = 0; c < mean.size(); ++c) kernels::split_mean(mean[c], hi[c], lo[c]);
 }
 
-// The channels-first fast path (second pass from cache) applies when one channel's slice fits.
+// The channels-first fast path (one channel at a time, the second pass from cache) applies when the
+// channel's slices of the `cached` tensors that its second pass re-reads fit in L2 (an output written
+// with streaming stores takes no room), and when the channels spread evenly over the threads: it
+// runs a channel per thread, where the unfused passes split rows.
 template <class T>
-bool fuse_channels(const Geometry& g, int tensors) {
+bool fuse_channels(const Geometry& g, int cached) {
+  const std::int64_t threads = num_threads();
   return g.layout == Layout::ChannelsFirst && g.per_channel() > 0 &&
-         g.per_channel() * static_cast<std::int64_t>(sizeof(T)) * tensors <= kernels::kFuseBytes;
+         g.per_channel() * static_cast<std::int64_t>(sizeof(T)) * cached <= kernels::fuse_budget_bytes() &&
+         (g.C % threads == 0 || g.C >= 8 * threads);
 }
 
 std::vector<double> reduce_workspace(const Geometry& g) {
@@ -118,7 +123,7 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
   const double m = static_cast<double>(g.per_channel());
   std::vector<double> mean(uC), var(uC), invstd(uC);
   const std::vector<double> gamma = read_channels<T>(weight, C, 1.0), beta = read_channels<T>(bias, C, 0.0);
-  if (training && fuse_channels<T>(g, 2)) {
+  if (training && fuse_channels<T>(g, kernels::stream_output<T>(g) ? 1 : 2)) {  // x (and y)
     kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, residual, mean.data(), var.data());
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
   } else {
@@ -190,7 +195,8 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
   // The reductions are needed for the parameter gradients and, in training, for dx.
   std::vector<double> sum_dy(uC, 0.0), sum_dy_xmu(uC, 0.0);
   const bool need_sums = grad_weight.present() || grad_bias.present() || (training && dx);
-  if ((need_sums || dx) && fuse_channels<T>(g, out ? 4 : 3)) {
+  // x, dy, the ReLU's output, and dx unless it is streamed
+  if ((need_sums || dx) && fuse_channels<T>(g, (out ? 3 : 2) + (dx && !kernels::stream_output<T>(g) ? 1 : 0))) {
     kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
                                sum_dy_xmu.data());
   } else {

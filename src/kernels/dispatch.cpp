@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <unistd.h>
+
 #if BNORM_HAVE_X86_ISAS
 #include <cpuid.h>
 #endif
@@ -125,6 +127,17 @@ std::int64_t cl_rows_per_block(const Geometry& g) {
   const std::int64_t tile = g.C < kTileChannels ? (g.C > 0 ? g.C : 1) : kTileChannels;
   const std::int64_t rows = kBlock / tile;
   return rows < 16 ? 16 : (rows > 64 ? 64 : rows);
+}
+
+std::int64_t fuse_budget_bytes() {
+  static const std::int64_t budget = [] {
+    long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return l2 > 0 ? static_cast<std::int64_t>(l2) / 4 * 3 : std::int64_t{1} << 20;
+  }();
+  return budget;
 }
 
 std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {

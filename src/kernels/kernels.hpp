@@ -110,8 +110,13 @@ void backward_apply(const S* dy, const S* x, const S* output, S* dx, const Geome
 
 // The channels-first fast paths: one channel at a time, the second pass while the channel is still
 // in L2, so that the tensor crosses memory twice in forward (not three times) and three times in
-// backward (not five). Used when a channel's slice is at most kFuseBytes (per tensor involved).
-inline constexpr std::int64_t kFuseBytes = std::int64_t{1} << 20;
+// backward (not five). Used when the channel's slices of the tensors that must stay cached fit in
+// fuse_budget_bytes() and the channels spread evenly over the threads (fuse_channels in
+// functional.cpp).
+//
+// Three quarters of one core's L2 (sysconf; 1 MiB when the system does not say): the room a
+// channel's slices may take between the two passes.
+std::int64_t fuse_budget_bytes();
 
 // Training forward: statistics of channel c, then y for channel c. gamma/beta may be null (1, 0).
 // Writes mean[c] and var[c] (biased).
