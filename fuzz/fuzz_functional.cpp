@@ -190,7 +190,11 @@ template <class T>
 constexpr double unit() {  // a generous multiple of T's rounding unit
   return std::is_same_v<T, float> ? 1e-4 : 1e-10;
 }
-constexpr double kStat = 1e-13;  // relative error of the statistics, accumulated in double
+// Error of the statistics relative to the channel's largest |value| (docs/numerics.md): float32
+// data is summed in float32 lanes of at most 64 terms within a block (about 128 float32 ulp at
+// worst), float64 data in float64 lanes; blocks merge in double.
+template <class T>
+constexpr double kStat = std::is_same_v<T, float> ? 8e-6 : 1e-13;
 
 // ---- Tensors ---------------------------------------------------------------------------------
 
@@ -423,13 +427,52 @@ void forward_case(FuzzedDataProvider& fdp) {
     case OutKind::Null: out_ptr = nullptr; break;
   }
 
+  // The fused residual (y = act(bn(x) + z)): usually absent; else a separate tensor, the output
+  // itself, one of another shape, or one partly overlapping the output.
+  enum class ResKind { None, Separate, IsOutput, WrongShape, PartialOverlap };
+  const int res_sel = fdp.ConsumeIntegralInRange<int>(0, 15);
+  const ResKind res_kind = res_sel < 10 ? ResKind::None : static_cast<ResKind>(1 + (res_sel - 10) % 4);
+  void* res_ptr = nullptr;
+  Shape res_shape = shape;
+  std::vector<double> z;
+  if (res_kind != ResKind::None && g.valid) {
+    z = make_values<T>(fdp, g, false);
+    switch (res_kind) {
+      case ResKind::Separate:
+        res_ptr = arena.make(bytes);
+        break;
+      case ResKind::IsOutput:
+        res_ptr = out_ptr;
+        break;
+      case ResKind::WrongShape: {
+        std::vector<std::int64_t> d2 = dims;
+        d2.back() += 1;
+        res_shape = Shape{std::span<const std::int64_t>(d2)};
+        const Geometry g2 = geometry_of(d2, sizeof(T));
+        res_ptr = arena.make(g2.valid ? static_cast<std::size_t>(g2.numel) * sizeof(T) : 64);
+        break;
+      }
+      case ResKind::PartialOverlap:
+        res_ptr = out_ptr && g.numel > 1 ? static_cast<unsigned char*>(out_ptr) + sizeof(T) : nullptr;
+        break;
+      case ResKind::None: break;
+    }
+    // z's values go into its memory: a separate buffer, or the output buffer as a caller
+    // accumulating into it would have it filled (not when the output is the input: then z = x).
+    // A partial overlap keeps whatever is there (the call is refused).
+    const bool fill = res_kind == ResKind::Separate ||
+                      (res_kind == ResKind::IsOutput && out_kind == OutKind::Separate);
+    if (res_ptr && g.numel && fill) write_logical<T>(res_ptr, g, mem_layout, z);
+  }
+  const bool has_res = res_kind != ResKind::None && g.valid;
+
   g_case << "forward<" << (dt == DType::Float32 ? "f32" : "f64") << "> shape " << shape.str() << " layout "
          << static_cast<int>(layout) << (bad_dtype ? " bad-dtype" : "") << (training ? " training" : " eval") << " act "
          << static_cast<int>(act) << " eps " << eps << " momentum " << momentum << " threads " << threads << " isa "
          << static_cast<int>(isa) << " rm " << vec_kind_name(k_rm) << " rv " << vec_kind_name(k_rv) << " w "
          << vec_kind_name(k_w) << " b " << vec_kind_name(k_b) << " sm " << vec_kind_name(k_sm) << " si "
          << vec_kind_name(k_si) << " out " << static_cast<int>(out_kind) << (in_misaligned ? " in-misaligned" : "")
-         << (in_null ? " in-null" : "");
+         << (in_null ? " in-null" : "") << " residual " << static_cast<int>(res_kind);
 
   // The model: is this call valid?
   bool valid = g.valid && valid_dtype(in_dt) && (layout == Layout::ChannelsFirst || layout == Layout::ChannelsLast);
@@ -450,7 +493,17 @@ void forward_case(FuzzedDataProvider& fdp) {
     if (act != Activation::None && act != Activation::Relu) valid = false;
     if (!eps_ok(eps) || !momentum_ok(momentum)) valid = false;
     if (training && C > 0 && g.N * g.S <= 1) valid = false;
+    if (has_res) {
+      // Like the input (shape, dtype, layout), present, aligned; the output equal to it or disjoint.
+      const bool same_as_out = res_ptr == out_ptr;
+      const bool res_ok = res_shape == shape && (g.numel == 0 || res_ptr != nullptr) && aligned(res_ptr, dt) &&
+                          (same_as_out || res_kind != ResKind::PartialOverlap || g.numel <= 1);
+      if (!res_ok) valid = false;
+      if (same_as_out && out_dt != dt) valid = false;  // then the residual has the wrong dtype too
+    }
   }
+  // A residual that is the output is read as the output buffer held it before the call.
+  if (valid && has_res && res_kind == ResKind::IsOutput && g.numel) z = read_logical<T>(res_ptr, g, mem_layout);
 
   // Inputs of the reference, read before the call (the output may be the input).
   const std::vector<double> rm0 = valid && rm.present() ? rm.values() : std::vector<double>{};
@@ -463,7 +516,8 @@ void forward_case(FuzzedDataProvider& fdp) {
   std::string message;
   try {
     batch_norm(ConstTensorView(in_ptr, in_dt, shape, layout), TensorView(out_ptr, out_dt, out_shape, out_layout), rm.view(),
-               rv.view(), w.cview(), b.cview(), training, momentum, eps, sm.view(), si.view(), act);
+               rv.view(), w.cview(), b.cview(), training, momentum, eps, sm.view(), si.view(), act,
+               has_res ? ConstTensorView(res_ptr, dt, res_shape, layout) : ConstTensorView());
   } catch (const Error& e) {
     threw = true;
     message = e.what();
@@ -491,8 +545,14 @@ void forward_case(FuzzedDataProvider& fdp) {
   }
 
   // Against the reference.
-  const reference::Problem p{g.N, g.C, g.S, training, momentum, eps, act == Activation::Relu};
-  const reference::Forward ref = reference::forward(p, x, w0, b0, rm0, rv0);
+  // With a residual the reference normalizes without the activation; z and the ReLU come after.
+  const reference::Problem p{g.N, g.C, g.S, training, momentum, eps, act == Activation::Relu && !has_res};
+  reference::Forward ref = reference::forward(p, x, w0, b0, rm0, rv0);
+  if (has_res)
+    for (std::size_t i = 0; i < ref.y.size(); ++i) {
+      const double v = ref.y[i] + z[i];
+      ref.y[i] = act == Activation::Relu && v < 0 ? 0.0 : v;
+    }
   const std::vector<double> y = g.numel ? read_logical<T>(out_ptr, g, mem_layout) : std::vector<double>{};
   const double u = unit<T>();
   for (std::int64_t c = 0; c < C; ++c) {
@@ -501,7 +561,7 @@ void forward_case(FuzzedDataProvider& fdp) {
     const double mean = ref.mean[ci], invstd = ref.invstd[ci];
     const double gamma = w0.empty() ? 1.0 : w0[ci], beta = b0.empty() ? 0.0 : b0[ci];
     const double M = std::max(sc.max_abs, std::isfinite(mean) ? std::abs(mean) : 0.0);
-    const double stat_err = training ? kStat * M * (std::isfinite(invstd) ? invstd : 0.0) : 0.0;  // relative, of invstd
+    const double stat_err = training ? kStat<T> * M * (std::isfinite(invstd) ? invstd : 0.0) : 0.0;  // relative, of invstd
     for (std::int64_t n = 0; n < g.N; ++n)
       for (std::int64_t s = 0; s < g.S; ++s) {
         const std::size_t li = logical_index(g, n, c, s);
@@ -510,12 +570,13 @@ void forward_case(FuzzedDataProvider& fdp) {
           continue;
         }
         const double t = std::abs(gamma * invstd * (x[li] - mean));
-        const double tol = u * (1 + t + std::abs(beta)) + t * stat_err + std::abs(gamma * invstd) * kStat * M * 4;
+        const double tol = u * (1 + t + std::abs(beta) + (has_res ? 2 * std::abs(z[li]) : 0.0)) + t * stat_err +
+                           std::abs(gamma * invstd) * kStat<T> * M * 4;
         CHECK(near<T>(y[li], ref.y[li], tol),
               "y[" + std::to_string(li) + "] = " + num(y[li]) + ", reference " + num(ref.y[li]));
       }
     if (!training) continue;
-    const double mean_tol = kStat * M + (sm.dtype == DType::Float32 ? 1e-7 * std::abs(mean) : 0.0);
+    const double mean_tol = kStat<T> * M + (sm.dtype == DType::Float32 ? 1e-7 * std::abs(mean) : 0.0);
     if (sm.present()) {
       // The mean of a channel holding infinities of one sign is that infinity (as in torch), else NaN.
       if (sc.non_finite) CHECK(!std::isfinite(sm.get(c)), "save_mean of a channel with a non-finite input is finite");
@@ -528,8 +589,8 @@ void forward_case(FuzzedDataProvider& fdp) {
     if (rm.present()) {
       const double m = static_cast<double>(g.N * g.S);
       const double want_m = ref.running_mean[ci], want_v = ref.running_var[ci];
-      const double tm = u * (std::abs(rm0[ci]) + std::abs(mean) + 1e-30) + momentum * kStat * M;
-      const double var_err = 2 * std::sqrt(ref.var[ci]) * kStat * M + (kStat * M) * (kStat * M) + 1e-12 * ref.var[ci];
+      const double tm = u * (std::abs(rm0[ci]) + std::abs(mean) + 1e-30) + momentum * kStat<T> * M;
+      const double var_err = 2 * std::sqrt(ref.var[ci]) * kStat<T> * M + (kStat<T> * M) * (kStat<T> * M) + 1e-12 * ref.var[ci];
       const double tv = u * (std::abs(rv0[ci]) + ref.var[ci] * m / (m - 1) + 1e-30) + momentum * var_err * m / (m - 1);
       if (sc.non_finite) {
         CHECK(!std::isfinite(rm.get(c)) && std::isnan(rv.get(c)), "running stats of a channel with a non-finite input");
@@ -541,7 +602,8 @@ void forward_case(FuzzedDataProvider& fdp) {
   }
 
   // ---- Backward of this forward -------------------------------------------------------------
-  if (!fdp.ConsumeBool() || g.numel > 200000) return;
+  // (not after a residual forward: its output's ReLU mask is not the reference's)
+  if (!fdp.ConsumeBool() || g.numel > 200000 || has_res) return;
   // Now and then the statistics of a training forward are frozen for the backward (eval formula
   // with the updated running statistics); never the other way (save_* hold no statistics then).
   const bool b_training = training && fdp.ConsumeIntegralInRange<int>(0, 7) != 0;
@@ -635,8 +697,8 @@ void forward_case(FuzzedDataProvider& fdp) {
     const double M = std::max(sx.max_abs, std::isfinite(mean) ? std::abs(mean) : 0.0);
     // Errors of the statistics the backward used: computed in double, perhaps stored in float.
     const bool float_mean = b_training && sm.dtype == DType::Float32;
-    const double dmu = b_training ? kStat * M + (float_mean ? 1e-7 * std::abs(sm1[ci]) : 0.0) : 0.0;
-    const double eps_i = b_training ? kStat * M * invstd + (si.dtype == DType::Float32 ? 1e-7 : 0.0) : 0.0;
+    const double dmu = b_training ? kStat<T> * M + (float_mean ? 1e-7 * std::abs(sm1[ci]) : 0.0) : 0.0;
+    const double eps_i = b_training ? kStat<T> * M * invstd + (si.dtype == DType::Float32 ? 1e-7 : 0.0) : 0.0;
     double S1 = 0, S2 = 0;  // sum |dy'|, sum |dy' * (x - mean)|
     for (std::int64_t n = 0; n < g.N; ++n)
       for (std::int64_t s = 0; s < g.S; ++s) {
@@ -730,7 +792,7 @@ void stats_case(FuzzedDataProvider& fdp) {
       CHECK(std::isnan(var.get(c)), "var of a channel with a non-finite value is not NaN");
       continue;
     }
-    const double M = std::max(sc.max_abs, std::abs(ref.mean[ci])), dmu = kStat * M;
+    const double M = std::max(sc.max_abs, std::abs(ref.mean[ci])), dmu = kStat<T> * M;
     const double su = mean.dtype == DType::Float32 ? 1e-7 : 0.0, sv = var.dtype == DType::Float32 ? 1e-7 : 0.0;
     CHECK(near<T>(mean.get(c), ref.mean[ci], dmu + su * std::abs(ref.mean[ci])), "batch_stats mean[" + std::to_string(c) + "]");
     CHECK(near<T>(var.get(c), ref.var[ci], 2 * std::sqrt(ref.var[ci]) * dmu + dmu * dmu + (sv + 1e-12) * ref.var[ci]),
