@@ -28,6 +28,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -250,6 +252,7 @@ RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, co
   const std::string tag = cat(spec.model, ",", spec.variant, ",", spec.lr, ",", spec.init);
   const std::int64_t n = train.x.size(0);
   const std::int64_t steps_per_epoch = n / o.batch;
+  const bool progress_tty = isatty(fileno(stderr)) != 0;
   const auto t0 = Clock::now();
   double train_seconds = 0;
   std::int64_t step = 0;
@@ -290,7 +293,8 @@ RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, co
         loss_sum = 0;
         loss_count = 0;
       }
-      if ((b + 1) % 20 == 0 || b + 1 == steps_per_epoch) {
+      // The bar is redrawn every 20 steps on a terminal; into a file or pipe only each epoch's last state goes.
+      if (((b + 1) % 20 == 0 && progress_tty) || b + 1 == steps_per_epoch) {
         const double el = std::max(seconds_since(te) - eval_seconds, 1e-9);
         const int width = 30;
         const int done = static_cast<int>(width * (b + 1) / steps_per_epoch);
