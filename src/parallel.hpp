@@ -44,5 +44,15 @@ void parallel_ranges(std::int64_t n, std::int64_t grain, int parts, F&& f) {
   }
 }
 
+// f(i) for i in [0, n), each thread a contiguous range (as parallel_for), then done() once on
+// each thread: for per-thread epilogues such as the fence after non-temporal stores.
+template <class F, class G>
+void parallel_for_then(std::int64_t n, F&& f, G&& done) {
+  parallel_ranges(n, 1, threads_for(n), [&](int, std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) f(i);
+    done();
+  });
+}
+
 }  // namespace
 }  // namespace bnorm::detail
