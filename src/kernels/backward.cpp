@@ -94,6 +94,32 @@ void channel_sums_cf(const S* dy, const S* x, const S* out, const Geometry& g, s
   });
 }
 
+// Per-column sum(dy') and sum(dy' * (x - mean)) of NV vectors of columns over `rows` rows (row
+// stride C), into s1 and s2.
+template <class S, bool Relu, int NV, class T = Compute<S>>
+void column_backward_sums(const S* dy, const S* x, const S* out, std::int64_t rows, std::int64_t C, const T* mh,
+                          const T* ml, T* s1, T* s2) {
+  constexpr std::int64_t W = kWidth<T>;
+  Vec<T> h[NV], l[NV], a1[NV] = {}, a2[NV] = {};
+  for (int v = 0; v < NV; ++v) {
+    h[v] = load(mh + v * W);
+    l[v] = load(ml + v * W);
+  }
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t o = r * C;
+    const S* out_row = Relu ? out + o : nullptr;
+    for (int v = 0; v < NV; ++v) {
+      const Vec<T> g = masked_vec<S, Relu>(dy + o, out_row, v * W);
+      a1[v] += g;
+      a2[v] += g * ((load(x + o + v * W) - h[v]) - l[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    store(s1 + v * W, a1[v]);
+    store(s2 + v * W, a2[v]);
+  }
+}
+
 // Channels-last: rows [r0, r0 + rows) of a tile of ct channels at c0, both sums added to the
 // per-channel double accumulators acc_dy, acc_dx (tile-relative).
 template <class S, bool Relu, class T = Compute<S>>
@@ -101,22 +127,24 @@ void tile_sums(const S* dy, const S* x, const S* out, std::int64_t C, std::int64
                const T* mh, const T* ml, double* acc_dy, double* acc_dx) {
   constexpr std::int64_t W = kWidth<T>;
   T s1[kTileChannels], s2[kTileChannels];
-  for (std::int64_t c = 0; c < ct; ++c) s1[c] = s2[c] = 0;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const std::int64_t o = r * C;
-    const S* out_row = Relu ? out + o : nullptr;
-    std::int64_t c = 0;
-    for (; c + W <= ct; c += W) {
-      const Vec<T> gv = masked_vec<S, Relu>(dy + o, out_row, c);
-      store(s1 + c, load(s1 + c) + gv);
-      store(s2 + c, load(s2 + c) + gv * ((load(x + o + c) - load(mh + c)) - load(ml + c)));
-    }
-    for (; c < ct; ++c) {
-      const T gs = masked<S, Relu>(dy[o + c], out, o + c);
-      s1[c] += gs;
-      s2[c] += gs * ((to_compute(x[o + c]) - mh[c]) - ml[c]);
-    }
+  // Column chunks of up to 4 vectors summed down the rows in registers (stats.cpp says why), then
+  // the last ct % W channels in scalars.
+  const std::int64_t cv = ct / W * W;
+  for (std::int64_t c0 = 0; c0 < cv; c0 += 4 * W) {
+    const int nv = static_cast<int>(lesser(4, (cv - c0) / W));
+    with_count(nv, [&](auto n) {
+      column_backward_sums<S, Relu, decltype(n)::value>(dy + c0, x + c0, Relu ? out + c0 : nullptr, rows, C, mh + c0,
+                                                        ml + c0, s1 + c0, s2 + c0);
+    });
   }
+  for (std::int64_t c = cv; c < ct; ++c) s1[c] = s2[c] = 0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = cv; c < ct; ++c) {
+      const std::int64_t i = r * C + c;
+      const T gs = masked<S, Relu>(dy[i], out, i);
+      s1[c] += gs;
+      s2[c] += gs * ((to_compute(x[i]) - mh[c]) - ml[c]);
+    }
   if (std::is_same_v<T, double> || all_finite(s1, s2, ct)) {  // the common case, as one vector loop
     for (std::int64_t c = 0; c < ct; ++c) {
       acc_dy[c] += static_cast<double>(s1[c]);

@@ -165,6 +165,18 @@ inline bool all_finite(const T* a, const T* b, std::int64_t n) {
   return bad == 0;
 }
 
+// f(std::integral_constant<int, n>) for n in 1..4: the vectors of a column chunk as a
+// compile-time count, so that its accumulators live in registers.
+template <class F>
+void with_count(int n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
 // max(v, 0) lane by lane, keeping NaN a NaN (as torch.relu): clears the lanes where v < 0.
 template <class T>
 inline Vec<T> relu(Vec<T> v) {

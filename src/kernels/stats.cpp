@@ -131,6 +131,37 @@ void moments_channels_first(const S* x, const Geometry& g, double* mean, double*
 // most kTileChannels channels (a tile's rows x channels values stay in L1 for the second pass), the
 // per-channel sums running along the row so that the loops over c are the vector loops.
 
+// Per-column sums of NV vectors of columns at p over `rows` rows (row stride C), into out.
+template <class S, int NV>
+void column_sums(const S* p, std::int64_t rows, std::int64_t C, Compute<S>* out) {
+  using T = Compute<S>;
+  constexpr std::int64_t W = kWidth<T>;
+  Vec<T> acc[NV] = {};
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) acc[v] += load(p + r * C + v * W);
+  for (int v = 0; v < NV; ++v) store(out + v * W, acc[v]);
+}
+
+// Per-column sum(x - shift) and sum((x - shift)^2) of NV vectors of columns, into s1 and s2.
+template <class S, int NV>
+void column_deviations(const S* p, std::int64_t rows, std::int64_t C, const Compute<S>* shift, Compute<S>* s1,
+                       Compute<S>* s2) {
+  using T = Compute<S>;
+  constexpr std::int64_t W = kWidth<T>;
+  Vec<T> sh[NV], a1[NV] = {}, a2[NV] = {};
+  for (int v = 0; v < NV; ++v) sh[v] = load(shift + v * W);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const Vec<T> d = load(p + r * C + v * W) - sh[v];
+      a1[v] += d;
+      a2[v] += d * d;
+    }
+  for (int v = 0; v < NV; ++v) {
+    store(s1 + v * W, a1[v]);
+    store(s2 + v * W, a2[v]);
+  }
+}
+
 // Per-channel moments of `rows` rows of a tile of `ct` channels (row stride C).
 template <class S>
 void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct, double* bmean, double* bm2) {
@@ -138,29 +169,31 @@ void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct
   constexpr std::int64_t W = kWidth<T>;
   const double count = static_cast<double>(rows);
   T sum[kTileChannels], shift[kTileChannels], s1[kTileChannels], s2[kTileChannels];
-  for (std::int64_t c = 0; c < ct; ++c) sum[c] = s1[c] = s2[c] = 0;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const S* q = p + r * C;
-    std::int64_t c = 0;
-    for (; c + W <= ct; c += W) store(sum + c, load(sum + c) + load(q + c));
-    for (; c < ct; ++c) sum[c] += to_compute(q[c]);
+  // The vector part of the tile in column chunks of up to 4 vectors, each summed down the rows in
+  // registers (an accumulator kept in memory would make every row wait for the previous row's
+  // store); the last ct % W channels in scalars.
+  const std::int64_t cv = ct / W * W;
+  for (std::int64_t c0 = 0; c0 < cv; c0 += 4 * W) {
+    const int nv = static_cast<int>(lesser(4, (cv - c0) / W));
+    with_count(nv, [&](auto n) { column_sums<S, decltype(n)::value>(p + c0, rows, C, sum + c0); });
   }
+  for (std::int64_t c = cv; c < ct; ++c) sum[c] = s1[c] = s2[c] = 0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = cv; c < ct; ++c) sum[c] += to_compute(p[r * C + c]);
   const double inv_count = 1.0 / count;
   for (std::int64_t c = 0; c < ct; ++c) shift[c] = static_cast<T>(static_cast<double>(sum[c]) * inv_count);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const S* q = p + r * C;
-    std::int64_t c = 0;
-    for (; c + W <= ct; c += W) {
-      const Vec<T> d = load(q + c) - load(shift + c);
-      store(s1 + c, load(s1 + c) + d);
-      store(s2 + c, load(s2 + c) + d * d);
-    }
-    for (; c < ct; ++c) {
-      const T d = to_compute(q[c]) - shift[c];
+  for (std::int64_t c0 = 0; c0 < cv; c0 += 4 * W) {
+    const int nv = static_cast<int>(lesser(4, (cv - c0) / W));
+    with_count(nv, [&](auto n) {
+      column_deviations<S, decltype(n)::value>(p + c0, rows, C, shift + c0, s1 + c0, s2 + c0);
+    });
+  }
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = cv; c < ct; ++c) {
+      const T d = to_compute(p[r * C + c]) - shift[c];
       s1[c] += d;
       s2[c] += d * d;
     }
-  }
   if (all_finite(sum, s2, ct)) {  // the common case, as one vector loop
     for (std::int64_t c = 0; c < ct; ++c) {
       const double d1 = static_cast<double>(s1[c]), m2 = static_cast<double>(s2[c]) - d1 * d1 * inv_count;
