@@ -240,25 +240,17 @@ template <class S, bool Relu, class T = Compute<S>>
 void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
     const bool stream = stream_output<S>(g);
-    // this thread's streamed lines are visible before the region's barrier
-    const auto fence = [stream] {
-      if (stream) stream_fence();
-    };
-    detail::parallel_for_then(g.N * g.C, [&](std::int64_t nc) {
+    parallel_for_streamed(g.N * g.C, stream, [&](std::int64_t nc) {
       const std::int64_t c = nc % g.C, off = nc * g.S;
       apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.mean_hi[c], k.mean_lo[c],
                          k.k_dy[c], k.k_x[c], k.k_c[c], stream);
-    }, fence);
+    });
   } else {
     const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.C);
-    // this thread's streamed lines are visible before the region's barrier
-    const auto fence = [stream] {
-      if (stream) stream_fence();
-    };
-    detail::parallel_for_then(g.rows(), [&](std::int64_t r) {
+    parallel_for_streamed(g.rows(), stream, [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
       apply_channels_last_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k, stream);
-    }, fence);
+    });
   }
 }
 
@@ -268,11 +260,7 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
   using T = Compute<S>;
   const double m = static_cast<double>(g.per_channel());
   const bool stream = stream_output<S>(g);
-  // this thread's streamed lines are visible before the region's barrier
-  const auto fence = [stream] {
-    if (stream) stream_fence();
-  };
-  detail::parallel_for_then(g.C, [&](std::int64_t c) {
+  parallel_for_streamed(g.C, stream, [&](std::int64_t c) {
     T hi, lo;
     split_mean(mean[c], hi, lo);
     double sdy, sdx;
@@ -286,7 +274,7 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
       const std::int64_t off = (n * g.C + c) * g.S;
       apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, hi, lo, kdy, kx, kc, stream);
     }
-  }, fence);
+  });
 }
 
 }  // namespace

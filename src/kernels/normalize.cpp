@@ -88,25 +88,17 @@ template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_impl(const S* x, const S* z, S* y, const Geometry& g, const ChannelCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
     const bool stream = stream_output<S>(g);
-    // this thread's streamed lines are visible before the region's barrier
-    const auto fence = [stream] {
-      if (stream) stream_fence();
-    };
-    detail::parallel_for_then(g.N * g.C, [&](std::int64_t nc) {
+    parallel_for_streamed(g.N * g.C, stream, [&](std::int64_t nc) {
       const std::int64_t c = nc % g.C, off = nc * g.S;
       normalize_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.S, k.mean_hi[c], k.mean_lo[c],
                                   k.scale[c], k.shift[c], stream);
-    }, fence);
+    });
   } else {
     const bool stream = stream_output<S>(g) && rows_stay_aligned(y, g.C);
-    // this thread's streamed lines are visible before the region's barrier
-    const auto fence = [stream] {
-      if (stream) stream_fence();
-    };
-    detail::parallel_for_then(g.rows(), [&](std::int64_t r) {
+    parallel_for_streamed(g.rows(), stream, [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
       normalize_channels_last_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.C, k, stream);
-    }, fence);
+    });
   }
 }
 
@@ -137,13 +129,9 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
   using T = Compute<S>;
   const double m = static_cast<double>(g.per_channel());
   const bool stream = stream_output<S>(g);
-  // this thread's streamed lines are visible before the region's barrier
-  const auto fence = [stream] {
-    if (stream) stream_fence();
-  };
   with_epilogue(act, residual != nullptr, [&](auto relu, auto add) {
     constexpr bool Relu = decltype(relu)::value, Add = decltype(add)::value;
-    detail::parallel_for_then(g.C, [&](std::int64_t c) {
+    parallel_for_streamed(g.C, stream, [&](std::int64_t c) {
       double mu, m2;
       channel_moments_cf(x, g, c, mu, m2);  // first pass: from memory
       const double v = m2 / m, invstd = 1.0 / std::sqrt(v + eps);
@@ -156,7 +144,7 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
         const std::int64_t off = (n * g.C + c) * g.S;
         normalize_row<S, Relu, Add>(x + off, Add ? residual + off : nullptr, y + off, g.S, hi, lo, scale, shift, stream);
       }
-    }, fence);
+    });
   });
 }
 

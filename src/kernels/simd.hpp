@@ -9,6 +9,7 @@
 #pragma once
 
 #include "kernels/kernels.hpp"
+#include "parallel.hpp"
 
 #include <cstdint>
 #include <cstring>
@@ -124,6 +125,15 @@ inline void stream_fence() {
   _mm_sfence();
 #endif
 }
+// f(i) for i in [0, n) over the library's threads (each a contiguous range); with `stream`, each
+// thread then fences its non-temporal stores, so that they are visible before the region's barrier.
+template <class F>
+void parallel_for_streamed(std::int64_t n, bool stream, F&& f) {
+  detail::parallel_for_then(n, f, [stream] {
+    if (stream) stream_fence();
+  });
+}
+
 // Elements before p + result are not kVectorBytes-aligned (at most n).
 template <class T>
 inline std::int64_t elements_to_alignment(const T* p, std::int64_t n) {
