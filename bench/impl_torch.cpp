@@ -105,31 +105,13 @@ class TorchImpl final : public Impl {
           break;
       }
     } else {
-      switch (c_.op) {
-        case Op::TrainFwd:
-          result_ = at::native_batch_norm(x_, w_, b_, trm_, trv_, true, c_.momentum, c_.eps);
-          break;
-        case Op::InferFwd:
-          result_ = at::native_batch_norm(x_, w_, b_, rm_, rv_, false, c_.momentum, c_.eps);
-          break;
-        case Op::Backward:
-          result_ = at::native_batch_norm_backward(dy_, x_, w_, std::nullopt, std::nullopt, sm_, si_, true, c_.eps,
-                                                   {true, true, true});
-          break;
-      }
+      call_allocating();
       result_ = {};  // freed inside the timed call, as a caller dropping the outputs would
     }
   }
 
-  void publish() override {
-    if (out_) {
-      // The out= tensors must still be views of the harness's memory.
-      at::Tensor& t = c_.op == Op::Backward ? dx_ : y_;
-      const void* want = c_.op == Op::Backward ? dx_base_ : y_base_;
-      if (t.data_ptr() != want) throw std::runtime_error("torch-out wrote to a tensor it allocated itself");
-      return;
-    }
-    // Run once more, keep the outputs and copy them into the harness's buffers.
+  // The allocating call (torch-alloc), its outputs kept in result_.
+  void call_allocating() {
     switch (c_.op) {
       case Op::TrainFwd:
         result_ = at::native_batch_norm(x_, w_, b_, trm_, trv_, true, c_.momentum, c_.eps);
@@ -142,6 +124,18 @@ class TorchImpl final : public Impl {
                                                  {true, true, true});
         break;
     }
+  }
+
+  void publish() override {
+    if (out_) {
+      // The out= tensors must still be views of the harness's memory.
+      at::Tensor& t = c_.op == Op::Backward ? dx_ : y_;
+      const void* want = c_.op == Op::Backward ? dx_base_ : y_base_;
+      if (t.data_ptr() != want) throw std::runtime_error("torch-out wrote to a tensor it allocated itself");
+      return;
+    }
+    // Run once more, keep the outputs and copy them into the harness's buffers.
+    call_allocating();
     if (c_.op == Op::Backward) {
       dx_.copy_(std::get<0>(result_));
       dw_.copy_(std::get<1>(result_));
