@@ -136,7 +136,7 @@ TEST_P(KernelVsReference, EveryOptionBothLayoutsBothDtypes) {
   const Dims& d = shapes()[GetParam()];
   std::uint64_t seed = 1000 * GetParam();
   const kernels::Isa best = kernels::active_isa();
-  for (kernels::Isa isa : {kernels::Isa::Generic, kernels::Isa::Avx2, kernels::Isa::Avx512}) {
+  for (kernels::Isa isa : kernels::kAllIsas) {
     if (!kernels::isa_supported(isa)) continue;
     IsaScope scope(isa);
     SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa));
@@ -292,7 +292,7 @@ void check_large_offset(double mean, double stddev, Layout layout, int threads) 
 }
 
 TEST(Robustness, VarianceAtLargeOffsetEveryLayoutThreadCountAndIsa) {
-  for (kernels::Isa isa : {kernels::Isa::Generic, kernels::Isa::Avx2, kernels::Isa::Avx512}) {
+  for (kernels::Isa isa : kernels::kAllIsas) {
     if (!kernels::isa_supported(isa)) continue;
     IsaScope scope(isa);
     SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa));

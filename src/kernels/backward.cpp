@@ -305,6 +305,7 @@ void fused_backward_cf(const S* dy, const S* x, const S* output, S* dx, const Ge
     fused_impl<S, false>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
 }
 
+#if !BNORM_ISA_BF16_ONLY  // the avx512bf16 build has only the bfloat16 kernels (kernels.hpp: Isa)
 template void fused_backward_cf<float>(const float*, const float*, const float*, float*, const Geometry&, const double*,
                                        const double*, const double*, bool, double*, double*);
 template void fused_backward_cf<double>(const double*, const double*, const double*, double*, const Geometry&,
@@ -317,6 +318,7 @@ template void backward_apply<float>(const float*, const float*, const float*, fl
                                     BackwardCoeffs<float>);
 template void backward_apply<double>(const double*, const double*, const double*, double*, const Geometry&,
                                      BackwardCoeffs<double>);
+#endif
 template void fused_backward_cf<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, bfloat16*, const Geometry&,
                                           const double*, const double*, const double*, bool, double*, double*);
 template void backward_reduce<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, const Geometry&, const float*,

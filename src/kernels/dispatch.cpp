@@ -1,14 +1,17 @@
 // Run-time dispatch of the kernel families. stats.cpp, normalize.cpp and backward.cpp are compiled
 // once per instruction set, each build in its own namespace (generic: baseline x86-64 or whatever
 // the target is; avx2: AVX2 + FMA + F16C; avx512: AVX-512 F/BW/VL/DQ), and the compiler vectorizes
-// their loops for that set. The first kernel call picks the best set the CPU supports; the
-// environment variable BNORM_ISA=generic|avx2|avx512 (or set_isa) caps it.
+// their loops for that set; avx512bf16 is the avx512 set plus AVX512_BF16 and holds only the
+// bfloat16 kernels (float and double dispatch to avx512 there). The first kernel call picks the
+// best set the CPU supports; the environment variable BNORM_ISA=generic|avx2|avx512|avx512bf16
+// (or set_isa) caps it.
 #include "kernels/kernels.hpp"
 #include "parallel.hpp"
 
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include <unistd.h>
 
@@ -43,6 +46,7 @@ BNORM_DECLARE_KERNELS(generic)
 #if BNORM_HAVE_X86_ISAS
 BNORM_DECLARE_KERNELS(avx2)
 BNORM_DECLARE_KERNELS(avx512)
+BNORM_DECLARE_KERNELS(avx512bf16)
 #endif
 
 namespace bnorm::kernels {
@@ -54,18 +58,24 @@ bool cpu_has_f16c() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
 }
+// AVX512_BF16 from CPUID leaf 7, sub-leaf 1 (EAX bit 5), for the same reason.
+bool cpu_has_avx512_bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && (a & (1u << 5)) != 0;
+}
 #endif
 
 bool cpu_has(Isa isa) {
 #if BNORM_HAVE_X86_ISAS
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   switch (isa) {
     case Isa::Generic: return true;
     case Isa::Avx2: return avx2;
-    case Isa::Avx512:
-      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::Avx512: return avx512;
+    case Isa::Avx512Bf16: return avx512 && cpu_has_avx512_bf16();
   }
   return false;
 #else
@@ -74,16 +84,16 @@ bool cpu_has(Isa isa) {
 }
 
 Isa best_isa(Isa cap) {
-  for (Isa isa : {Isa::Avx512, Isa::Avx2})
+  for (Isa isa : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2})
     if (static_cast<int>(isa) <= static_cast<int>(cap) && cpu_has(isa)) return isa;
   return Isa::Generic;
 }
 
 Isa initial_isa() {
-  Isa cap = Isa::Avx512;
+  Isa cap = Isa::Avx512Bf16;
   if (const char* env = std::getenv("BNORM_ISA")) {
-    if (std::strcmp(env, "generic") == 0) cap = Isa::Generic;
-    if (std::strcmp(env, "avx2") == 0) cap = Isa::Avx2;
+    for (Isa isa : kAllIsas)
+      if (std::strcmp(env, isa_name(isa)) == 0) cap = isa;
   }
   return best_isa(cap);
 }
@@ -110,6 +120,7 @@ const char* isa_name(Isa isa) {
     case Isa::Generic: return "generic";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Bf16: return "avx512bf16";
   }
   return "unknown";
 }
@@ -145,8 +156,12 @@ std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {
 }
 
 #if BNORM_HAVE_X86_ISAS
+// T is the storage type of the dispatching function: only bfloat16 has an avx512bf16 build.
 #define BNORM_DISPATCH(fn, ...)                                         \
   switch (active_isa()) {                                               \
+    case Isa::Avx512Bf16:                                               \
+      if constexpr (std::is_same_v<T, bfloat16>) return avx512bf16::fn(__VA_ARGS__); \
+      else return avx512::fn(__VA_ARGS__);                              \
     case Isa::Avx512: return avx512::fn(__VA_ARGS__);                   \
     case Isa::Avx2: return avx2::fn(__VA_ARGS__);                       \
     case Isa::Generic: break;                                           \

@@ -48,12 +48,15 @@ inline constexpr std::int64_t kTileChannels = 256;
 inline constexpr std::int64_t kStreamBytes = std::int64_t{32} << 20;
 template <class T>
 bool stream_output(const Geometry& g) {
-  if constexpr (std::is_same_v<T, bfloat16>) return false;  // half-width vector stores: not worth it
   return g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
 }
 
 // The instruction sets the kernels are compiled for; dispatch picks the best the CPU has.
-enum class Isa { Generic, Avx2, Avx512 };
+// Avx512Bf16 is the AVX-512 build plus the CPU's float -> bfloat16 conversion (AVX512_BF16); only
+// the bfloat16 kernels differ, so only they are compiled for it, and float/double run the avx512 build.
+enum class Isa { Generic, Avx2, Avx512, Avx512Bf16 };
+// Every Isa, lowest first (for tests that run each build).
+inline constexpr Isa kAllIsas[] = {Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16};
 Isa active_isa();
 const char* isa_name(Isa);
 // For tests and benchmarks: use `isa` (capped at what the CPU supports) from now on.

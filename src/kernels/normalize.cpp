@@ -148,12 +148,14 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
   });
 }
 
+#if !BNORM_ISA_BF16_ONLY  // the avx512bf16 build has only the bfloat16 kernels (kernels.hpp: Isa)
 template void fused_forward_cf<float>(const float*, float*, const Geometry&, const double*, const double*, double,
                                       Activation, const float*, double*, double*);
 template void normalize<float>(const float*, float*, const Geometry&, ChannelCoeffs<float>, Activation, const float*);
 template void fused_forward_cf<double>(const double*, double*, const Geometry&, const double*, const double*, double,
                                       Activation, const double*, double*, double*);
 template void normalize<double>(const double*, double*, const Geometry&, ChannelCoeffs<double>, Activation, const double*);
+#endif
 template void fused_forward_cf<bfloat16>(const bfloat16*, bfloat16*, const Geometry&, const double*, const double*, double,
                                       Activation, const bfloat16*, double*, double*);
 template void normalize<bfloat16>(const bfloat16*, bfloat16*, const Geometry&, ChannelCoeffs<float>, Activation, const bfloat16*);

@@ -92,12 +92,33 @@ inline Vec<float> load(const bfloat16* p) {
   std::memcpy(&h, p, sizeof h);
   return reinterpret_cast<Vec<float>>(__builtin_convertvector(h, Bf16Wide) << 16);
 }
-// Rounds each lane to bfloat16 (nearest, ties to even; NaN stays a quiet NaN), as from_float.
-inline void store(bfloat16* p, Vec<float> v) {
+// Each lane rounded to bfloat16 (nearest, ties to even; NaN stays a quiet NaN), as from_float,
+// in integer arithmetic.
+inline Bf16Bits round_to_bf16(Vec<float> v) {
   const Bf16Wide u = reinterpret_cast<Bf16Wide>(v);
   const Bf16Wide rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const Bf16Wide nan = reinterpret_cast<Bf16Wide>(v != v);  // all ones where v is NaN
-  const Bf16Bits h = __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x40u) & nan), Bf16Bits);
+  return __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x40u) & nan), Bf16Bits);
+}
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// The avx512bf16 build: the CPU's VCVTNEPS2BF16 rounds 16 lanes in one instruction, to nearest
+// even like from_float, but it flushes subnormal inputs to zero (measured: 1e-39f gives 0x0000,
+// from_float 0x000b). Subnormal outputs are rare (|y| < 2^-126), so a lane-wise test sends the
+// vectors that hold one to the integer rounding, and every build stores the same bits.
+inline Bf16Bits to_bf16_bits(Vec<float> v) {
+  const Bf16Wide magnitude = reinterpret_cast<Bf16Wide>(v) & 0x7fffffffu;
+  const auto subnormal = (magnitude - 1u) < 0x007fffffu;  // 0 < |v| < 2^-126 (0 wraps around)
+  if (__builtin_expect(_mm512_movepi32_mask(reinterpret_cast<__m512i>(subnormal)) != 0, 0)) return round_to_bf16(v);
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  Bf16Bits bits;
+  std::memcpy(&bits, &h, sizeof bits);
+  return bits;
+}
+#else
+inline Bf16Bits to_bf16_bits(Vec<float> v) { return round_to_bf16(v); }
+#endif
+inline void store(bfloat16* p, Vec<float> v) {
+  const Bf16Bits h = to_bf16_bits(v);
   std::memcpy(p, &h, sizeof h);
 }
 // Stores v at p (kVectorBytes-aligned) with a non-temporal store: the line goes to memory without
@@ -118,8 +139,19 @@ inline void store_stream(T* p, Vec<T> v) {
   store(p, v);
 #endif
 }
-// bfloat16 outputs are not streamed (stream_output is false for them); this keeps the code generic.
-inline void store_stream(bfloat16* p, Vec<float> v) { store(p, v); }
+// bfloat16: half a vector register of results, stored with the half-width streaming store (p is
+// aligned to kVectorBytes / 2: the kernels start streaming at a kVectorBytes boundary and advance by
+// whole half-vectors).
+inline void store_stream(bfloat16* p, Vec<float> v) {
+  const Bf16Bits h = to_bf16_bits(v);
+#if defined(__AVX512F__)
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(h));
+#elif defined(__AVX__)
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(h));
+#else
+  std::memcpy(p, &h, sizeof h);
+#endif
+}
 inline void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
