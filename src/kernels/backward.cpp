@@ -260,21 +260,27 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
   using T = Compute<S>;
   const double m = static_cast<double>(g.per_channel());
   const bool stream = stream_output<S>(g);
-  parallel_for_streamed(g.C, stream, [&](std::int64_t c) {
-    T hi, lo;
-    split_mean(mean[c], hi, lo);
-    double sdy, sdx;
-    channel_sums_cf<S, Relu>(dy, x, out, g, c, hi, lo, sdy, sdx);  // first pass: from memory
-    sum_dy[c] = sdy;
-    sum_dy_xmu[c] = sdx;
-    if (!dx) return;
-    T kdy, kx, kc;
-    backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, kdy, kx, kc);
-    for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
-      const std::int64_t off = (n * g.C + c) * g.S;
-      apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, hi, lo, kdy, kx, kc, stream);
-    }
-  });
+  struct Coeffs {
+    T hi, lo, kdy, kx, kc;
+  };
+  fused_channel_passes<S>(
+      g, fused_backward_cached<S>(g, Relu, dx != nullptr), stream, {dy, x, out},
+      [&](std::int64_t c) {
+        Coeffs k{};
+        split_mean(mean[c], k.hi, k.lo);
+        double sdy, sdx;
+        channel_sums_cf<S, Relu>(dy, x, out, g, c, k.hi, k.lo, sdy, sdx);  // first pass: from memory (or L2)
+        sum_dy[c] = sdy;
+        sum_dy_xmu[c] = sdx;
+        if (dx) backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, k.kdy, k.kx, k.kc);
+        return k;
+      },
+      [&](std::int64_t n, std::int64_t c, const Coeffs& k) {  // second pass: from L2
+        if (!dx) return;
+        const std::int64_t off = (n * g.C + c) * g.S;
+        apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.hi, k.lo, k.kdy, k.kx, k.kc,
+                           stream);
+      });
 }
 
 }  // namespace

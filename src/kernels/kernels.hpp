@@ -121,6 +121,18 @@ void backward_apply(const S* dy, const S* x, const S* output, S* dx, const Geome
 // channel's slices may take between the two passes.
 std::int64_t fuse_budget_bytes();
 
+// The tensors whose slices a fused pass keeps in cache between its two passes (fuse_channels in
+// functional.cpp sizes the path with them, the kernels their channel blocks). An output written
+// with streaming stores takes no room.
+template <class S>
+int fused_forward_cached(const Geometry& g) {
+  return stream_output<S>(g) ? 1 : 2;  // x (and y)
+}
+template <class S>
+int fused_backward_cached(const Geometry& g, bool relu_output, bool writes_dx) {
+  return (relu_output ? 3 : 2) + (writes_dx && !stream_output<S>(g) ? 1 : 0);  // dy, x (output, dx)
+}
+
 // Training forward: statistics of channel c, then y for channel c. gamma/beta may be null (1, 0).
 // Writes mean[c] and var[c] (biased).
 template <class S>

@@ -131,20 +131,28 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
   const bool stream = stream_output<S>(g);
   with_epilogue(act, residual != nullptr, [&](auto relu, auto add) {
     constexpr bool Relu = decltype(relu)::value, Add = decltype(add)::value;
-    parallel_for_streamed(g.C, stream, [&](std::int64_t c) {
-      double mu, m2;
-      channel_moments_cf(x, g, c, mu, m2);  // first pass: from memory
-      const double v = m2 / m, invstd = 1.0 / std::sqrt(v + eps);
-      mean[c] = mu;
-      var[c] = v;
-      T hi, lo;
-      split_mean(mu, hi, lo);
-      const T scale = static_cast<T>((gamma ? gamma[c] : 1.0) * invstd), shift = static_cast<T>(beta ? beta[c] : 0.0);
-      for (std::int64_t n = 0; n < g.N; ++n) {  // second pass: from L2
-        const std::int64_t off = (n * g.C + c) * g.S;
-        normalize_row<S, Relu, Add>(x + off, Add ? residual + off : nullptr, y + off, g.S, hi, lo, scale, shift, stream);
-      }
-    });
+    struct Coeffs {
+      T hi, lo, scale, shift;
+    };
+    fused_channel_passes<S>(
+        g, fused_forward_cached<S>(g), stream, {x},
+        [&](std::int64_t c) {
+          double mu, m2;
+          channel_moments_cf(x, g, c, mu, m2);  // first pass: from memory (or from L2 after a block's touch)
+          const double v = m2 / m, invstd = 1.0 / std::sqrt(v + eps);
+          mean[c] = mu;
+          var[c] = v;
+          Coeffs k;
+          split_mean(mu, k.hi, k.lo);
+          k.scale = static_cast<T>((gamma ? gamma[c] : 1.0) * invstd);
+          k.shift = static_cast<T>(beta ? beta[c] : 0.0);
+          return k;
+        },
+        [&](std::int64_t n, std::int64_t c, const Coeffs& k) {  // second pass: from L2
+          const std::int64_t off = (n * g.C + c) * g.S;
+          normalize_row<S, Relu, Add>(x + off, Add ? residual + off : nullptr, y + off, g.S, k.hi, k.lo, k.scale,
+                                      k.shift, stream);
+        });
   });
 }
 

@@ -7,9 +7,11 @@
 #pragma once
 
 #include "kernels/kernels.hpp"
+#include "kernels/simd.hpp"
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #ifndef BNORM_ISA
 #error "compile the kernel files with -DBNORM_ISA=<namespace> (see CMakeLists.txt)"
@@ -37,6 +39,76 @@ void for_each_cf_block(const Geometry& g, std::int64_t c, F&& f) {
     const std::int64_t rows = lesser(rows_per_block, N - n0);
     for (std::int64_t s0 = 0; s0 < S; s0 += piece) f((n0 * C + c) * S + s0, rows, lesser(piece, S - s0));
   }
+}
+
+// ---- Channel blocks of the fused channels-first passes.
+// Channel c is N rows of S values, C * S apart. With short rows (7x7) that is N scattered pieces of
+// a few cache lines each. The hardware prefetchers follow sequential streams within a page and
+// fetch almost nothing ahead of such pieces, and software prefetches, like demand loads, are
+// limited by the core's few outstanding L1 misses: a pass that reads such a channel from memory
+// waits for its misses a few at a time. But channels c0..c1 of one sample are contiguous. So the
+// fused passes take the channels in blocks: first read the block's N contiguous pieces front to
+// back (touch_channels: one load per cache line, which the L2 streamer turns into a full-speed
+// stream), then run the per-channel passes from L2.
+inline constexpr std::int64_t kShortRowBytes = 512;  // rows up to this long take blocks
+inline constexpr std::int64_t kBlockPieceBytes = 8192;  // aim: a block's piece of one sample
+inline constexpr std::int64_t kMaxChannelsPerBlock = 64;
+
+// Channels per block: about kBlockPieceBytes per sample, few enough that the block's slices of
+// the `cached` tensors take at most half the fuse budget, and the blocks a multiple of the thread
+// count (each thread gets a contiguous range of blocks: the ranges then differ by less than a block).
+template <class S>
+std::int64_t cf_channels_per_block(const Geometry& g, int cached) {
+  const std::int64_t row = g.S * static_cast<std::int64_t>(sizeof(S));
+  if (row > kShortRowBytes || row == 0) return 1;
+  const std::int64_t slice = g.per_channel() * static_cast<std::int64_t>(sizeof(S)) * cached;
+  const std::int64_t threads = num_threads();
+  const std::int64_t target = lesser(kMaxChannelsPerBlock, lesser((kBlockPieceBytes + row - 1) / row,
+                                                                  greater(1, fuse_budget_bytes() / 2 / slice)));
+  const std::int64_t blocks = ((g.C + target - 1) / target + threads - 1) / threads * threads;
+  return greater(1, (g.C + blocks - 1) / blocks);
+}
+
+// Loads one value per cache line of channels [c0, c1) of every sample, in memory order.
+template <class S>
+void touch_channels(const S* p, const Geometry& g, std::int64_t c0, std::int64_t c1) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(p);
+  const std::int64_t row = g.S * static_cast<std::int64_t>(sizeof(S)), len = (c1 - c0) * row;
+  unsigned sink = 0;
+  for (std::int64_t n = 0; n < g.N; ++n) {
+    const unsigned char* q = bytes + (n * g.C + c0) * row;
+    for (std::int64_t i = 0; i < len; i += 64) sink += q[i];
+    sink += q[len - 1];
+  }
+  asm volatile("" : : "r"(sink));  // the loads must happen
+}
+
+// The two passes of a fused channels-first kernel over every channel: k = first(c) (the channel's
+// reduction, which returns its coefficients), then second(n, c, k) for each sample n. Channels go
+// in blocks of cf_channels_per_block over the threads (each thread a contiguous range of blocks).
+// In a block of several channels, the input `tensors` (null: absent) are touched first, and the
+// second pass runs sample by sample over the block's channels, so that its output is written in
+// contiguous pieces too. With `stream`, each thread fences its non-temporal stores at the end.
+template <class S, class First, class Second>
+void fused_channel_passes(const Geometry& g, int cached, bool stream, std::initializer_list<const S*> tensors,
+                          First&& first, Second&& second) {
+  using K = decltype(first(std::int64_t{0}));
+  const std::int64_t cb = cf_channels_per_block<S>(g, cached);
+  const std::int64_t blocks = (g.C + cb - 1) / cb;
+  parallel_for_streamed(blocks, stream, [&](std::int64_t b) {
+    const std::int64_t c0 = b * cb, c1 = lesser(g.C, c0 + cb);
+    if (cb == 1) {
+      const K k = first(c0);
+      for (std::int64_t n = 0; n < g.N; ++n) second(n, c0, k);
+      return;
+    }
+    for (const S* t : tensors)
+      if (t) touch_channels(t, g, c0, c1);
+    K k[kMaxChannelsPerBlock];
+    for (std::int64_t c = c0; c < c1; ++c) k[c - c0] = first(c);
+    for (std::int64_t n = 0; n < g.N; ++n)
+      for (std::int64_t c = c0; c < c1; ++c) second(n, c, k[c - c0]);
+  });
 }
 
 }  // namespace
