@@ -5,10 +5,11 @@
 #include "functional_parts.hpp"
 #include "kernels/kernels.hpp"
 #include "validate.hpp"
+#include "workspace.hpp"
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <span>
 
 namespace bnorm {
 namespace {
@@ -16,6 +17,10 @@ namespace {
 using detail::check_vector;
 using kernels::Compute;
 using kernels::Geometry;
+// Every per-channel buffer of a call comes from the calling thread's workspace (workspace.hpp), so
+// that a call allocates nothing once an earlier one on the thread has needed as much. Each function
+// that takes buffers opens its own scope, which gives them back when it returns.
+using Scope = detail::Workspace::Scope;
 
 // Calls f(T{}) with T the storage type of dtype (float, double or bfloat16); validation has
 // already refused any other dtype.
@@ -30,20 +35,29 @@ void with_storage(DType dtype, F&& f) {
 }
 
 // Reads a per-channel vector that goes with a tensor stored as T (so of dtype Compute<T>, or
-// float64) as doubles; absent gives `fallback`.
+// float64) as doubles into `out` (one per channel); absent gives `fallback`.
 template <class T>
-std::vector<double> read_channels(const ConstVectorView& v, std::int64_t C, double fallback) {
+void read_channels_into(std::span<double> out, const ConstVectorView& v, double fallback) {
   using P = Compute<T>;
-  std::vector<double> out(static_cast<std::size_t>(C), fallback);
-  if (!v.present()) return out;
+  if (!v.present()) {
+    std::fill(out.begin(), out.end(), fallback);
+    return;
+  }
   for (std::size_t c = 0; c < out.size(); ++c)
     out[c] = v.dtype() == DType::Float64 ? static_cast<const double*>(v.data())[c]
                                          : static_cast<double>(static_cast<const P*>(v.data())[c]);
+}
+
+// The same into a span of C taken from `scope`.
+template <class T>
+std::span<double> read_channels(Scope& scope, const ConstVectorView& v, std::int64_t C, double fallback) {
+  std::span<double> out = scope.take<double>(static_cast<std::size_t>(C));
+  read_channels_into<T>(out, v, fallback);
   return out;
 }
 
 template <class T>
-void write_channels(const VectorView& v, const std::vector<double>& values) {
+void write_channels(const VectorView& v, std::span<const double> values) {
   using P = Compute<T>;
   if (!v.present()) return;
   for (std::size_t c = 0; c < values.size(); ++c) {
@@ -54,11 +68,16 @@ void write_channels(const VectorView& v, const std::vector<double>& values) {
   }
 }
 
+// The means split in hi + lo parts of P (kernels::split_mean), in spans taken from `scope`.
 template <class P>
-void split_means(const std::vector<double>& mean, std::vector<P>& hi, std::vector<P>& lo) {
-  hi.resize(mean.size());
-  lo.resize(mean.size());
-  for (std::size_t c = 0; c < mean.size(); ++c) kernels::split_mean(mean[c], hi[c], lo[c]);
+struct SplitMeans {
+  std::span<P> hi, lo;
+};
+template <class P>
+SplitMeans<P> split_means(Scope& scope, std::span<const double> mean) {
+  SplitMeans<P> s{scope.take<P>(mean.size()), scope.take<P>(mean.size())};
+  for (std::size_t c = 0; c < mean.size(); ++c) kernels::split_mean(mean[c], s.hi[c], s.lo[c]);
+  return s;
 }
 
 // The channels-first fast path (one channel at a time, the second pass from cache) applies when the
@@ -73,30 +92,33 @@ bool fuse_channels(const Geometry& g, int cached) {
          (g.C % threads == 0 || g.C >= 8 * threads);
 }
 
-std::vector<double> reduce_workspace(const Geometry& g) {
-  return std::vector<double>(static_cast<std::size_t>(kernels::reduce_workspace_doubles(g, kernels::reduce_threads(g))));
+// The workspace of channel_moments and backward_reduce for g (zeros), taken from `scope`.
+std::span<double> reduce_workspace(Scope& scope, const Geometry& g) {
+  return scope.take<double>(
+      static_cast<std::size_t>(kernels::reduce_workspace_doubles(g, kernels::reduce_threads(g))));
 }
 
 // Normalizes x into y with the given per-channel statistics (shared by every non-fused path).
 template <class T>
-void normalize_with(const T* x, T* y, const Geometry& g, const std::vector<double>& mean,
-                    const std::vector<double>& invstd, const std::vector<double>& gamma,
-                    const std::vector<double>& beta, Activation act, const T* residual = nullptr) {
+void normalize_with(const T* x, T* y, const Geometry& g, std::span<const double> mean,
+                    std::span<const double> invstd, std::span<const double> gamma, std::span<const double> beta,
+                    Activation act, const T* residual = nullptr) {
   using P = Compute<T>;
   const std::size_t uC = mean.size();
-  std::vector<P> hi, lo, scale(uC), shift(uC);
-  split_means(mean, hi, lo);
+  Scope scope;
+  const SplitMeans<P> means = split_means<P>(scope, mean);
+  const std::span<P> scale = scope.take<P>(uC), shift = scope.take<P>(uC);
   for (std::size_t c = 0; c < uC; ++c) {
     scale[c] = static_cast<P>(gamma[c] * invstd[c]);
     shift[c] = static_cast<P>(beta[c]);
   }
   if (g.per_channel() > 0)
-    kernels::normalize(x, y, g, {hi.data(), lo.data(), scale.data(), shift.data()}, act, residual);
+    kernels::normalize(x, y, g, {means.hi.data(), means.lo.data(), scale.data(), shift.data()}, act, residual);
 }
 
 // Training only: the saved statistics, and the running update with the unbiased variance of m values.
 template <class T>
-void commit_training(const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& invstd,
+void commit_training(std::span<const double> mean, std::span<const double> var, std::span<const double> invstd,
                      double m, VectorView running_mean, VectorView running_var, double momentum, VectorView save_mean,
                      VectorView save_invstd) {
   const std::size_t uC = mean.size();
@@ -104,7 +126,9 @@ void commit_training(const std::vector<double>& mean, const std::vector<double>&
   write_channels<T>(save_mean, mean);
   write_channels<T>(save_invstd, invstd);
   if (running_mean.present()) {
-    std::vector<double> rm = read_channels<T>(running_mean, C, 0.0), rv = read_channels<T>(running_var, C, 1.0);
+    Scope scope;
+    const std::span<double> rm = read_channels<T>(scope, running_mean, C, 0.0),
+                            rv = read_channels<T>(scope, running_var, C, 1.0);
     for (std::size_t c = 0; c < uC; ++c) {
       rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
       rv[c] = (1 - momentum) * rv[c] + momentum * var[c] * m / (m - 1);  // unbiased batch variance
@@ -121,19 +145,22 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
   const std::int64_t C = g.C;
   const auto uC = static_cast<std::size_t>(C);
   const double m = static_cast<double>(g.per_channel());
-  std::vector<double> mean(uC), var(uC), invstd(uC);
-  const std::vector<double> gamma = read_channels<T>(weight, C, 1.0), beta = read_channels<T>(bias, C, 0.0);
+  Scope scope;
+  const std::span<double> mean = scope.take<double>(uC), var = scope.take<double>(uC),
+                          invstd = scope.take<double>(uC);
+  const std::span<const double> gamma = read_channels<T>(scope, weight, C, 1.0),
+                                beta = read_channels<T>(scope, bias, C, 0.0);
   if (training && fuse_channels<T>(g, kernels::stream_output<T>(g) ? 1 : 2)) {  // x (and y)
     kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, residual, mean.data(), var.data());
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
   } else {
     if (training) {
-      std::vector<double> m2(uC), ws = reduce_workspace(g);
+      const std::span<double> m2 = scope.take<double>(uC), ws = reduce_workspace(scope, g);
       kernels::channel_moments(x, g, mean.data(), m2.data(), ws.data());
       for (std::size_t c = 0; c < uC; ++c) var[c] = m2[c] / m;
     } else {
-      mean = read_channels<T>(running_mean, C, 0.0);
-      var = read_channels<T>(running_var, C, 1.0);
+      read_channels_into<T>(mean, running_mean, 0.0);
+      read_channels_into<T>(var, running_var, 1.0);
     }
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
     normalize_with(x, y, g, mean, invstd, gamma, beta, act, residual);
@@ -143,34 +170,41 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
 
 // sum(dy') and sum(dy' * (x - mean)) of this input (zeros when it holds no values).
 template <class T>
-void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const std::vector<Compute<T>>& hi,
-                 const std::vector<Compute<T>>& lo, double* sum_dy, double* sum_dy_xmu) {
+void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const SplitMeans<Compute<T>>& means,
+                 double* sum_dy, double* sum_dy_xmu) {
   if (g.per_channel() < 1) return;
-  std::vector<double> ws = reduce_workspace(g);
-  kernels::backward_reduce(dy, x, out, g, hi.data(), lo.data(), sum_dy, sum_dy_xmu, ws.data());
+  Scope scope;
+  const std::span<double> ws = reduce_workspace(scope, g);
+  kernels::backward_reduce(dy, x, out, g, means.hi.data(), means.lo.data(), sum_dy, sum_dy_xmu, ws.data());
 }
 
 // dx from the sums over the m values the statistics came from.
 template <class T>
-void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const std::vector<Compute<T>>& hi,
-              const std::vector<Compute<T>>& lo, const std::vector<double>& gamma, const std::vector<double>& invstd,
-              const double* sum_dy, const double* sum_dy_xmu, double m, bool training) {
+void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const SplitMeans<Compute<T>>& means,
+              std::span<const double> gamma, std::span<const double> invstd, const double* sum_dy,
+              const double* sum_dy_xmu, double m, bool training) {
+  using P = Compute<T>;
   if (g.per_channel() < 1) return;
-  const std::size_t uC = hi.size();
-  std::vector<Compute<T>> k_dy(uC), k_x(uC), k_c(uC);
+  const std::size_t uC = means.hi.size();
+  Scope scope;
+  const std::span<P> k_dy = scope.take<P>(uC), k_x = scope.take<P>(uC), k_c = scope.take<P>(uC);
   for (std::size_t c = 0; c < uC; ++c)
     kernels::backward_coeffs(gamma[c], invstd[c], sum_dy[c], sum_dy_xmu[c], m, training, k_dy[c], k_x[c], k_c[c]);
-  kernels::backward_apply(dy, x, out, dx, g, {hi.data(), lo.data(), k_dy.data(), k_x.data(), k_c.data()});
+  kernels::backward_apply(dy, x, out, dx, g,
+                          {means.hi.data(), means.lo.data(), k_dy.data(), k_x.data(), k_c.data()});
 }
 
 // dgamma = sum(dy' * (x - mean)) * invstd, dbeta = sum(dy').
 template <class T>
 void write_param_grads(VectorView grad_weight, VectorView grad_bias, const double* sum_dy, const double* sum_dy_xmu,
-                       const std::vector<double>& invstd) {
-  std::vector<double> dgamma(invstd.size()), dbeta(sum_dy, sum_dy + invstd.size());
-  for (std::size_t c = 0; c < invstd.size(); ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];
-  write_channels<T>(grad_weight, dgamma);
-  write_channels<T>(grad_bias, dbeta);
+                       std::span<const double> invstd) {
+  if (grad_weight.present()) {
+    Scope scope;
+    const std::span<double> dgamma = scope.take<double>(invstd.size());
+    for (std::size_t c = 0; c < invstd.size(); ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];
+    write_channels<T>(grad_weight, dgamma);
+  }
+  write_channels<T>(grad_bias, std::span<const double>(sum_dy, invstd.size()));
 }
 
 template <class T>
@@ -181,29 +215,24 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
   const std::int64_t C = g.C;
   const auto uC = static_cast<std::size_t>(C);
   const double m = static_cast<double>(g.per_channel());
-  std::vector<double> mean, invstd;
-  if (training) {
-    mean = read_channels<T>(save_mean, C, 0.0);
-    invstd = read_channels<T>(save_invstd, C, 1.0);
-  } else {
-    mean = read_channels<T>(running_mean, C, 0.0);
-    invstd = read_channels<T>(running_var, C, 1.0);
+  Scope scope;
+  const std::span<double> mean = read_channels<T>(scope, training ? save_mean : running_mean, C, 0.0);
+  const std::span<double> invstd = read_channels<T>(scope, training ? save_invstd : running_var, C, 1.0);
+  if (!training)
     for (double& v : invstd) v = 1.0 / std::sqrt(v + eps);
-  }
-  const std::vector<double> gamma = read_channels<T>(weight, C, 1.0);
+  const std::span<const double> gamma = read_channels<T>(scope, weight, C, 1.0);
 
   // The reductions are needed for the parameter gradients and, in training, for dx.
-  std::vector<double> sum_dy(uC, 0.0), sum_dy_xmu(uC, 0.0);
+  const std::span<double> sum_dy = scope.take<double>(uC), sum_dy_xmu = scope.take<double>(uC);
   const bool need_sums = grad_weight.present() || grad_bias.present() || (training && dx);
   // x, dy, the ReLU's output, and dx unless it is streamed
   if ((need_sums || dx) && fuse_channels<T>(g, (out ? 3 : 2) + (dx && !kernels::stream_output<T>(g) ? 1 : 0))) {
     kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
                                sum_dy_xmu.data());
   } else {
-    std::vector<Compute<T>> hi, lo;
-    split_means(mean, hi, lo);
-    if (need_sums) reduce_sums(dy, x, out, g, hi, lo, sum_dy.data(), sum_dy_xmu.data());
-    if (dx) apply_dx(dy, x, out, dx, g, hi, lo, gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m, training);
+    const SplitMeans<Compute<T>> means = split_means<Compute<T>>(scope, mean);
+    if (need_sums) reduce_sums(dy, x, out, g, means, sum_dy.data(), sum_dy_xmu.data());
+    if (dx) apply_dx(dy, x, out, dx, g, means, gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m, training);
   }
   write_param_grads<T>(grad_weight, grad_bias, sum_dy.data(), sum_dy_xmu.data(), invstd);
 }
@@ -356,7 +385,9 @@ void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
   if (C > 0 && in.geometry.per_channel() < 1)
     detail::fail(fn, "input: expected at least 1 value per channel, got shape " + input.shape().str());
   const Geometry& g = in.geometry;
-  std::vector<double> mu(static_cast<std::size_t>(C)), m2(mu.size()), ws = reduce_workspace(g);
+  Scope scope;
+  const std::span<double> mu = scope.take<double>(static_cast<std::size_t>(C)), m2 = scope.take<double>(mu.size()),
+                          ws = reduce_workspace(scope, g);
   with_storage(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
     kernels::channel_moments(static_cast<const T*>(input.data()), g, mu.data(), m2.data(), ws.data());
@@ -370,15 +401,16 @@ void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
 namespace {
 
 template <class T>
-void forward_with_stats_t(ConstTensorView input, TensorView output, const Geometry& g, const std::vector<double>& mean,
-                          const std::vector<double>& var, double count, VectorView running_mean, VectorView running_var,
+void forward_with_stats_t(ConstTensorView input, TensorView output, const Geometry& g, std::span<const double> mean,
+                          std::span<const double> var, double count, VectorView running_mean, VectorView running_var,
                           ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
                           VectorView save_mean, VectorView save_invstd, Activation act) {
   const std::int64_t C = g.C;
-  std::vector<double> invstd(mean.size());
+  Scope scope;
+  const std::span<double> invstd = scope.take<double>(mean.size());
   for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
   normalize_with(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, mean, invstd,
-                 read_channels<T>(weight, C, 1.0), read_channels<T>(bias, C, 0.0), act);
+                 read_channels<T>(scope, weight, C, 1.0), read_channels<T>(scope, bias, C, 0.0), act);
   if (training)
     commit_training<T>(mean, var, invstd, count, running_mean, running_var, momentum, save_mean, save_invstd);
 }
@@ -391,9 +423,9 @@ const T* data_or_null(ConstTensorView t) {
 template <class T>
 void backward_sums_t(ConstTensorView dy, ConstTensorView x, ConstTensorView out, const Geometry& g,
                      ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu) {
-  std::vector<Compute<T>> hi, lo;
-  split_means(read_channels<T>(save_mean, g.C, 0.0), hi, lo);
-  reduce_sums(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out), g, hi, lo,
+  Scope scope;
+  const SplitMeans<Compute<T>> means = split_means<Compute<T>>(scope, read_channels<T>(scope, save_mean, g.C, 0.0));
+  reduce_sums(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out), g, means,
               sum_dy, sum_dy_xmu);
 }
 
@@ -403,13 +435,13 @@ void backward_finish_t(ConstTensorView dy, ConstTensorView x, ConstTensorView ou
                        const double* local_sum_dy, const double* local_sum_dy_xmu, const double* sum_dy,
                        const double* sum_dy_xmu, double count, TensorView dx, VectorView grad_weight,
                        VectorView grad_bias) {
-  const std::vector<double> invstd = read_channels<T>(save_invstd, g.C, 1.0);
+  Scope scope;
+  const std::span<const double> invstd = read_channels<T>(scope, save_invstd, g.C, 1.0);
   if (!dx.empty()) {
-    std::vector<Compute<T>> hi, lo;
-    split_means(read_channels<T>(save_mean, g.C, 0.0), hi, lo);
+    const SplitMeans<Compute<T>> means = split_means<Compute<T>>(scope, read_channels<T>(scope, save_mean, g.C, 0.0));
     apply_dx(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out),
-             static_cast<T*>(dx.data()), g, hi, lo, read_channels<T>(weight, g.C, 1.0), invstd, sum_dy, sum_dy_xmu,
-             count, true);
+             static_cast<T*>(dx.data()), g, means, read_channels<T>(scope, weight, g.C, 1.0), invstd, sum_dy,
+             sum_dy_xmu, count, true);
   }
   write_param_grads<T>(grad_weight, grad_bias, local_sum_dy, local_sum_dy_xmu, invstd);
 }
@@ -426,15 +458,16 @@ void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, do
     std::fill(m2, m2 + g.C, 0.0);
     return;
   }
-  std::vector<double> ws = reduce_workspace(g);
+  Scope scope;
+  const std::span<double> ws = reduce_workspace(scope, g);
   with_storage(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
     kernels::channel_moments(static_cast<const T*>(input.data()), g, mean, m2, ws.data());
   });
 }
 
-void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, const std::vector<double>& mean,
-                        const std::vector<double>& var, double count, VectorView running_mean, VectorView running_var,
+void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, std::span<const double> mean,
+                        std::span<const double> var, double count, VectorView running_mean, VectorView running_var,
                         ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
                         VectorView save_mean, VectorView save_invstd, Activation activation) {
   with_storage(input.dtype(), [&](auto tag) {

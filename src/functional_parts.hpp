@@ -8,7 +8,7 @@
 
 #include "validate.hpp"
 
-#include <vector>
+#include <span>
 
 namespace bnorm::detail {
 
@@ -33,8 +33,8 @@ void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, do
 // The second half of a forward: normalize with the given per-channel statistics (biased var), then,
 // in training, write save_mean / save_invstd and update the running statistics with the unbiased
 // variance of `count` values (the global count in SyncBatchNorm).
-void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, const std::vector<double>& mean,
-                        const std::vector<double>& var, double count, VectorView running_mean, VectorView running_var,
+void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, std::span<const double> mean,
+                        std::span<const double> var, double count, VectorView running_mean, VectorView running_var,
                         ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
                         VectorView save_mean, VectorView save_invstd, Activation activation);
 

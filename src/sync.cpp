@@ -12,9 +12,11 @@
 #include "kernels/kernels.hpp"
 #include "sync.hpp"
 #include "validate.hpp"
+#include "workspace.hpp"
 
 #include <algorithm>
 #include <cstring>
+#include <span>
 #include <sstream>
 #include <vector>
 
@@ -22,7 +24,8 @@ namespace bnorm {
 
 void Communicator::all_reduce_sum(double* data, std::size_t count) {
   const auto R = static_cast<std::size_t>(size());
-  std::vector<double> all(R * count);
+  detail::Workspace::Scope scope;  // the calling thread's workspace (workspace.hpp), not the heap
+  const std::span<double> all = scope.take<double>(R * count);
   all_gather(data, count * sizeof(double), all.data());
   for (std::size_t i = 0; i < count; ++i) {
     double s = 0;
@@ -228,11 +231,14 @@ void sync_forward(Communicator& comm, const char* fn, const std::string& prior_e
   const auto uC = static_cast<std::size_t>(C);
   if (uC == 0) return;
   // This rank's (mean, M2) per channel, gathered from every rank and merged in rank order, so that
-  // every rank computes bitwise the same statistics.
-  std::vector<double> local(2 * uC), gathered(static_cast<std::size_t>(R) * 2 * uC);
+  // every rank computes bitwise the same statistics. The per-channel buffers come from the calling
+  // thread's workspace (workspace.hpp); functional.cpp's pieces below take theirs after them.
+  Workspace::Scope scope;
+  const std::span<double> local = scope.take<double>(2 * uC),
+                          gathered = scope.take<double>(static_cast<std::size_t>(R) * 2 * uC);
   local_moments(input, in, local.data(), local.data() + uC);
   comm.all_gather(local.data(), local.size() * sizeof(double), gathered.data());
-  std::vector<double> mean(uC), var(uC);
+  const std::span<double> mean = scope.take<double>(uC), var = scope.take<double>(uC);
   for (std::size_t c = 0; c < uC; ++c) {
     double n = 0, mu = 0, m2 = 0;
     for (std::size_t r = 0; r < static_cast<std::size_t>(R); ++r) {
@@ -276,9 +282,10 @@ void sync_backward(Communicator& comm, const char* fn, const std::string& prior_
   if (uC == 0) return;
   const ConstTensorView out = activation == Activation::Relu ? output : ConstTensorView();
   // [sum(dy) | sum(dy * (x - mean))]: this rank's, then their sum over the ranks in rank order.
-  std::vector<double> local(2 * uC), global;
+  Workspace::Scope scope;
+  const std::span<double> local = scope.take<double>(2 * uC), global = scope.take<double>(2 * uC);
   backward_sums(grad_output, input, out, in, save_mean, local.data(), local.data() + uC);
-  global = local;
+  std::copy(local.begin(), local.end(), global.begin());
   comm.all_reduce_sum(global.data(), global.size());
   backward_finish(grad_output, input, out, in, weight, save_mean, save_invstd, local.data(), local.data() + uC,
                   global.data(), global.data() + uC, global_count(all), grad_input, grad_weight, grad_bias);
