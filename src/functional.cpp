@@ -150,7 +150,7 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
                           invstd = scope.take<double>(uC);
   const std::span<const double> gamma = read_channels<T>(scope, weight, C, 1.0),
                                 beta = read_channels<T>(scope, bias, C, 0.0);
-  if (training && fuse_channels<T>(g, kernels::stream_output<T>(g) ? 1 : 2)) {  // x (and y)
+  if (training && fuse_channels<T>(g, kernels::fused_forward_cached<T>(g))) {
     kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, residual, mean.data(), var.data());
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
   } else {
@@ -226,7 +226,7 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
   const std::span<double> sum_dy = scope.take<double>(uC), sum_dy_xmu = scope.take<double>(uC);
   const bool need_sums = grad_weight.present() || grad_bias.present() || (training && dx);
   // x, dy, the ReLU's output, and dx unless it is streamed
-  if ((need_sums || dx) && fuse_channels<T>(g, (out ? 3 : 2) + (dx && !kernels::stream_output<T>(g) ? 1 : 0))) {
+  if ((need_sums || dx) && fuse_channels<T>(g, kernels::fused_backward_cached<T>(g, out != nullptr, dx != nullptr))) {
     kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
                                sum_dy_xmu.data());
   } else {

@@ -65,7 +65,7 @@ std::int64_t cf_channels_per_block(const Geometry& g, int cached) {
   const std::int64_t threads = num_threads();
   const std::int64_t target = lesser(kMaxChannelsPerBlock, lesser((kBlockPieceBytes + row - 1) / row,
                                                                   greater(1, fuse_budget_bytes() / 2 / slice)));
-  const std::int64_t blocks = ((g.C + target - 1) / target + threads - 1) / threads * threads;
+  const std::int64_t blocks = greater(1, ((g.C + target - 1) / target + threads - 1) / threads) * threads;
   return greater(1, (g.C + blocks - 1) / blocks);
 }
 
