@@ -204,17 +204,14 @@ inline S apply_one(S dy, S x, const S* out, std::int64_t i, T mh, T ml, T kdy, T
 template <class S, bool Relu, class T = Compute<S>>
 void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc,
                bool stream) {
-  constexpr std::int64_t W = kWidth<T>;
   const Vec<T> vh = splat(mh), vl = splat(ml), vdy = splat(kdy), vx = splat(kx), vc = splat(kc);
   std::int64_t i = 0;
-  if (stream) {
+  if (stream)
     for (const std::int64_t head = elements_to_alignment(dx, len); i < head; ++i)
       dx[i] = apply_one<S, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
-    for (; i + W <= len; i += W)
-      store_stream(dx + i, masked_vec<S, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
-  }
-  for (; i + W <= len; i += W)
-    store(dx + i, masked_vec<S, Relu>(dy, out, i) * vdy - ((load(x + i) - vh) - vl) * vx - vc);
+  i = store_vectors(dx, i, len, stream, [&](std::int64_t j) {
+    return masked_vec<S, Relu>(dy, out, j) * vdy - ((load(x + j) - vh) - vl) * vx - vc;
+  });
   for (; i < len; ++i) dx[i] = apply_one<S, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
 }
 
@@ -222,16 +219,10 @@ void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, T
 template <class S, bool Relu, class T = Compute<S>>
 void apply_channels_last_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t C, const BackwardCoeffs<T>& k,
                              bool stream) {
-  constexpr std::int64_t W = kWidth<T>;
-  std::int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    const Vec<T> v = masked_vec<S, Relu>(dy, out, c) * load(k.k_dy + c) -
-                     ((load(x + c) - load(k.mean_hi + c)) - load(k.mean_lo + c)) * load(k.k_x + c) - load(k.k_c + c);
-    if (stream)
-      store_stream(dx + c, v);
-    else
-      store(dx + c, v);
-  }
+  std::int64_t c = store_vectors(dx, 0, C, stream, [&](std::int64_t j) {
+    return masked_vec<S, Relu>(dy, out, j) * load(k.k_dy + j) -
+           ((load(x + j) - load(k.mean_hi + j)) - load(k.mean_lo + j)) * load(k.k_x + j) - load(k.k_c + j);
+  });
   for (; c < C; ++c)
     dx[c] = apply_one<S, Relu>(dy[c], x[c], out, c, k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]);
 }

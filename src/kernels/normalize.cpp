@@ -49,7 +49,6 @@ inline Vec<Compute<S>> residual_vec(const S* z, std::int64_t i) {
 // non-temporal stores (the caller fences).
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T ml, T sc, T sh, bool stream) {
-  constexpr std::int64_t W = kWidth<T>;
   const Vec<T> vh = splat(mh), vl = splat(ml), vsc = splat(sc), vsh = splat(sh);
   std::int64_t i = 0;
   auto one = [&](std::int64_t j) {
@@ -58,27 +57,18 @@ void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T ml, T
   auto vec = [&](std::int64_t j) {
     return normalize_vec<T, Relu, Add>(load(x + j), residual_vec<S, Add>(z, j), vh, vl, vsc, vsh);
   };
-  if (stream) {
+  if (stream)
     for (const std::int64_t head = elements_to_alignment(y, len); i < head; ++i) one(i);
-    for (; i + W <= len; i += W) store_stream(y + i, vec(i));
-  }
-  for (; i + W <= len; i += W) store(y + i, vec(i));
-  for (; i < len; ++i) one(i);
+  for (i = store_vectors(y, i, len, stream, vec); i < len; ++i) one(i);
 }
 
 // One row of C channels (channels-last); with `stream`, y is vector-aligned and so is every row.
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_channels_last_row(const S* x, const S* z, S* y, std::int64_t C, const ChannelCoeffs<T>& k, bool stream) {
-  constexpr std::int64_t W = kWidth<T>;
-  std::int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    const Vec<T> v = normalize_vec<T, Relu, Add>(load(x + c), residual_vec<S, Add>(z, c), load(k.mean_hi + c),
-                                                 load(k.mean_lo + c), load(k.scale + c), load(k.shift + c));
-    if (stream)
-      store_stream(y + c, v);
-    else
-      store(y + c, v);
-  }
+  std::int64_t c = store_vectors(y, 0, C, stream, [&](std::int64_t j) {
+    return normalize_vec<T, Relu, Add>(load(x + j), residual_vec<S, Add>(z, j), load(k.mean_hi + j),
+                                       load(k.mean_lo + j), load(k.scale + j), load(k.shift + j));
+  });
   for (; c < C; ++c)
     y[c] = from_compute<S>(normalize_one<T, Relu, Add>(to_compute(x[c]), residual_at<S, Add>(z, c), k.mean_hi[c],
                                                        k.mean_lo[c], k.scale[c], k.shift[c]));

@@ -139,19 +139,8 @@ inline void store_stream(T* p, Vec<T> v) {
   store(p, v);
 #endif
 }
-// bfloat16: half a vector register of results, stored with the half-width streaming store (p is
-// aligned to kVectorBytes / 2: the kernels start streaming at a kVectorBytes boundary and advance by
-// whole half-vectors).
-inline void store_stream(bfloat16* p, Vec<float> v) {
-  const Bf16Bits h = to_bf16_bits(v);
-#if defined(__AVX512F__)
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(h));
-#elif defined(__AVX__)
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(h));
-#else
-  std::memcpy(p, &h, sizeof h);
-#endif
-}
+// bfloat16 outputs are not streamed (stream_output is false for them); this keeps the code generic.
+inline void store_stream(bfloat16* p, Vec<float> v) { store(p, v); }
 inline void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
@@ -164,6 +153,20 @@ void parallel_for_streamed(std::int64_t n, bool stream, F&& f) {
   detail::parallel_for_then(n, f, [stream] {
     if (stream) stream_fence();
   });
+}
+
+// Writes vec(i) to y + i for i = i0, i0 + W, ... while i + W <= n (W: the lanes of Compute<S>) and
+// returns where it stopped. With `stream`, y + i0 is kVectorBytes-aligned and the stores are
+// non-temporal.
+template <class S, class F>
+std::int64_t store_vectors(S* y, std::int64_t i, std::int64_t n, bool stream, F&& vec) {
+  constexpr std::int64_t W = kWidth<Compute<S>>;
+  if (stream) {
+    for (; i + W <= n; i += W) store_stream(y + i, vec(i));
+  } else {
+    for (; i + W <= n; i += W) store(y + i, vec(i));
+  }
+  return i;
 }
 
 // Elements before p + result are not kVectorBytes-aligned (at most n).
