@@ -4,6 +4,7 @@
     scripts/bench --json > bench.jsonl
     python3 bench/plot.py bench.jsonl [-o BENCHMARKS_roofline.png]
     python3 bench/plot.py bench.jsonl --summary [--threads 2]   # a Markdown summary table instead
+    python3 bench/plot.py bench.jsonl --overview                 # bnorm against the peers, per dtype/threads/op/layout
 
 One row of panels per (dtype, op), one column per (threads, layout); in each, one group of bars per shape: bnorm, torch (the _out
 call with preallocated outputs), torch-alloc, oneDNN in the same plain layout, and oneDNN's blocked
@@ -34,10 +35,15 @@ def main():
     ap.add_argument("-o", "--output", default="BENCHMARKS_roofline.png")
     ap.add_argument("--summary", action="store_true", help="print a Markdown summary table (no matplotlib needed)")
     ap.add_argument("--threads", type=int, help="--summary: only this thread count")
+    ap.add_argument("--overview", action="store_true", help="print the Markdown overview table (no matplotlib needed)")
     args = ap.parse_args()
-    if args.summary:
+    if args.summary or args.overview:
         lines = open(args.jsonl) if args.jsonl else sys.stdin
-        summary([json.loads(line) for line in lines if line.strip().startswith("{")], args.threads)
+        rows = [json.loads(line) for line in lines if line.strip().startswith("{")]
+        if args.overview:
+            overview(rows)
+        else:
+            summary(rows, args.threads)
         return
     try:
         import matplotlib
@@ -139,6 +145,35 @@ def summary(rows, threads):
         else:
             print(head + f"| {ms(g, 'torch-out', 'torch-alloc')} | {ms(g, 'onednn')} | {ms(g, 'onednn-blocked')} "
                   f"| - | - | - | {others:.1f} |")
+
+
+def overview(rows):
+    """Per (dtype, threads, op, layout), over the shapes: how often bnorm is faster than every peer and
+    at least 1.5x faster (ratio <= 1/1.5), the median and worst ratio to the fastest peer, and the
+    median and lowest % of the copy roofline."""
+    groups = {}
+    for r in rows:
+        if r["impl"] != "bnorm" or r.get("ratio_to_best_peer") is None or r.get("roofline_pct") is None:
+            continue
+        groups.setdefault((r.get("dtype", "f32"), r["threads"], r["op"], r["layout"]), []).append(r)
+
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    print("| dtype | threads | op | layout | shapes | faster than every peer | at least 1.5x faster "
+          "| bnorm / fastest peer: median (worst, shape) | % of copy roofline: median (lowest, shape) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    order = lambda k: (DTYPES.index(k[0]) if k[0] in DTYPES else 9, -k[1], [o for o, _ in OPS].index(k[2]), k[3])
+    for key in sorted(groups, key=order):
+        g = groups[key]
+        ratios = [r["ratio_to_best_peer"] for r in g]
+        worst = max(g, key=lambda r: r["ratio_to_best_peer"])
+        lowest = min(g, key=lambda r: r["roofline_pct"])
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {len(g)} | {sum(x < 1 for x in ratios)} "
+              f"| {sum(x <= 1 / 1.5 for x in ratios)} | {median(ratios):.2f}x ({worst['ratio_to_best_peer']:.2f}x, "
+              f"{worst['shape']}) | {median([r['roofline_pct'] for r in g]):.0f}% ({lowest['roofline_pct']:.0f}%, "
+              f"{lowest['shape']}) |")
 
 
 if __name__ == "__main__":
