@@ -23,10 +23,10 @@ inline Compute<S> masked(S dy, const S* out, std::int64_t i) {
   if constexpr (Relu) return to_compute(out[i]) > T(0) ? to_compute(dy) : T(0);
   else return to_compute(dy);
 }
-template <class S, bool Relu>
-inline Vec<Compute<S>> masked_vec(const S* dy, const S* out, std::int64_t i) {
-  if constexpr (Relu) return keep_where_positive<Compute<S>>(load(dy + i), load(out + i));
-  else return load(dy + i);
+template <class S, bool Relu, class Load = LoadAll>
+inline Vec<Compute<S>> masked_vec(const S* dy, const S* out, std::int64_t i, Load ld = {}) {
+  if constexpr (Relu) return keep_where_positive<Compute<S>>(ld(dy + i), ld(out + i));
+  else return ld(dy + i);
 }
 
 // The block's two sums in double, element by element: the fallback for non-finite float sums.
@@ -209,30 +209,27 @@ void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, T
   if (stream)
     for (const std::int64_t head = elements_to_alignment(dx, len); i < head; ++i)
       dx[i] = apply_one<S, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
-  i = store_vectors(dx, i, len, stream, [&](std::int64_t j) {
-    return masked_vec<S, Relu>(dy, out, j) * vdy - ((load(x + j) - vh) - vl) * vx - vc;
+  store_row(dx, i, len, stream, [&](std::int64_t j, auto ld) {
+    return masked_vec<S, Relu>(dy, out, j, ld) * vdy - ((ld(x + j) - vh) - vl) * vx - vc;
   });
-  for (; i < len; ++i) dx[i] = apply_one<S, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
 }
 
 // dx over one row of C channels (channels-last); with `stream`, every row is vector-aligned.
 template <class S, bool Relu, class T = Compute<S>>
 void apply_channels_last_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t C, const BackwardCoeffs<T>& k,
                              bool stream) {
-  std::int64_t c = store_vectors(dx, 0, C, stream, [&](std::int64_t j) {
-    return masked_vec<S, Relu>(dy, out, j) * load(k.k_dy + j) -
-           ((load(x + j) - load(k.mean_hi + j)) - load(k.mean_lo + j)) * load(k.k_x + j) - load(k.k_c + j);
+  store_row(dx, 0, C, stream, [&](std::int64_t j, auto ld) {
+    return masked_vec<S, Relu>(dy, out, j, ld) * ld(k.k_dy + j) -
+           ((ld(x + j) - ld(k.mean_hi + j)) - ld(k.mean_lo + j)) * ld(k.k_x + j) - ld(k.k_c + j);
   });
-  for (; c < C; ++c)
-    dx[c] = apply_one<S, Relu>(dy[c], x[c], out, c, k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]);
 }
 
 template <class S, bool Relu, class T = Compute<S>>
 void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
     const bool stream = stream_output<S>(g);
-    parallel_for_streamed(g.N * g.C, stream, [&](std::int64_t nc) {
-      const std::int64_t c = nc % g.C, off = nc * g.S;
+    parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
+      const std::int64_t off = nc * g.S;
       apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.mean_hi[c], k.mean_lo[c],
                          k.k_dy[c], k.k_x[c], k.k_c[c], stream);
     });

@@ -39,9 +39,9 @@ inline Compute<S> residual_at(const S* z, std::int64_t i) {
   if constexpr (Add) return to_compute(z[i]);
   else return Compute<S>(0);
 }
-template <class S, bool Add>
-inline Vec<Compute<S>> residual_vec(const S* z, std::int64_t i) {
-  if constexpr (Add) return load(z + i);
+template <class S, bool Add, class Load>
+inline Vec<Compute<S>> residual_vec(const S* z, std::int64_t i, Load ld) {
+  if constexpr (Add) return ld(z + i);
   else return Vec<Compute<S>>{};
 }
 
@@ -54,32 +54,28 @@ void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T ml, T
   auto one = [&](std::int64_t j) {
     y[j] = from_compute<S>(normalize_one<T, Relu, Add>(to_compute(x[j]), residual_at<S, Add>(z, j), mh, ml, sc, sh));
   };
-  auto vec = [&](std::int64_t j) {
-    return normalize_vec<T, Relu, Add>(load(x + j), residual_vec<S, Add>(z, j), vh, vl, vsc, vsh);
-  };
   if (stream)
     for (const std::int64_t head = elements_to_alignment(y, len); i < head; ++i) one(i);
-  for (i = store_vectors(y, i, len, stream, vec); i < len; ++i) one(i);
+  store_row(y, i, len, stream, [&](std::int64_t j, auto ld) {
+    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), vh, vl, vsc, vsh);
+  });
 }
 
 // One row of C channels (channels-last); with `stream`, y is vector-aligned and so is every row.
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_channels_last_row(const S* x, const S* z, S* y, std::int64_t C, const ChannelCoeffs<T>& k, bool stream) {
-  std::int64_t c = store_vectors(y, 0, C, stream, [&](std::int64_t j) {
-    return normalize_vec<T, Relu, Add>(load(x + j), residual_vec<S, Add>(z, j), load(k.mean_hi + j),
-                                       load(k.mean_lo + j), load(k.scale + j), load(k.shift + j));
+  store_row(y, 0, C, stream, [&](std::int64_t j, auto ld) {
+    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), ld(k.mean_hi + j), ld(k.mean_lo + j),
+                                       ld(k.scale + j), ld(k.shift + j));
   });
-  for (; c < C; ++c)
-    y[c] = from_compute<S>(normalize_one<T, Relu, Add>(to_compute(x[c]), residual_at<S, Add>(z, c), k.mean_hi[c],
-                                                       k.mean_lo[c], k.scale[c], k.shift[c]));
 }
 
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_impl(const S* x, const S* z, S* y, const Geometry& g, const ChannelCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
     const bool stream = stream_output<S>(g);
-    parallel_for_streamed(g.N * g.C, stream, [&](std::int64_t nc) {
-      const std::int64_t c = nc % g.C, off = nc * g.S;
+    parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
+      const std::int64_t off = nc * g.S;
       normalize_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.S, k.mean_hi[c], k.mean_lo[c],
                                   k.scale[c], k.shift[c], stream);
     });

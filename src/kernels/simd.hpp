@@ -106,9 +106,8 @@ inline Bf16Bits round_to_bf16(Vec<float> v) {
 // from_float 0x000b). Subnormal outputs are rare (|y| < 2^-126), so a lane-wise test sends the
 // vectors that hold one to the integer rounding, and every build stores the same bits.
 inline Bf16Bits to_bf16_bits(Vec<float> v) {
-  const Bf16Wide magnitude = reinterpret_cast<Bf16Wide>(v) & 0x7fffffffu;
-  const auto subnormal = (magnitude - 1u) < 0x007fffffu;  // 0 < |v| < 2^-126 (0 wraps around)
-  if (__builtin_expect(_mm512_movepi32_mask(reinterpret_cast<__m512i>(subnormal)) != 0, 0)) return round_to_bf16(v);
+  // VFPCLASSPS category 0x20: subnormal (one instruction for the test).
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0)) return round_to_bf16(v);
   const __m256bh h = _mm512_cvtneps_pbh(v);
   Bf16Bits bits;
   std::memcpy(&bits, &h, sizeof bits);
@@ -121,6 +120,65 @@ inline void store(bfloat16* p, Vec<float> v) {
   const Bf16Bits h = to_bf16_bits(v);
   std::memcpy(p, &h, sizeof h);
 }
+// ---- The first k lanes (0 < k < the vector's lanes): for the tail of a row, in place of a scalar
+// loop. Lanes k and up load as 0 and are not stored. AVX-512 masks them (a masked-out lane is
+// never touched, so reading past the row's end cannot fault); other builds go through a small buffer.
+template <class T>
+inline Vec<T> load_first(const T* p, int k) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1), p);
+  else return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << k) - 1), p);
+#else
+  T lanes[kWidth<T>] = {};
+  std::memcpy(lanes, p, static_cast<std::size_t>(k) * sizeof(T));
+  return load(lanes);
+#endif
+}
+inline Vec<float> load_first(const bfloat16* p, int k) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << k) - 1), p);
+  return reinterpret_cast<Vec<float>>(__builtin_convertvector(reinterpret_cast<Bf16Bits>(h), Bf16Wide) << 16);
+#else
+  bfloat16 lanes[kWidth<float>] = {};
+  std::memcpy(static_cast<void*>(lanes), p, static_cast<std::size_t>(k) * sizeof(bfloat16));
+  return load(lanes);
+#endif
+}
+template <class T>
+inline void store_first(T* p, Vec<T> v, int k) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << k) - 1), v);
+  else _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << k) - 1), v);
+#else
+  T lanes[kWidth<T>];
+  store(lanes, v);
+  std::memcpy(p, lanes, static_cast<std::size_t>(k) * sizeof(T));
+#endif
+}
+inline void store_first(bfloat16* p, Vec<float> v, int k) {
+#if defined(__AVX512F__)
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << k) - 1), reinterpret_cast<__m256i>(to_bf16_bits(v)));
+#else
+  bfloat16 lanes[kWidth<float>];
+  store(lanes, v);
+  std::memcpy(static_cast<void*>(p), lanes, static_cast<std::size_t>(k) * sizeof(bfloat16));
+#endif
+}
+// How a row kernel reads its inputs: whole vectors, or the first k lanes (the row's tail).
+struct LoadAll {
+  template <class S>
+  Vec<Compute<S>> operator()(const S* p) const {
+    return load(p);
+  }
+};
+struct LoadFirst {
+  int k;
+  template <class S>
+  Vec<Compute<S>> operator()(const S* p) const {
+    return load_first(p, k);
+  }
+};
+
 // Stores v at p (kVectorBytes-aligned) with a non-temporal store: the line goes to memory without
 // being read first (no read-for-ownership) and without evicting the data the kernel still needs.
 // For outputs far larger than the caches; stream_fence() must follow before the data are shared.
@@ -155,18 +213,38 @@ void parallel_for_streamed(std::int64_t n, bool stream, F&& f) {
   });
 }
 
-// Writes vec(i) to y + i for i = i0, i0 + W, ... while i + W <= n (W: the lanes of Compute<S>) and
-// returns where it stopped. With `stream`, y + i0 is kVectorBytes-aligned and the stores are
-// non-temporal.
+// Writes vec(j, load) to y + j for j = i, i + W, ... up to n (W: the lanes of Compute<S>), `load`
+// reading the inputs at j (LoadAll; for the last, partial vector LoadFirst, whose lanes past n
+// are neither read nor written). With `stream`, y + i is kVectorBytes-aligned and the whole
+// vectors are stored non-temporally.
 template <class S, class F>
-std::int64_t store_vectors(S* y, std::int64_t i, std::int64_t n, bool stream, F&& vec) {
+void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, F&& vec) {
   constexpr std::int64_t W = kWidth<Compute<S>>;
   if (stream) {
-    for (; i + W <= n; i += W) store_stream(y + i, vec(i));
+    for (; i + W <= n; i += W) store_stream(y + i, vec(i, LoadAll{}));
   } else {
-    for (; i + W <= n; i += W) store(y + i, vec(i));
+    for (; i + W <= n; i += W) store(y + i, vec(i, LoadAll{}));
   }
-  return i;
+  if (i < n) {
+    const int k = static_cast<int>(n - i);
+    store_first(y + i, vec(i, LoadFirst{k}), k);
+  }
+}
+
+// f(row, c) for every row (n, c) = row of channels-first data (rows of S values, row = n * C + c),
+// each thread a contiguous range of rows (no division per row); with `stream`, each thread then
+// fences its non-temporal stores.
+template <class F>
+void parallel_for_cf_rows(const Geometry& g, bool stream, F&& f) {
+  const std::int64_t rows = g.N * g.C;
+  detail::parallel_ranges(rows, 1, detail::threads_for(rows), [&](int, std::int64_t b, std::int64_t e) {
+    std::int64_t c = g.C > 0 ? b % g.C : 0;
+    for (std::int64_t r = b; r < e; ++r) {
+      f(r, c);
+      if (++c == g.C) c = 0;
+    }
+    if (stream) stream_fence();
+  });
 }
 
 // Elements before p + result are not kVectorBytes-aligned (at most n).
