@@ -194,22 +194,13 @@ void reduce_impl(const S* dy, const S* x, const S* out, const Geometry& g, const
   }
 }
 
-template <class S, bool Relu, class T = Compute<S>>
-inline S apply_one(S dy, S x, const S* out, std::int64_t i, T mh, T ml, T kdy, T kx, T kc) {
-  return from_compute<S>(masked<S, Relu>(dy, out, i) * kdy - ((to_compute(x) - mh) - ml) * kx - kc);
-}
-
 // dx over `len` contiguous values of one channel (channels-first); with `stream`, non-temporal
 // stores (the caller fences). dx may be dy or x: each vector is read before it is written.
 template <class S, bool Relu, class T = Compute<S>>
 void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc,
                bool stream) {
   const Vec<T> vh = splat(mh), vl = splat(ml), vdy = splat(kdy), vx = splat(kx), vc = splat(kc);
-  std::int64_t i = 0;
-  if (stream)
-    for (const std::int64_t head = elements_to_alignment(dx, len); i < head; ++i)
-      dx[i] = apply_one<S, Relu>(dy[i], x[i], out, i, mh, ml, kdy, kx, kc);
-  store_row(dx, i, len, stream, [&](std::int64_t j, auto ld) {
+  store_row(dx, 0, len, stream, [&](std::int64_t j, auto ld) {
     return masked_vec<S, Relu>(dy, out, j, ld) * vdy - ((ld(x + j) - vh) - vl) * vx - vc;
   });
 }

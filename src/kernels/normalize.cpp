@@ -19,13 +19,6 @@ namespace {
 // y = ((x - mean_hi) - mean_lo) * scale + shift [+ z]; then max(y, 0) with Relu. z is the fused
 // residual (ResNet's BN + add + ReLU): added before the activation, as torch's relu(bn(x) + z).
 template <class T, bool Relu, bool Add>
-inline T normalize_one(T x, T z, T mh, T ml, T sc, T sh) {
-  T v = ((x - mh) - ml) * sc + sh;
-  if constexpr (Add) v += z;
-  if constexpr (Relu) v = v < T(0) ? T(0) : v;  // keeps NaN a NaN, like torch.relu
-  return v;
-}
-template <class T, bool Relu, bool Add>
 inline Vec<T> normalize_vec(Vec<T> x, Vec<T> z, Vec<T> mh, Vec<T> ml, Vec<T> sc, Vec<T> sh) {
   Vec<T> v = ((x - mh) - ml) * sc + sh;
   if constexpr (Add) v += z;
@@ -33,12 +26,7 @@ inline Vec<T> normalize_vec(Vec<T> x, Vec<T> z, Vec<T> mh, Vec<T> ml, Vec<T> sc,
   else return v;
 }
 
-// The residual's value at i (0 without one: never read).
-template <class S, bool Add>
-inline Compute<S> residual_at(const S* z, std::int64_t i) {
-  if constexpr (Add) return to_compute(z[i]);
-  else return Compute<S>(0);
-}
+// The residual's vector at i (0 without one: never read).
 template <class S, bool Add, class Load>
 inline Vec<Compute<S>> residual_vec(const S* z, std::int64_t i, Load ld) {
   if constexpr (Add) return ld(z + i);
@@ -50,13 +38,7 @@ inline Vec<Compute<S>> residual_vec(const S* z, std::int64_t i, Load ld) {
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T ml, T sc, T sh, bool stream) {
   const Vec<T> vh = splat(mh), vl = splat(ml), vsc = splat(sc), vsh = splat(sh);
-  std::int64_t i = 0;
-  auto one = [&](std::int64_t j) {
-    y[j] = from_compute<S>(normalize_one<T, Relu, Add>(to_compute(x[j]), residual_at<S, Add>(z, j), mh, ml, sc, sh));
-  };
-  if (stream)
-    for (const std::int64_t head = elements_to_alignment(y, len); i < head; ++i) one(i);
-  store_row(y, i, len, stream, [&](std::int64_t j, auto ld) {
+  store_row(y, 0, len, stream, [&](std::int64_t j, auto ld) {
     return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), vh, vl, vsc, vsh);
   });
 }

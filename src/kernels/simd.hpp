@@ -120,7 +120,7 @@ inline void store(bfloat16* p, Vec<float> v) {
   const Bf16Bits h = to_bf16_bits(v);
   std::memcpy(p, &h, sizeof h);
 }
-// ---- The first k lanes (0 < k < the vector's lanes): for the tail of a row, in place of a scalar
+// ---- The first k lanes (0 < k <= the vector's lanes): for the ends of a row, in place of a scalar
 // loop. Lanes k and up load as 0 and are not stored. AVX-512 masks them (a masked-out lane is
 // never touched, so reading past the row's end cannot fault); other builds go through a small buffer.
 template <class T>
@@ -213,24 +213,6 @@ void parallel_for_streamed(std::int64_t n, bool stream, F&& f) {
   });
 }
 
-// Writes vec(j, load) to y + j for j = i, i + W, ... up to n (W: the lanes of Compute<S>), `load`
-// reading the inputs at j (LoadAll; for the last, partial vector LoadFirst, whose lanes past n
-// are neither read nor written). With `stream`, y + i is kVectorBytes-aligned and the whole
-// vectors are stored non-temporally.
-template <class S, class F>
-void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, F&& vec) {
-  constexpr std::int64_t W = kWidth<Compute<S>>;
-  if (stream) {
-    for (; i + W <= n; i += W) store_stream(y + i, vec(i, LoadAll{}));
-  } else {
-    for (; i + W <= n; i += W) store(y + i, vec(i, LoadAll{}));
-  }
-  if (i < n) {
-    const int k = static_cast<int>(n - i);
-    store_first(y + i, vec(i, LoadFirst{k}), k);
-  }
-}
-
 // f(row, c) for every row (n, c) = row of channels-first data (rows of S values, row = n * C + c),
 // each thread a contiguous range of rows (no division per row); with `stream`, each thread then
 // fences its non-temporal stores.
@@ -253,6 +235,26 @@ inline std::int64_t elements_to_alignment(const T* p, std::int64_t n) {
   const auto misalign = reinterpret_cast<std::uintptr_t>(p) % kVectorBytes;
   const std::int64_t k = misalign == 0 ? 0 : static_cast<std::int64_t>((kVectorBytes - misalign) / sizeof(T));
   return k < n ? k : n;
+}
+
+// Writes vec(j, load) to y + j for j = i, i + W, ... up to n (W: the lanes of Compute<S>), `load`
+// reading the inputs at j: LoadAll, or LoadFirst for a partial vector, whose lanes past its end
+// are neither read nor written. With `stream`, the values before the first kVectorBytes boundary
+// go as partial vectors and the whole vectors after it are stored non-temporally.
+template <class S, class F>
+void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, F&& vec) {
+  constexpr std::int64_t W = kWidth<Compute<S>>;
+  auto partial = [&](std::int64_t j, std::int64_t k) {  // the k (<= W) values at j
+    store_first(y + j, vec(j, LoadFirst{static_cast<int>(k)}), static_cast<int>(k));
+  };
+  if (stream) {
+    const std::int64_t aligned = i + elements_to_alignment(y + i, n - i);
+    for (; i < aligned; i += W) partial(i, aligned - i < W ? aligned - i : W);
+    for (i = aligned; i + W <= n; i += W) store_stream(y + i, vec(i, LoadAll{}));
+  } else {
+    for (; i + W <= n; i += W) store(y + i, vec(i, LoadAll{}));
+  }
+  if (i < n) partial(i, n - i);
 }
 
 // True when p and every row of C values after it start on a vector boundary.
