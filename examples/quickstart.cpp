@@ -23,15 +23,25 @@ int main() {
   const std::string path = (std::filesystem::temp_directory_path() / "bnorm_quickstart.safetensors").string();
   bn.save(path);                                            // torch state_dict keys, atomic write
 
-  // The functional form, like torch.nn.functional.batch_norm.
+  // The functional form, like torch.nn.functional.batch_norm: the per-channel vectors travel in named
+  // structs, so that running and saved statistics cannot be swapped by mistake.
   std::vector<float> running_mean(C, 0.f), running_var(C, 1.f), weight(C, 1.f), bias(C, 0.f);
-  bnorm::batch_norm(x, y, running_mean, running_var, weight, bias, /*training=*/true, 0.1, 1e-5);
+  std::vector<double> save_mean(C), save_invstd(C);
+  const bnorm::Options options{.training = true, .momentum = 0.1, .eps = 1e-5};
+  bnorm::batch_norm(x, y, {.mean = running_mean, .var = running_var}, {.weight = weight, .bias = bias}, options,
+                    {.mean = save_mean, .invstd = save_invstd});
+  std::vector<float> dweight_f(C), dbias_f(C);
+  bnorm::batch_norm_backward(bnorm::ConstTensorView(grad.data(), {N, C, H, W}),
+                             {.input = x, .weight = weight, .saved = {save_mean, save_invstd}}, options,
+                             bnorm::TensorView(dx.data(), {N, C, H, W}), {.weight = dweight_f, .bias = dbias_f});
 
   bnorm::BatchNorm2d restored(C);
   restored.load(path);
   std::filesystem::remove(path);
-  std::printf("quickstart: y[0] = %.4f, running_mean[0] = %.4f (layer) / %.4f (functional), dgamma[0] = %.4f\n",
+  std::printf("quickstart: y[0] = %.4f, running_mean[0] = %.4f (layer) / %.4f (functional), dgamma[0] = %.4f / %.4f\n",
               static_cast<double>(out[0]), static_cast<double>(restored.running_mean()[0]),
-              static_cast<double>(running_mean[0]), static_cast<double>(bn.weight_grad()[0]));
-  return restored.running_mean()[0] == running_mean[0] ? 0 : 1;
+              static_cast<double>(running_mean[0]), static_cast<double>(bn.weight_grad()[0]),
+              static_cast<double>(dweight_f[0]));
+  // The layer and the functional form ran the same computation on the same batch.
+  return restored.running_mean()[0] == running_mean[0] && bn.weight_grad()[0] == dweight_f[0] ? 0 : 1;
 }

@@ -119,37 +119,39 @@ void normalize_with(const T* x, T* y, const Geometry& g, std::span<const double>
 // Training only: the saved statistics, and the running update with the unbiased variance of m values.
 template <class T>
 void commit_training(std::span<const double> mean, std::span<const double> var, std::span<const double> invstd,
-                     double m, VectorView running_mean, VectorView running_var, double momentum, VectorView save_mean,
-                     VectorView save_invstd) {
+                     double m, RunningStats running, double momentum, SavedStats save) {
   const std::size_t uC = mean.size();
   const auto C = static_cast<std::int64_t>(uC);
-  write_channels<T>(save_mean, mean);
-  write_channels<T>(save_invstd, invstd);
-  if (running_mean.present()) {
+  write_channels<T>(save.mean, mean);
+  write_channels<T>(save.invstd, invstd);
+  if (running.mean.present()) {
     Scope scope;
-    const std::span<double> rm = read_channels<T>(scope, running_mean, C, 0.0),
-                            rv = read_channels<T>(scope, running_var, C, 1.0);
+    const std::span<double> rm = read_channels<T>(scope, running.mean, C, 0.0),
+                            rv = read_channels<T>(scope, running.var, C, 1.0);
     for (std::size_t c = 0; c < uC; ++c) {
       rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
       rv[c] = (1 - momentum) * rv[c] + momentum * var[c] * m / (m - 1);  // unbiased batch variance
     }
-    write_channels<T>(running_mean, rm);
-    write_channels<T>(running_var, rv);
+    write_channels<T>(running.mean, rm);
+    write_channels<T>(running.var, rv);
   }
 }
 
+// Eval reads the running statistics from `frozen`; training updates `update`.
 template <class T>
-void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, VectorView running_var,
-                  ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                  VectorView save_mean, VectorView save_invstd, Activation act, const T* residual) {
+void forward_impl(const T* x, T* y, const Geometry& g, FrozenStats frozen, RunningStats update, Affine affine,
+                  const Options& options, SavedStats save, const T* residual) {
   const std::int64_t C = g.C;
   const auto uC = static_cast<std::size_t>(C);
   const double m = static_cast<double>(g.per_channel());
+  const bool training = options.training;
+  const double eps = options.eps;
+  const Activation act = options.activation;
   Scope scope;
   const std::span<double> mean = scope.take<double>(uC), var = scope.take<double>(uC),
                           invstd = scope.take<double>(uC);
-  const std::span<const double> gamma = read_channels<T>(scope, weight, C, 1.0),
-                                beta = read_channels<T>(scope, bias, C, 0.0);
+  const std::span<const double> gamma = read_channels<T>(scope, affine.weight, C, 1.0),
+                                beta = read_channels<T>(scope, affine.bias, C, 0.0);
   if (training && fuse_channels<T>(g, kernels::fused_forward_cached<T>(g))) {
     kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, residual, mean.data(), var.data());
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
@@ -159,13 +161,13 @@ void forward_impl(const T* x, T* y, const Geometry& g, VectorView running_mean, 
       kernels::channel_moments(x, g, mean.data(), m2.data(), ws.data());
       for (std::size_t c = 0; c < uC; ++c) var[c] = m2[c] / m;
     } else {
-      read_channels_into<T>(mean, running_mean, 0.0);
-      read_channels_into<T>(var, running_var, 1.0);
+      read_channels_into<T>(mean, frozen.mean, 0.0);
+      read_channels_into<T>(var, frozen.var, 1.0);
     }
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
     normalize_with(x, y, g, mean, invstd, gamma, beta, act, residual);
   }
-  if (training) commit_training<T>(mean, var, invstd, m, running_mean, running_var, momentum, save_mean, save_invstd);
+  if (training) commit_training<T>(mean, var, invstd, m, update, options.momentum, save);
 }
 
 // sum(dy') and sum(dy' * (x - mean)) of this input (zeros when it holds no values).
@@ -178,53 +180,60 @@ void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const
   kernels::backward_reduce(dy, x, out, g, means.hi.data(), means.lo.data(), sum_dy, sum_dy_xmu, ws.data());
 }
 
-// dx from the sums over the m values the statistics came from.
+// What dx needs per channel: gamma, invstd and the sums over the m values the statistics came from.
+struct DxInputs {
+  std::span<const double> gamma, invstd;
+  const double* sum_dy;
+  const double* sum_dy_xmu;
+  double m;
+};
+
 template <class T>
 void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const SplitMeans<Compute<T>>& means,
-              std::span<const double> gamma, std::span<const double> invstd, const double* sum_dy,
-              const double* sum_dy_xmu, double m, bool training) {
+              const DxInputs& in, bool training) {
   using P = Compute<T>;
   if (g.per_channel() < 1) return;
   const std::size_t uC = means.hi.size();
   Scope scope;
   const std::span<P> k_dy = scope.take<P>(uC), k_x = scope.take<P>(uC), k_c = scope.take<P>(uC);
   for (std::size_t c = 0; c < uC; ++c)
-    kernels::backward_coeffs(gamma[c], invstd[c], sum_dy[c], sum_dy_xmu[c], m, training, k_dy[c], k_x[c], k_c[c]);
+    kernels::backward_coeffs(in.gamma[c], in.invstd[c], in.sum_dy[c], in.sum_dy_xmu[c], in.m, training, k_dy[c],
+                             k_x[c], k_c[c]);
   kernels::backward_apply(dy, x, out, dx, g,
                           {means.hi.data(), means.lo.data(), k_dy.data(), k_x.data(), k_c.data()});
 }
 
 // dgamma = sum(dy' * (x - mean)) * invstd, dbeta = sum(dy').
 template <class T>
-void write_param_grads(VectorView grad_weight, VectorView grad_bias, const double* sum_dy, const double* sum_dy_xmu,
+void write_param_grads(ParamGrads grads, const double* sum_dy, const double* sum_dy_xmu,
                        std::span<const double> invstd) {
-  if (grad_weight.present()) {
+  if (grads.weight.present()) {
     Scope scope;
     const std::span<double> dgamma = scope.take<double>(invstd.size());
     for (std::size_t c = 0; c < invstd.size(); ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];
-    write_channels<T>(grad_weight, dgamma);
+    write_channels<T>(grads.weight, dgamma);
   }
-  write_channels<T>(grad_bias, std::span<const double>(sum_dy, invstd.size()));
+  write_channels<T>(grads.bias, std::span<const double>(sum_dy, invstd.size()));
 }
 
 template <class T>
-void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, ConstVectorView weight,
-                   ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
-                   ConstVectorView save_invstd, bool training, double eps, VectorView grad_weight,
-                   VectorView grad_bias) {
+void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const ForwardState& forward,
+                   const Options& options, ParamGrads grads) {
   const std::int64_t C = g.C;
   const auto uC = static_cast<std::size_t>(C);
   const double m = static_cast<double>(g.per_channel());
+  const bool training = options.training;
   Scope scope;
-  const std::span<double> mean = read_channels<T>(scope, training ? save_mean : running_mean, C, 0.0);
-  const std::span<double> invstd = read_channels<T>(scope, training ? save_invstd : running_var, C, 1.0);
+  const std::span<double> mean = read_channels<T>(scope, training ? forward.saved.mean : forward.running.mean, C, 0.0);
+  const std::span<double> invstd =
+      read_channels<T>(scope, training ? forward.saved.invstd : forward.running.var, C, 1.0);
   if (!training)
-    for (double& v : invstd) v = 1.0 / std::sqrt(v + eps);
-  const std::span<const double> gamma = read_channels<T>(scope, weight, C, 1.0);
+    for (double& v : invstd) v = 1.0 / std::sqrt(v + options.eps);
+  const std::span<const double> gamma = read_channels<T>(scope, forward.weight, C, 1.0);
 
   // The reductions are needed for the parameter gradients and, in training, for dx.
   const std::span<double> sum_dy = scope.take<double>(uC), sum_dy_xmu = scope.take<double>(uC);
-  const bool need_sums = grad_weight.present() || grad_bias.present() || (training && dx);
+  const bool need_sums = grads.weight.present() || grads.bias.present() || (training && dx);
   // x, dy, the ReLU's output, and dx unless it is streamed
   if ((need_sums || dx) && fuse_channels<T>(g, kernels::fused_backward_cached<T>(g, out != nullptr, dx != nullptr))) {
     kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
@@ -232,159 +241,171 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
   } else {
     const SplitMeans<Compute<T>> means = split_means<Compute<T>>(scope, mean);
     if (need_sums) reduce_sums(dy, x, out, g, means, sum_dy.data(), sum_dy_xmu.data());
-    if (dx) apply_dx(dy, x, out, dx, g, means, gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m, training);
+    if (dx) apply_dx(dy, x, out, dx, g, means, {gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m}, training);
   }
-  write_param_grads<T>(grad_weight, grad_bias, sum_dy.data(), sum_dy_xmu.data(), invstd);
+  write_param_grads<T>(grads, sum_dy.data(), sum_dy_xmu.data(), invstd);
+}
+
+template <class T>
+const T* data_or_null(ConstTensorView t) {
+  return t.empty() ? nullptr : static_cast<const T*>(t.data());
 }
 
 }  // namespace
 
 namespace detail {
 
-TensorInfo check_forward_args(const char* fn, ConstTensorView input, TensorView output, VectorView running_mean,
-                              VectorView running_var, ConstVectorView weight, ConstVectorView bias, bool training,
-                              double momentum, double eps, VectorView save_mean, VectorView save_invstd,
-                              Activation activation) {
-  const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
-  detail::check_tensor(fn, "output", output);
-  detail::check_like(fn, "output", output, "input", input);
-  detail::check_alias(fn, "output", output.data(), in.bytes, "input", input.data(), in.bytes);
-  const std::int64_t C = in.geometry.C;
+Checked<TensorInfo> check_forward_args(ConstTensorView input, TensorView output, FrozenStats running, Affine affine,
+                                       const Options& options, SavedStats save) {
+  const Checked<TensorInfo> in = check_tensor("input", input);
+  BNORM_CHECK(in.problem);
+  BNORM_CHECK(check_tensor("output", output).problem);
+  BNORM_CHECK(check_like("output", output, "input", input));
+  const std::int64_t bytes = in.value.bytes;
+  BNORM_CHECK(check_alias("output", output.data(), bytes, "input", input.data(), bytes));
+  const std::int64_t C = in.value.geometry.C;
   const DType dt = input.dtype();
-  if (running_mean.present() != running_var.present())
-    detail::fail(fn, std::string("running_var: expected ") + (running_mean.present() ? "a vector" : "none") +
-                         " like running_mean, got " + (running_var.present() ? "a vector" : "none"));
-  if (running_mean.present()) {
-    check_vector(fn, "running_mean", running_mean, C, dt);
-    check_vector(fn, "running_var", running_var, C, dt);
-  } else if (!training) {
-    detail::fail(fn, "running_mean: expected running statistics when training=false, got none");
+  if (running.mean.present() != running.var.present())
+    return Problem(std::string("running_var: expected ") + (running.mean.present() ? "a vector" : "none") +
+                   " like running_mean, got " + (running.var.present() ? "a vector" : "none"));
+  if (running.mean.present()) {
+    BNORM_CHECK(check_vector("running_mean", running.mean, C, dt));
+    BNORM_CHECK(check_vector("running_var", running.var, C, dt));
+  } else if (!options.training) {
+    return Problem("running_mean: expected running statistics when training=false, got none");
   }
-  if (weight.present()) check_vector(fn, "weight", weight, C, dt);
-  if (bias.present()) check_vector(fn, "bias", bias, C, dt);
-  if (save_mean.present()) check_vector(fn, "save_mean", save_mean, C, dt, true);
-  if (save_invstd.present()) check_vector(fn, "save_invstd", save_invstd, C, dt, true);
-  if (activation != Activation::None && activation != Activation::Relu)
-    detail::fail(fn, "activation: expected None or Relu, got unsupported value " +
-                         std::to_string(static_cast<int>(activation)));
-  detail::check_eps(fn, eps);
-  detail::check_momentum(fn, momentum);
+  if (affine.weight.present()) BNORM_CHECK(check_vector("weight", affine.weight, C, dt));
+  if (affine.bias.present()) BNORM_CHECK(check_vector("bias", affine.bias, C, dt));
+  if (save.mean.present()) BNORM_CHECK(check_vector("save_mean", save.mean, C, dt, true));
+  if (save.invstd.present()) BNORM_CHECK(check_vector("save_invstd", save.invstd, C, dt, true));
+  BNORM_CHECK(check_activation(options.activation));
+  BNORM_CHECK(check_eps(options.eps));
+  BNORM_CHECK(check_momentum(options.momentum));
   return in;
 }
 
-}  // namespace detail
+// The residual: like the input; the output may be the residual itself (each element is read before
+// it is written), not a partial overlap of it.
+Problem check_residual(ConstTensorView residual, ConstTensorView input, TensorView output, const TensorInfo& in) {
+  if (residual.empty()) return {};
+  BNORM_CHECK(check_tensor("residual", residual).problem);
+  BNORM_CHECK(check_like("residual", residual, "input", input));
+  return check_alias("output", output.data(), in.bytes, "residual", residual.data(), in.bytes);
+}
 
-void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
-                ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                VectorView save_mean, VectorView save_invstd, Activation activation, ConstTensorView residual) {
-  const char* fn = "batch_norm";
-  const detail::TensorInfo in = detail::check_forward_args(fn, input, output, running_mean, running_var, weight, bias,
-                                                           training, momentum, eps, save_mean, save_invstd, activation);
-  if (!residual.empty()) {
-    detail::check_tensor(fn, "residual", residual);
-    detail::check_like(fn, "residual", residual, "input", input);
-    // The output may be the residual itself (each element is read before it is written), not a
-    // partial overlap of it.
-    detail::check_alias(fn, "output", output.data(), in.bytes, "residual", residual.data(), in.bytes);
-  }
-  if (training) detail::check_training_count(fn, input, in);
+void run_forward(const TensorInfo& in, ConstTensorView input, TensorView output, FrozenStats frozen,
+                 RunningStats update, Affine affine, const Options& options, SavedStats save,
+                 ConstTensorView residual) {
   with_storage(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), in.geometry, running_mean,
-                 running_var, weight, bias, training, momentum, eps, save_mean, save_invstd, activation,
-                 residual.empty() ? nullptr : static_cast<const T*>(residual.data()));
+    forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), in.geometry, frozen, update,
+                 affine, options, save, data_or_null<T>(residual));
   });
 }
 
-void batch_norm_inference(ConstTensorView input, TensorView output, ConstVectorView running_mean,
-                          ConstVectorView running_var, ConstVectorView weight, ConstVectorView bias, double eps,
-                          Activation activation) {
-  if (!running_mean.present() || !running_var.present())
-    detail::fail("batch_norm_inference", "running_mean: expected running_mean and running_var, got none");
-  // With training = false batch_norm only reads the running statistics.
-  batch_norm(input, output, VectorView(const_cast<void*>(running_mean.data()), running_mean.dtype(), running_mean.size()),
-             VectorView(const_cast<void*>(running_var.data()), running_var.dtype(), running_var.size()), weight, bias,
-             false, 0.1, eps, {}, {}, activation);
-}
-
-namespace detail {
-
-TensorInfo check_backward_args(const char* fn, ConstTensorView grad_output, ConstTensorView input,
-                               ConstVectorView weight, ConstVectorView running_mean, ConstVectorView running_var,
-                               ConstVectorView save_mean, ConstVectorView save_invstd, bool training, double eps,
-                               TensorView grad_input, VectorView grad_weight, VectorView grad_bias,
-                               Activation activation, ConstTensorView output) {
-  const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
-  detail::check_tensor(fn, "grad_output", grad_output);
-  detail::check_like(fn, "grad_output", grad_output, "input", input);
+Checked<TensorInfo> check_backward_args(ConstTensorView grad_output, const ForwardState& forward,
+                                        const Options& options, TensorView grad_input, ParamGrads grads) {
+  const ConstTensorView input = forward.input;
+  const Checked<TensorInfo> in = check_tensor("input", input);
+  BNORM_CHECK(in.problem);
+  const std::int64_t bytes = in.value.bytes;
+  BNORM_CHECK(check_tensor("grad_output", grad_output).problem);
+  BNORM_CHECK(check_like("grad_output", grad_output, "input", input));
   const bool want_dx = !grad_input.empty();
   if (want_dx) {
-    detail::check_tensor(fn, "grad_input", grad_input);
-    detail::check_like(fn, "grad_input", grad_input, "input", input);
-    detail::check_alias(fn, "grad_input", grad_input.data(), in.bytes, "grad_output", grad_output.data(), in.bytes);
-    detail::check_alias(fn, "grad_input", grad_input.data(), in.bytes, "input", input.data(), in.bytes);
+    BNORM_CHECK(check_tensor("grad_input", grad_input).problem);
+    BNORM_CHECK(check_like("grad_input", grad_input, "input", input));
+    BNORM_CHECK(check_alias("grad_input", grad_input.data(), bytes, "grad_output", grad_output.data(), bytes));
+    BNORM_CHECK(check_alias("grad_input", grad_input.data(), bytes, "input", input.data(), bytes));
   }
-  if (activation != Activation::None && activation != Activation::Relu)
-    detail::fail(fn, "activation: expected None or Relu, got unsupported value " +
-                         std::to_string(static_cast<int>(activation)));
-  const bool relu = activation == Activation::Relu;
-  if (relu) {
-    if (output.empty()) detail::fail(fn, "output: expected the forward's output with activation=Relu, got none");
-    detail::check_tensor(fn, "output", output);
-    detail::check_like(fn, "output", output, "input", input);
-    if (want_dx)
-      detail::check_alias(fn, "grad_input", grad_input.data(), in.bytes, "output", output.data(), in.bytes);
+  BNORM_CHECK(check_activation(options.activation));
+  if (options.activation == Activation::Relu) {
+    const ConstTensorView output = forward.output;
+    if (output.empty()) return Problem("output: expected the forward's output with activation=Relu, got none");
+    BNORM_CHECK(check_tensor("output", output).problem);
+    BNORM_CHECK(check_like("output", output, "input", input));
+    if (want_dx) BNORM_CHECK(check_alias("grad_input", grad_input.data(), bytes, "output", output.data(), bytes));
   }
-  const std::int64_t C = in.geometry.C;
+  const std::int64_t C = in.value.geometry.C;
   const DType dt = input.dtype();
-  if (weight.present()) check_vector(fn, "weight", weight, C, dt);
-  if (training) {
-    if (!save_mean.present() || !save_invstd.present())
-      detail::fail(fn, "save_mean: expected save_mean and save_invstd from the forward when training=true, got none");
-    check_vector(fn, "save_mean", save_mean, C, dt, true);
-    check_vector(fn, "save_invstd", save_invstd, C, dt, true);
+  if (forward.weight.present()) BNORM_CHECK(check_vector("weight", forward.weight, C, dt));
+  if (options.training) {
+    if (!forward.saved.mean.present() || !forward.saved.invstd.present())
+      return Problem("save_mean: expected save_mean and save_invstd from the forward when training=true, got none");
+    BNORM_CHECK(check_vector("save_mean", forward.saved.mean, C, dt, true));
+    BNORM_CHECK(check_vector("save_invstd", forward.saved.invstd, C, dt, true));
   } else {
-    if (!running_mean.present() || !running_var.present())
-      detail::fail(fn, "running_mean: expected running_mean and running_var when training=false, got none");
-    check_vector(fn, "running_mean", running_mean, C, dt);
-    check_vector(fn, "running_var", running_var, C, dt);
-    detail::check_eps(fn, eps);
+    if (!forward.running.mean.present() || !forward.running.var.present())
+      return Problem("running_mean: expected running_mean and running_var when training=false, got none");
+    BNORM_CHECK(check_vector("running_mean", forward.running.mean, C, dt));
+    BNORM_CHECK(check_vector("running_var", forward.running.var, C, dt));
+    BNORM_CHECK(check_eps(options.eps));
   }
-  if (grad_weight.present()) check_vector(fn, "grad_weight", grad_weight, C, dt);
-  if (grad_bias.present()) check_vector(fn, "grad_bias", grad_bias, C, dt);
+  if (grads.weight.present()) BNORM_CHECK(check_vector("grad_weight", grads.weight, C, dt));
+  if (grads.bias.present()) BNORM_CHECK(check_vector("grad_bias", grads.bias, C, dt));
   return in;
+}
+
+void run_backward(const TensorInfo& in, ConstTensorView grad_output, const ForwardState& forward,
+                  const Options& options, TensorView grad_input, ParamGrads grads) {
+  const bool relu = options.activation == Activation::Relu;
+  with_storage(forward.input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
+                  relu ? static_cast<const T*>(forward.output.data()) : nullptr,
+                  grad_input.empty() ? nullptr : static_cast<T*>(grad_input.data()), in.geometry, forward, options,
+                  grads);
+  });
 }
 
 }  // namespace detail
 
-void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, ConstVectorView weight,
-                         ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
-                         ConstVectorView save_invstd, bool training, double eps, TensorView grad_input,
-                         VectorView grad_weight, VectorView grad_bias, Activation activation, ConstTensorView output) {
-  const detail::TensorInfo in =
-      detail::check_backward_args("batch_norm_backward", grad_output, input, weight, running_mean, running_var,
-                                  save_mean, save_invstd, training, eps, grad_input, grad_weight, grad_bias, activation,
-                                  output);
-  const bool want_dx = !grad_input.empty();
-  const bool relu = activation == Activation::Relu;
-  with_storage(input.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(input.data()),
-                  relu ? static_cast<const T*>(output.data()) : nullptr,
-                  want_dx ? static_cast<T*>(grad_input.data()) : nullptr, in.geometry, weight, running_mean,
-                  running_var, save_mean, save_invstd, training, eps, grad_weight, grad_bias);
-  });
+void batch_norm(ConstTensorView input, TensorView output, RunningStats running, Affine affine, Options options,
+                SavedStats save, ConstTensorView residual) {
+  const char* fn = "batch_norm";
+  const detail::Checked<detail::TensorInfo> in =
+      detail::check_forward_args(input, output, running, affine, options, save);
+  detail::raise_if(fn, in.problem);
+  detail::raise_if(fn, detail::check_residual(residual, input, output, in.value));
+  if (options.training) detail::raise_if(fn, detail::check_training_count(input, in.value));
+  detail::run_forward(in.value, input, output, running, running, affine, options, save, residual);
+}
+
+void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
+                ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps) {
+  batch_norm(input, output, {running_mean, running_var}, {weight, bias}, {training, momentum, eps});
+}
+
+void batch_norm_inference(ConstTensorView input, TensorView output, FrozenStats running, Affine affine, double eps,
+                          Activation activation) {
+  const char* fn = "batch_norm_inference";
+  if (!running.mean.present() || !running.var.present())
+    detail::fail(fn, "running_mean: expected running_mean and running_var, got none");
+  // momentum is unused in eval; 0 keeps the options valid.
+  const Options options{false, 0.0, eps, activation};
+  const detail::Checked<detail::TensorInfo> in = detail::check_forward_args(input, output, running, affine, options, {});
+  detail::raise_if(fn, in.problem);
+  detail::run_forward(in.value, input, output, running, {}, affine, options, {}, {});
+}
+
+void batch_norm_backward(ConstTensorView grad_output, const ForwardState& forward, Options options,
+                         TensorView grad_input, ParamGrads grads) {
+  const detail::Checked<detail::TensorInfo> in =
+      detail::check_backward_args(grad_output, forward, options, grad_input, grads);
+  detail::raise_if("batch_norm_backward", in.problem);
+  detail::run_backward(in.value, grad_output, forward, options, grad_input, grads);
 }
 
 void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
   const char* fn = "batch_stats";
-  const detail::TensorInfo in = detail::check_tensor(fn, "input", input);
-  const std::int64_t C = in.geometry.C;
-  check_vector(fn, "mean", mean, C, input.dtype(), true);
-  check_vector(fn, "var", var, C, input.dtype(), true);
-  if (C > 0 && in.geometry.per_channel() < 1)
+  const detail::Checked<detail::TensorInfo> in = detail::check_tensor("input", input);
+  detail::raise_if(fn, in.problem);
+  const Geometry& g = in.value.geometry;
+  const std::int64_t C = g.C;
+  detail::raise_if(fn, detail::check_vector("mean", mean, C, input.dtype(), true));
+  detail::raise_if(fn, detail::check_vector("var", var, C, input.dtype(), true));
+  if (C > 0 && g.per_channel() < 1)
     detail::fail(fn, "input: expected at least 1 value per channel, got shape " + input.shape().str());
-  const Geometry& g = in.geometry;
   Scope scope;
   const std::span<double> mu = scope.take<double>(static_cast<std::size_t>(C)), m2 = scope.take<double>(mu.size()),
                           ws = reduce_workspace(scope, g);
@@ -401,49 +422,41 @@ void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
 namespace {
 
 template <class T>
-void forward_with_stats_t(ConstTensorView input, TensorView output, const Geometry& g, std::span<const double> mean,
-                          std::span<const double> var, double count, VectorView running_mean, VectorView running_var,
-                          ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                          VectorView save_mean, VectorView save_invstd, Activation act) {
+void forward_with_stats_t(ConstTensorView input, TensorView output, const Geometry& g, detail::BatchMoments stats,
+                          RunningStats running, Affine affine, const Options& options, SavedStats save) {
   const std::int64_t C = g.C;
   Scope scope;
-  const std::span<double> invstd = scope.take<double>(mean.size());
-  for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-  normalize_with(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, mean, invstd,
-                 read_channels<T>(scope, weight, C, 1.0), read_channels<T>(scope, bias, C, 0.0), act);
-  if (training)
-    commit_training<T>(mean, var, invstd, count, running_mean, running_var, momentum, save_mean, save_invstd);
+  const std::span<double> invstd = scope.take<double>(stats.mean.size());
+  for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = 1.0 / std::sqrt(stats.var[c] + options.eps);
+  normalize_with(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, stats.mean, invstd,
+                 read_channels<T>(scope, affine.weight, C, 1.0), read_channels<T>(scope, affine.bias, C, 0.0),
+                 options.activation);
+  if (options.training)
+    commit_training<T>(stats.mean, stats.var, invstd, stats.count, running, options.momentum, save);
 }
 
 template <class T>
-const T* data_or_null(ConstTensorView t) {
-  return t.empty() ? nullptr : static_cast<const T*>(t.data());
-}
-
-template <class T>
-void backward_sums_t(ConstTensorView dy, ConstTensorView x, ConstTensorView out, const Geometry& g,
-                     ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu) {
+void backward_sums_t(ConstTensorView dy, const ForwardState& forward, const Geometry& g, detail::ChannelSums out) {
   Scope scope;
-  const SplitMeans<Compute<T>> means = split_means<Compute<T>>(scope, read_channels<T>(scope, save_mean, g.C, 0.0));
-  reduce_sums(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out), g, means,
-              sum_dy, sum_dy_xmu);
+  const SplitMeans<Compute<T>> means =
+      split_means<Compute<T>>(scope, read_channels<T>(scope, forward.saved.mean, g.C, 0.0));
+  reduce_sums(static_cast<const T*>(dy.data()), static_cast<const T*>(forward.input.data()),
+              data_or_null<T>(forward.output), g, means, out.dy, out.dy_xmu);
 }
 
 template <class T>
-void backward_finish_t(ConstTensorView dy, ConstTensorView x, ConstTensorView out, const Geometry& g,
-                       ConstVectorView weight, ConstVectorView save_mean, ConstVectorView save_invstd,
-                       const double* local_sum_dy, const double* local_sum_dy_xmu, const double* sum_dy,
-                       const double* sum_dy_xmu, double count, TensorView dx, VectorView grad_weight,
-                       VectorView grad_bias) {
+void backward_finish_t(ConstTensorView dy, const ForwardState& forward, const Geometry& g, detail::ChannelSums local,
+                       detail::ChannelSums global, double count, TensorView dx, ParamGrads grads) {
   Scope scope;
-  const std::span<const double> invstd = read_channels<T>(scope, save_invstd, g.C, 1.0);
+  const std::span<const double> invstd = read_channels<T>(scope, forward.saved.invstd, g.C, 1.0);
   if (!dx.empty()) {
-    const SplitMeans<Compute<T>> means = split_means<Compute<T>>(scope, read_channels<T>(scope, save_mean, g.C, 0.0));
-    apply_dx(static_cast<const T*>(dy.data()), static_cast<const T*>(x.data()), data_or_null<T>(out),
-             static_cast<T*>(dx.data()), g, means, read_channels<T>(scope, weight, g.C, 1.0), invstd, sum_dy,
-             sum_dy_xmu, count, true);
+    const SplitMeans<Compute<T>> means =
+        split_means<Compute<T>>(scope, read_channels<T>(scope, forward.saved.mean, g.C, 0.0));
+    apply_dx(static_cast<const T*>(dy.data()), static_cast<const T*>(forward.input.data()),
+             data_or_null<T>(forward.output), static_cast<T*>(dx.data()), g, means,
+             {read_channels<T>(scope, forward.weight, g.C, 1.0), invstd, global.dy, global.dy_xmu, count}, true);
   }
-  write_param_grads<T>(grad_weight, grad_bias, local_sum_dy, local_sum_dy_xmu, invstd);
+  write_param_grads<T>(grads, local.dy, local.dy_xmu, invstd);
 }
 
 }  // namespace
@@ -466,34 +479,24 @@ void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, do
   });
 }
 
-void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, std::span<const double> mean,
-                        std::span<const double> var, double count, VectorView running_mean, VectorView running_var,
-                        ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                        VectorView save_mean, VectorView save_invstd, Activation activation) {
+void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, BatchMoments stats,
+                        RunningStats running, Affine affine, const Options& options, SavedStats save) {
   with_storage(input.dtype(), [&](auto tag) {
-    forward_with_stats_t<decltype(tag)>(input, output, in.geometry, mean, var, count, running_mean, running_var, weight,
-                                        bias, training, momentum, eps, save_mean, save_invstd, activation);
+    forward_with_stats_t<decltype(tag)>(input, output, in.geometry, stats, running, affine, options, save);
   });
 }
 
-void backward_sums(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
-                   ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu) {
-  std::fill(sum_dy, sum_dy + in.geometry.C, 0.0);
-  std::fill(sum_dy_xmu, sum_dy_xmu + in.geometry.C, 0.0);
-  with_storage(input.dtype(), [&](auto tag) {
-    backward_sums_t<decltype(tag)>(grad_output, input, output, in.geometry, save_mean, sum_dy, sum_dy_xmu);
-  });
+void backward_sums(ConstTensorView grad_output, const ForwardState& forward, const TensorInfo& in, ChannelSums out) {
+  std::fill(out.dy, out.dy + in.geometry.C, 0.0);
+  std::fill(out.dy_xmu, out.dy_xmu + in.geometry.C, 0.0);
+  with_storage(forward.input.dtype(),
+               [&](auto tag) { backward_sums_t<decltype(tag)>(grad_output, forward, in.geometry, out); });
 }
 
-void backward_finish(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
-                     ConstVectorView weight, ConstVectorView save_mean, ConstVectorView save_invstd,
-                     const double* local_sum_dy, const double* local_sum_dy_xmu, const double* sum_dy,
-                     const double* sum_dy_xmu, double count, TensorView grad_input, VectorView grad_weight,
-                     VectorView grad_bias) {
-  with_storage(input.dtype(), [&](auto tag) {
-    backward_finish_t<decltype(tag)>(grad_output, input, output, in.geometry, weight, save_mean, save_invstd,
-                                     local_sum_dy, local_sum_dy_xmu, sum_dy, sum_dy_xmu, count, grad_input, grad_weight,
-                                     grad_bias);
+void backward_finish(ConstTensorView grad_output, const ForwardState& forward, const TensorInfo& in,
+                     ChannelSums local, ChannelSums global, double count, TensorView grad_input, ParamGrads grads) {
+  with_storage(forward.input.dtype(), [&](auto tag) {
+    backward_finish_t<decltype(tag)>(grad_output, forward, in.geometry, local, global, count, grad_input, grads);
   });
 }
 

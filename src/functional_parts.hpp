@@ -4,7 +4,7 @@
 // the matching check_* has accepted, and dispatches on the dtype.
 #pragma once
 
-#include <bnorm/types.hpp>
+#include <bnorm/functional.hpp>
 
 #include "validate.hpp"
 
@@ -12,43 +12,56 @@
 
 namespace bnorm::detail {
 
-// Every check of batch_norm's arguments except the per-channel count in training (the caller
-// checks that count: local for batch_norm, global for SyncBatchNorm). Messages name `fn`.
-TensorInfo check_forward_args(const char* fn, ConstTensorView input, TensorView output, VectorView running_mean,
-                              VectorView running_var, ConstVectorView weight, ConstVectorView bias, bool training,
-                              double momentum, double eps, VectorView save_mean, VectorView save_invstd,
-                              Activation activation);
+// Every check of batch_norm's arguments except the residual and the per-channel count in training
+// (the caller checks that count: local for batch_norm, global for SyncBatchNorm).
+Checked<TensorInfo> check_forward_args(ConstTensorView input, TensorView output, FrozenStats running, Affine affine,
+                                       const Options& options, SavedStats save);
+
+// The optional residual of batch_norm: like the input, the output's memory or disjoint from it.
+Problem check_residual(ConstTensorView residual, ConstTensorView input, TensorView output, const TensorInfo& in);
 
 // Every check of batch_norm_backward's arguments.
-TensorInfo check_backward_args(const char* fn, ConstTensorView grad_output, ConstTensorView input,
-                               ConstVectorView weight, ConstVectorView running_mean, ConstVectorView running_var,
-                               ConstVectorView save_mean, ConstVectorView save_invstd, bool training, double eps,
-                               TensorView grad_input, VectorView grad_weight, VectorView grad_bias,
-                               Activation activation, ConstTensorView output);
+Checked<TensorInfo> check_backward_args(ConstTensorView grad_output, const ForwardState& forward,
+                                        const Options& options, TensorView grad_input, ParamGrads grads);
+
+// batch_norm and batch_norm_backward after their checks passed (in = the input's TensorInfo).
+// The forward reads the running statistics from `frozen` in eval and updates `update` in training,
+// so that read-only statistics (batch_norm_inference) need no cast.
+void run_forward(const TensorInfo& in, ConstTensorView input, TensorView output, FrozenStats frozen,
+                 RunningStats update, Affine affine, const Options& options, SavedStats save,
+                 ConstTensorView residual);
+void run_backward(const TensorInfo& in, ConstTensorView grad_output, const ForwardState& forward,
+                  const Options& options, TensorView grad_input, ParamGrads grads);
 
 // Per-channel mean and M2 = sum((x - mean)^2) of the input (the kernels' two-pass blocks merged
 // with Chan's formula); mean = M2 = 0 for a channel with no values (an empty batch).
 void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, double* m2);
 
-// The second half of a forward: normalize with the given per-channel statistics (biased var), then,
-// in training, write save_mean / save_invstd and update the running statistics with the unbiased
-// variance of `count` values (the global count in SyncBatchNorm).
-void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, std::span<const double> mean,
-                        std::span<const double> var, double count, VectorView running_mean, VectorView running_var,
-                        ConstVectorView weight, ConstVectorView bias, bool training, double momentum, double eps,
-                        VectorView save_mean, VectorView save_invstd, Activation activation);
+// Batch statistics from elsewhere (SyncBatchNorm's global batch): mean, biased variance, and the
+// count of values per channel they were taken over.
+struct BatchMoments {
+  std::span<const double> mean, var;
+  double count = 0;
+};
 
-// Training backward, first half: this input's sum(dy') and sum(dy' * (x - save_mean)), where dy'
-// is dy masked by output > 0 when `output` is given (fused ReLU).
-void backward_sums(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
-                   ConstVectorView save_mean, double* sum_dy, double* sum_dy_xmu);
+// The second half of a forward: normalize with the given statistics, then, in training, write the
+// saved statistics and update the running statistics with the unbiased variance of `stats.count`
+// values.
+void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, BatchMoments stats,
+                        RunningStats running, Affine affine, const Options& options, SavedStats save);
+
+// Per-channel sum(dy') and sum(dy' * (x - mean)), dy' = dy masked by output > 0 under a fused ReLU.
+struct ChannelSums {
+  double* dy = nullptr;
+  double* dy_xmu = nullptr;
+};
+
+// Training backward, first half: this input's sums (forward.output only with a fused ReLU).
+void backward_sums(ConstTensorView grad_output, const ForwardState& forward, const TensorInfo& in, ChannelSums out);
 
 // Training backward, second half: grad_input from the sums over all `count` values (global in
-// SyncBatchNorm), grad_weight / grad_bias from this input's own sums. Absent outputs are skipped.
-void backward_finish(ConstTensorView grad_output, ConstTensorView input, ConstTensorView output, const TensorInfo& in,
-                     ConstVectorView weight, ConstVectorView save_mean, ConstVectorView save_invstd,
-                     const double* local_sum_dy, const double* local_sum_dy_xmu, const double* sum_dy,
-                     const double* sum_dy_xmu, double count, TensorView grad_input, VectorView grad_weight,
-                     VectorView grad_bias);
+// SyncBatchNorm), the parameter gradients from this input's own sums. Absent outputs are skipped.
+void backward_finish(ConstTensorView grad_output, const ForwardState& forward, const TensorInfo& in,
+                     ChannelSums local, ChannelSums global, double count, TensorView grad_input, ParamGrads grads);
 
 }  // namespace bnorm::detail

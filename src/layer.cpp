@@ -1,8 +1,8 @@
 #include <bnorm/functional.hpp>
 #include <bnorm/layer.hpp>
 
+#include "reducer.hpp"
 #include "safetensors.hpp"
-#include "sync.hpp"
 #include "validate.hpp"
 
 #include <algorithm>
@@ -52,17 +52,43 @@ detail::SafeTensor vector_tensor(const std::vector<P>& v) {
   return t;
 }
 
+// This process's batch: the layer's problem is raised at once, then the functional calls (whose own
+// checks name batch_norm / batch_norm_backward).
+class LocalReducer final : public detail::StatsReducer {
+ public:
+  const char* layer_name() const override { return "BatchNorm"; }
+  const char* forward_name() const override { return "BatchNorm::forward"; }
+  const char* backward_name() const override { return "BatchNorm::backward"; }
+  void forward(const char* fn, const detail::Problem& prior, ConstTensorView x, TensorView y, RunningStats running,
+               Affine affine, const Options& options, SavedStats save) const override {
+    detail::raise_if(fn, prior);
+    batch_norm(x, y, running, affine, options, save);
+  }
+  void backward(const char* fn, const detail::Problem& prior, ConstTensorView dy, const ForwardState& forward,
+                const Options& options, TensorView dx, ParamGrads grads) const override {
+    detail::raise_if(fn, prior);
+    batch_norm_backward(dy, forward, options, dx, grads);
+  }
+};
+
 }  // namespace
+
+namespace detail {
+std::shared_ptr<const StatsReducer> local_reducer() {
+  static const std::shared_ptr<const StatsReducer> local = std::make_shared<const LocalReducer>();
+  return local;
+}
+}  // namespace detail
 
 template <class P>
 BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims)
-    : BasicBatchNorm(num_features, options, spatial_dims, nullptr) {}
+    : BasicBatchNorm(num_features, options, spatial_dims, detail::local_reducer()) {}
 
 template <class P>
 BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims,
-                                  Communicator* comm)
-    : comm_(comm), num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
-  const char* fn = comm ? "SyncBatchNorm" : "BatchNorm";
+                                  std::shared_ptr<const detail::StatsReducer> reducer)
+    : reducer_(std::move(reducer)), num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
+  const char* fn = reducer_->layer_name();
   if (num_features < 1) detail::fail(fn, "num_features: expected >= 1, got " + std::to_string(num_features));
   // Refused before allocating: the layer's own state is ~(6 * sizeof(P) + 16) bytes per channel.
   if (num_features > kMaxFeatures)
@@ -70,11 +96,9 @@ BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions op
                          std::to_string(num_features));
   if (spatial_dims != -1 && (spatial_dims < 1 || spatial_dims > 3))
     detail::fail(fn, "spatial_dims: expected 1, 2, 3 or -1 (any), got " + std::to_string(spatial_dims));
-  detail::check_eps(fn, options.eps);
-  if (options.momentum) detail::check_momentum(fn, *options.momentum);
-  if (options.activation != Activation::None && options.activation != Activation::Relu)
-    detail::fail(fn, "activation: expected None or Relu, got unsupported value " +
-                         std::to_string(static_cast<int>(options.activation)));
+  detail::raise_if(fn, detail::check_eps(options.eps));
+  if (options.momentum) detail::raise_if(fn, detail::check_momentum(*options.momentum));
+  detail::raise_if(fn, detail::check_activation(options.activation));
   const auto C = static_cast<std::size_t>(num_features);
   if (options.affine) {
     weight_.resize(C);
@@ -112,62 +136,50 @@ void BasicBatchNorm<P>::zero_grad() {
 }
 
 template <class P>
-void BasicBatchNorm<P>::check_input(ConstTensorView x, const char* fn) const {
+std::string BasicBatchNorm<P>::input_problem(ConstTensorView x) const {
   const int rank = x.shape().rank();
   if (!rank_ok(spatial_dims_, rank))
-    detail::fail(fn, std::string("input: expected ") + accepted_ranks(spatial_dims_) + ", got rank " +
-                         std::to_string(rank) + " with shape " + x.shape().str());
+    return std::string("input: expected ") + accepted_ranks(spatial_dims_) + ", got rank " + std::to_string(rank) +
+           " with shape " + x.shape().str();
   if (x.shape()[1] != num_features_)
-    detail::fail(fn, "input: expected " + std::to_string(num_features_) + " channels (num_features) in dim 1, got " +
-                         std::to_string(x.shape()[1]) + " in shape " + x.shape().str());
+    return "input: expected " + std::to_string(num_features_) + " channels (num_features) in dim 1, got " +
+           std::to_string(x.shape()[1]) + " in shape " + x.shape().str();
   // A float32 layer also takes bfloat16 activations (its parameters and statistics stay float32).
   const bool mixed = std::is_same_v<P, float> && x.dtype() == DType::BFloat16;
   if (x.dtype() != dtype_of<P>() && !mixed)
-    detail::fail(fn, "input: expected dtype " + to_string(dtype_of<P>()) +
-                         (std::is_same_v<P, float> ? " or bfloat16" : "") + " (the layer's), got " + to_string(x.dtype()));
+    return "input: expected dtype " + to_string(dtype_of<P>()) + (std::is_same_v<P, float> ? " or bfloat16" : "") +
+           " (the layer's), got " + to_string(x.dtype());
+  return {};
 }
 
 template <class P>
-void BasicBatchNorm<P>::check_backward(ConstTensorView x, const char* fn) const {
-  if (!have_forward_) detail::fail(fn, "state: expected a forward call before backward, got none");
-  check_input(x, fn);
+std::string BasicBatchNorm<P>::backward_problem(ConstTensorView x) const {
+  if (!have_forward_) return "state: expected a forward call before backward, got none";
+  std::string problem = input_problem(x);
   // The batch statistics belong to the last batch-statistics forward's input; frozen statistics fit any.
-  if (forward_used_batch_stats_ && !(x.shape() == forward_shape_))
-    detail::fail(fn, "x: expected the last forward's input shape " + forward_shape_.str() + ", got " + x.shape().str());
+  if (problem.empty() && forward_used_batch_stats_ && !(x.shape() == forward_shape_))
+    problem = "x: expected the last forward's input shape " + forward_shape_.str() + ", got " + x.shape().str();
+  return problem;
 }
 
 template <class P>
 void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
-  const char* fn = comm_ ? "SyncBatchNorm::forward" : "BatchNorm::forward";
-  // SyncBatchNorm: a failed check must still reach the collective check, which all ranks make.
-  std::string local_error;
-  try {
-    check_input(x, fn);
-  } catch (const Error& e) {
-    if (!comm_) throw;
-    local_error = e.what();
-  }
+  const char* fn = reducer_->forward_name();
   const bool track = options_.track_running_stats;
   // torch: batch statistics in training, and in eval when no running statistics are kept.
   const bool use_batch = training_ || !track;
   const bool update = training_ && track;
   double factor = 0;
   if (update) factor = options_.momentum ? *options_.momentum : 1.0 / static_cast<double>(num_batches_tracked_ + 1);
-  VectorView rm, rv;
-  if (track) {
-    rm = VectorView(running_mean_);
-    rv = VectorView(running_var_);
-  }
+  RunningStats running;
+  if (track) running = {VectorView(running_mean_), VectorView(running_var_)};
   std::vector<double> sm(save_mean_.size()), si(save_invstd_.size());
-  const ConstVectorView w = options_.affine ? ConstVectorView(weight_) : ConstVectorView();
-  const ConstVectorView b = options_.affine ? ConstVectorView(bias_) : ConstVectorView();
-  if (comm_)
-    detail::sync_forward(*comm_, fn, local_error, x, y, rm, rv, w, b, use_batch, factor, options_.eps,
-                         use_batch ? VectorView(sm) : VectorView(), use_batch ? VectorView(si) : VectorView(),
-                         options_.activation);
-  else
-    batch_norm(x, y, rm, rv, w, b, use_batch, factor, options_.eps, use_batch ? VectorView(sm) : VectorView(),
-               use_batch ? VectorView(si) : VectorView(), options_.activation);
+  const Affine affine = options_.affine ? Affine{weight_, bias_} : Affine{};
+  const SavedStats save = use_batch ? SavedStats{sm, si} : SavedStats{};
+  // A failed check of the layer's own goes to the reducer, which raises it (on every rank at once for
+  // SyncBatchNorm, whose other ranks would otherwise wait in the collective).
+  reducer_->forward(fn, detail::Problem(input_problem(x)), x, y, running, affine,
+                    {use_batch, factor, options_.eps, options_.activation}, save);
   // Only reached when the call succeeded: commit what backward needs.
   if (update) ++num_batches_tracked_;
   if (use_batch) {
@@ -186,28 +198,18 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
 
 template <class P>
 void BasicBatchNorm<P>::backward(ConstTensorView x, ConstTensorView dy, TensorView dx, ConstTensorView y) {
-  const char* fn = comm_ ? "SyncBatchNorm::backward" : "BatchNorm::backward";
-  std::string local_error;
-  try {
-    check_backward(x, fn);
-  } catch (const Error& e) {
-    if (!comm_) throw;
-    local_error = e.what();
-  }
+  const char* fn = reducer_->backward_name();
   const auto C = static_cast<std::size_t>(num_features_);
   std::vector<P> gw(options_.affine ? C : 0), gb(options_.affine ? C : 0);
-  const ConstVectorView w = options_.affine ? ConstVectorView(weight_) : ConstVectorView();
-  const ConstVectorView rm = forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_mean_);
-  const ConstVectorView rv = forward_used_batch_stats_ ? ConstVectorView() : ConstVectorView(running_var_);
-  const VectorView gwv = options_.affine ? VectorView(gw) : VectorView();
-  const VectorView gbv = options_.affine ? VectorView(gb) : VectorView();
-  if (comm_)
-    detail::sync_backward(*comm_, fn, local_error, dy, x, w, rm, rv, ConstVectorView(save_mean_),
-                          ConstVectorView(save_invstd_), forward_used_batch_stats_, options_.eps, dx, gwv, gbv,
-                          options_.activation, y);
+  ForwardState forward{.input = x, .output = y};
+  if (options_.affine) forward.weight = ConstVectorView(weight_);
+  if (forward_used_batch_stats_)
+    forward.saved = {ConstVectorView(save_mean_), ConstVectorView(save_invstd_)};
   else
-    batch_norm_backward(dy, x, w, rm, rv, ConstVectorView(save_mean_), ConstVectorView(save_invstd_),
-                        forward_used_batch_stats_, options_.eps, dx, gwv, gbv, options_.activation, y);
+    forward.running = {ConstVectorView(running_mean_), ConstVectorView(running_var_)};
+  const ParamGrads grads = options_.affine ? ParamGrads{gw, gb} : ParamGrads{};
+  reducer_->backward(fn, detail::Problem(backward_problem(x)), dy, forward,
+                     {forward_used_batch_stats_, 0.0, options_.eps, options_.activation}, dx, grads);
   for (std::size_t c = 0; c < gw.size(); ++c) {
     weight_grad_[c] += gw[c];
     bias_grad_[c] += gb[c];
@@ -260,22 +262,10 @@ void BasicBatchNorm<P>::load(const std::string& path, const std::string& prefix)
       detail::fail(fn.c_str(), "key '" + prefix + key + "': expected shape [" + std::to_string(num_features_) +
                                    "] (num_features), got " + s + "]");
     }
+    const detail::Checked<std::vector<double>> values = detail::float_values(t);
+    if (values.problem) detail::fail(fn.c_str(), "key '" + prefix + key + "': " + values.problem.what());
     std::vector<P> out(C);
-    if (t.dtype == "F32") {
-      for (std::size_t c = 0; c < C; ++c) {
-        float v;
-        std::memcpy(&v, t.bytes.data() + 4 * c, 4);
-        out[c] = static_cast<P>(v);
-      }
-    } else if (t.dtype == "F64") {
-      for (std::size_t c = 0; c < C; ++c) {
-        double v;
-        std::memcpy(&v, t.bytes.data() + 8 * c, 8);
-        out[c] = static_cast<P>(v);
-      }
-    } else {
-      detail::fail(fn.c_str(), "key '" + prefix + key + "': expected dtype F32 or F64, got " + t.dtype);
-    }
+    for (std::size_t c = 0; c < C; ++c) out[c] = static_cast<P>(values.value[c]);
     return out;
   };
   // Read and check everything first; assign only when the whole file is good.

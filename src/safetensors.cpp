@@ -16,6 +16,7 @@
 #include <array>
 #include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -407,6 +408,22 @@ mode_t current_umask() {
 
 // ---------------------------------------------------------------------------------------------
 // Public (internal) API
+
+Checked<std::vector<double>> float_values(const SafeTensor& t) {
+  const std::size_t size = safetensors_dtype_size(t.dtype);
+  if (t.dtype != "F32" && t.dtype != "F64") return Problem("expected dtype F32 or F64, got " + t.dtype);
+  std::vector<double> out(t.bytes.size() / size);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    if (size == 4) {
+      float v;
+      std::memcpy(&v, t.bytes.data() + 4 * i, 4);
+      out[i] = v;
+    } else {
+      std::memcpy(&out[i], t.bytes.data() + 8 * i, 8);
+    }
+  }
+  return out;
+}
 
 std::size_t safetensors_dtype_size(const std::string& dtype) {
   for (const auto& d : kDtypes) {

@@ -6,6 +6,8 @@
 
 #include <bnorm/types.hpp>
 
+#include "validate.hpp"
+
 #include <cstdint>
 #include <map>
 #include <span>
@@ -27,6 +29,10 @@ struct SafeTensorsFile {
 
 // Size in bytes of one element of a safetensors dtype string; 0 when unknown.
 std::size_t safetensors_dtype_size(const std::string& dtype);
+
+// The values of a floating-point tensor (F32 or F64) as doubles (exact for both); any other dtype is
+// a problem "expected dtype F32 or F64, got <dtype>".
+Checked<std::vector<double>> float_values(const SafeTensor& t);
 
 // Parses a whole file image. `source` names it in error messages (a path, or "buffer").
 SafeTensorsFile parse_safetensors(std::span<const unsigned char> image, const std::string& source);

@@ -9,6 +9,7 @@
 #include <bnorm/functional.hpp>
 
 #include "functional_parts.hpp"
+#include "reducer.hpp"
 #include "kernels/kernels.hpp"
 #include "sync.hpp"
 #include "validate.hpp"
@@ -74,14 +75,6 @@ std::string rank_name(int r, int R) {
   return s;
 }
 
-// The message without its "bnorm::<fn>: " head, which the collective error puts back once.
-std::string strip_head(const std::string& msg, const char* fn) {
-  std::string head = "bnorm::";
-  head += fn;
-  head += ": ";
-  return msg.rfind(head, 0) == 0 ? msg.substr(head.size()) : msg;
-}
-
 [[noreturn]] void fail_on_every_rank(const char* fn, int r, int R, const std::string& what) {
   std::string msg = rank_name(r, R);
   msg += ": ";
@@ -124,12 +117,12 @@ std::string first_mismatch(const Descriptor& a, const Descriptor& b) {
 // The collective check. Returns every rank's descriptor when every rank passed its validation and
 // all agree; otherwise every rank throws the same Error (built only from gathered data), naming the
 // first failing rank.
-std::vector<Descriptor> agree(Communicator& comm, const char* fn, Descriptor mine, const std::string& local_error) {
+std::vector<Descriptor> agree(Communicator& comm, const char* fn, Descriptor mine, const Problem& local) {
   const int R = comm.size();
   const auto uR = static_cast<std::size_t>(R);
-  std::string message = strip_head(local_error, fn);
+  std::string message = local.what();
   if (message.size() > kMaxMessage) message.resize(kMaxMessage);
-  mine.failed = local_error.empty() ? 0 : 1;
+  mine.failed = local ? 1 : 0;
   mine.message_bytes = static_cast<std::int64_t>(message.size());
   std::vector<Descriptor> all(uR);
   comm.all_gather(&mine, sizeof(Descriptor), all.data());
@@ -165,17 +158,23 @@ std::vector<Descriptor> agree(Communicator& comm, const char* fn, Descriptor min
   return all;
 }
 
-Descriptor describe(const TensorInfo& in, DType dtype, bool training, Activation act, bool has_running,
-                    bool has_weight, bool has_bias, double eps, double momentum) {
+// Which per-channel vectors a call has (a descriptor field each).
+struct Present {
+  bool running = false, weight = false, bias = false;
+};
+
+// eps and momentum as the descriptor compares them: a field that does not matter to the call is 0.
+Descriptor describe(const TensorInfo& in, DType dtype, const Options& o, Present present, double eps,
+                    double momentum) {
   Descriptor d;
   d.channels = in.geometry.C;
   d.dtype = static_cast<std::int64_t>(dtype);
   d.layout = static_cast<std::int64_t>(in.geometry.layout);
-  d.training = training ? 1 : 0;
-  d.activation = static_cast<std::int64_t>(act);
-  d.has_running = has_running ? 1 : 0;
-  d.has_weight = has_weight ? 1 : 0;
-  d.has_bias = has_bias ? 1 : 0;
+  d.training = o.training ? 1 : 0;
+  d.activation = static_cast<std::int64_t>(o.activation);
+  d.has_running = present.running ? 1 : 0;
+  d.has_weight = present.weight ? 1 : 0;
+  d.has_bias = present.bias ? 1 : 0;
   d.eps = eps;
   d.momentum = momentum;
   d.count = static_cast<double>(in.geometry.per_channel());
@@ -191,27 +190,24 @@ double global_count(const std::vector<Descriptor>& all) {
 
 }  // namespace
 
-void sync_forward(Communicator& comm, const char* fn, const std::string& prior_error, ConstTensorView input,
-                  TensorView output, VectorView running_mean, VectorView running_var, ConstVectorView weight,
-                  ConstVectorView bias, bool training, double momentum, double eps, VectorView save_mean,
-                  VectorView save_invstd, Activation activation) {
-  std::string error = prior_error;
-  TensorInfo in;
+void sync_forward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView input,
+                  TensorView output, RunningStats running, Affine affine, const Options& options, SavedStats save) {
+  Problem problem = prior;
+  Checked<TensorInfo> checked = Problem();
   Descriptor mine;
-  if (error.empty()) {
-    try {
-      in = check_forward_args(fn, input, output, running_mean, running_var, weight, bias, training, momentum, eps,
-                              save_mean, save_invstd, activation);
-      mine = describe(in, input.dtype(), training, activation, running_mean.present(), weight.present(),
-                      bias.present(), eps, momentum);
-    } catch (const Error& e) {
-      error = e.what();
-    }
+  if (!problem) {
+    checked = check_forward_args(input, output, running, affine, options, save);
+    problem = checked.problem;
+    if (!problem)
+      mine = describe(checked.value, input.dtype(), options,
+                      {running.mean.present(), affine.weight.present(), affine.bias.present()}, options.eps,
+                      options.momentum);
   }
-  const std::vector<Descriptor> all = agree(comm, fn, mine, error);
-  if (!training) {
+  const std::vector<Descriptor> all = agree(comm, fn, mine, problem);
+  const TensorInfo& in = checked.value;
+  if (!options.training) {
     // Frozen statistics: nothing to exchange; the arguments passed the same checks as batch_norm's.
-    batch_norm(input, output, running_mean, running_var, weight, bias, false, momentum, eps, {}, {}, activation);
+    run_forward(in, input, output, running, {}, affine, options, {}, {});
     return;
   }
   const int R = comm.size();
@@ -248,65 +244,82 @@ void sync_forward(Communicator& comm, const char* fn, const std::string& prior_e
     mean[c] = mu;
     var[c] = m2 / m;
   }
-  forward_with_stats(input, output, in, mean, var, m, running_mean, running_var, weight, bias, true, momentum, eps,
-                     save_mean, save_invstd, activation);
+  forward_with_stats(input, output, in, {mean, var, m}, running, affine, options, save);
 }
 
-void sync_backward(Communicator& comm, const char* fn, const std::string& prior_error, ConstTensorView grad_output,
-                   ConstTensorView input, ConstVectorView weight, ConstVectorView running_mean,
-                   ConstVectorView running_var, ConstVectorView save_mean, ConstVectorView save_invstd, bool training,
-                   double eps, TensorView grad_input, VectorView grad_weight, VectorView grad_bias,
-                   Activation activation, ConstTensorView output) {
-  std::string error = prior_error;
-  TensorInfo in;
+void sync_backward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView grad_output,
+                   const ForwardState& forward, const Options& options, TensorView grad_input, ParamGrads grads) {
+  Problem problem = prior;
+  Checked<TensorInfo> checked = Problem();
   Descriptor mine;
-  if (error.empty()) {
-    try {
-      in = check_backward_args(fn, grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
-                               training, eps, grad_input, grad_weight, grad_bias, activation, output);
-      // eps matters only with frozen statistics; momentum not at all.
-      mine = describe(in, input.dtype(), training, activation, !training, weight.present(), false,
-                      training ? 0.0 : eps, 0.0);
-    } catch (const Error& e) {
-      error = e.what();
-    }
+  if (!problem) {
+    checked = check_backward_args(grad_output, forward, options, grad_input, grads);
+    problem = checked.problem;
+    // eps matters only with frozen statistics; momentum not at all.
+    if (!problem)
+      mine = describe(checked.value, forward.input.dtype(), options, {!options.training, forward.weight.present(), false},
+                      options.training ? 0.0 : options.eps, 0.0);
   }
-  const std::vector<Descriptor> all = agree(comm, fn, mine, error);
-  if (!training) {
+  const std::vector<Descriptor> all = agree(comm, fn, mine, problem);
+  const TensorInfo& in = checked.value;
+  if (!options.training) {
     // Frozen statistics: dx = gamma * invstd * dy needs nothing from the other ranks.
-    batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean, save_invstd, false, eps,
-                        grad_input, grad_weight, grad_bias, activation, output);
+    run_backward(in, grad_output, forward, options, grad_input, grads);
     return;
   }
   const auto uC = static_cast<std::size_t>(in.geometry.C);
   if (uC == 0) return;
-  const ConstTensorView out = activation == Activation::Relu ? output : ConstTensorView();
+  ForwardState f = forward;
+  if (options.activation != Activation::Relu) f.output = {};
   // [sum(dy) | sum(dy * (x - mean))]: this rank's, then their sum over the ranks in rank order.
   Workspace::Scope scope;
   const std::span<double> local = scope.take<double>(2 * uC), global = scope.take<double>(2 * uC);
-  backward_sums(grad_output, input, out, in, save_mean, local.data(), local.data() + uC);
+  backward_sums(grad_output, f, in, {local.data(), local.data() + uC});
   std::copy(local.begin(), local.end(), global.begin());
   comm.all_reduce_sum(global.data(), global.size());
-  backward_finish(grad_output, input, out, in, weight, save_mean, save_invstd, local.data(), local.data() + uC,
-                  global.data(), global.data() + uC, global_count(all), grad_input, grad_weight, grad_bias);
+  backward_finish(grad_output, f, in, {local.data(), local.data() + uC}, {global.data(), global.data() + uC},
+                  global_count(all), grad_input, grads);
+}
+
+namespace {
+
+// The layer's collective source of batch statistics (SyncBatchNorm): the communicator is the
+// caller's and must outlive the layer.
+class CollectiveReducer final : public StatsReducer {
+ public:
+  explicit CollectiveReducer(Communicator& comm) : comm_(comm) {}
+  const char* layer_name() const override { return "SyncBatchNorm"; }
+  const char* forward_name() const override { return "SyncBatchNorm::forward"; }
+  const char* backward_name() const override { return "SyncBatchNorm::backward"; }
+  void forward(const char* fn, const Problem& prior, ConstTensorView x, TensorView y, RunningStats running,
+               Affine affine, const Options& options, SavedStats save) const override {
+    sync_forward(comm_, fn, prior, x, y, running, affine, options, save);
+  }
+  void backward(const char* fn, const Problem& prior, ConstTensorView dy, const ForwardState& forward,
+                const Options& options, TensorView dx, ParamGrads grads) const override {
+    sync_backward(comm_, fn, prior, dy, forward, options, dx, grads);
+  }
+
+ private:
+  Communicator& comm_;
+};
+
+}  // namespace
+
+std::shared_ptr<const StatsReducer> collective_reducer(Communicator& comm) {
+  return std::make_shared<const CollectiveReducer>(comm);
 }
 
 }  // namespace detail
 
-void sync_batch_norm(Communicator& comm, ConstTensorView input, TensorView output, VectorView running_mean,
-                     VectorView running_var, ConstVectorView weight, ConstVectorView bias, bool training,
-                     double momentum, double eps, VectorView save_mean, VectorView save_invstd, Activation activation) {
-  detail::sync_forward(comm, "sync_batch_norm", {}, input, output, running_mean, running_var, weight, bias, training,
-                       momentum, eps, save_mean, save_invstd, activation);
+void sync_batch_norm(Communicator& comm, ConstTensorView input, TensorView output, RunningStats running,
+                     Affine affine, Options options, SavedStats save) {
+  detail::sync_forward(comm, "sync_batch_norm", {}, input, output, running, affine, options, save);
 }
 
-void sync_batch_norm_backward(Communicator& comm, ConstTensorView grad_output, ConstTensorView input,
-                              ConstVectorView weight, ConstVectorView running_mean, ConstVectorView running_var,
-                              ConstVectorView save_mean, ConstVectorView save_invstd, bool training, double eps,
-                              TensorView grad_input, VectorView grad_weight, VectorView grad_bias,
-                              Activation activation, ConstTensorView output) {
-  detail::sync_backward(comm, "sync_batch_norm_backward", {}, grad_output, input, weight, running_mean, running_var,
-                        save_mean, save_invstd, training, eps, grad_input, grad_weight, grad_bias, activation, output);
+void sync_batch_norm_backward(Communicator& comm, ConstTensorView grad_output, const ForwardState& forward,
+                              Options options, TensorView grad_input, ParamGrads grads) {
+  detail::sync_backward(comm, "sync_batch_norm_backward", {}, grad_output, forward, options, grad_input, grads);
 }
 
 }  // namespace bnorm

@@ -16,35 +16,36 @@ bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float64 ||
 bool valid_layout(Layout l) { return l == Layout::ChannelsFirst || l == Layout::ChannelsLast; }
 // The kernels read through float* / double*: a pointer off the element's alignment is undefined
 // behaviour there (and a fault with aligned vector loads), so it is refused up front.
-void check_aligned(const char* fn, const std::string& arg, const void* p, DType dtype) {
+Problem check_aligned(const std::string& arg, const void* p, DType dtype) {
   const auto align = static_cast<std::uintptr_t>(size_of(dtype));
   const auto addr = reinterpret_cast<std::uintptr_t>(p);
   if (align > 1 && addr % align != 0) {
     std::ostringstream got;
     got << p;
-    fail(fn, arg + ": expected a data pointer aligned to " + std::to_string(align) + " bytes (" + to_string(dtype) +
-                 "), got " + got.str());
+    return Problem(arg + ": expected a data pointer aligned to " + std::to_string(align) + " bytes (" +
+                   to_string(dtype) + "), got " + got.str());
   }
+  return {};
 }
 }  // namespace
 
 void fail(const char* fn, const std::string& what) { throw Error(std::string("bnorm::") + fn + ": " + what); }
 
-TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView& t) {
+Checked<TensorInfo> check_tensor(const char* name, const ConstTensorView& t) {
   const std::string arg = name;
   const Shape& s = t.shape();
   if (s.rank() < 2)
-    fail(fn, arg + ": expected a tensor of rank >= 2 (N, C, ...), got rank " + std::to_string(s.rank()) +
+    return Problem(arg + ": expected a tensor of rank >= 2 (N, C, ...), got rank " + std::to_string(s.rank()) +
                  " with shape " + s.str());
   if (!valid_dtype(t.dtype()))
-    fail(fn, arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(t.dtype()));
+    return Problem(arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(t.dtype()));
   if (!valid_layout(t.layout()))
-    fail(fn, arg + ": expected layout channels_first or channels_last, got unsupported " + to_string(t.layout()));
+    return Problem(arg + ": expected layout channels_first or channels_last, got unsupported " + to_string(t.layout()));
   std::int64_t numel = 1, spatial = 1;
   bool overflow = false;
   for (int i = 0; i < s.rank(); ++i) {
     if (s[i] < 0)
-      fail(fn, arg + ": expected non-negative sizes, got " + std::to_string(s[i]) + " in dim " + std::to_string(i) +
+      return Problem(arg + ": expected non-negative sizes, got " + std::to_string(s[i]) + " in dim " + std::to_string(i) +
                    " of shape " + s.str());
     overflow = overflow || __builtin_mul_overflow(numel, s[i], &numel);
     if (i >= 2) overflow = overflow || __builtin_mul_overflow(spatial, s[i], &spatial);
@@ -52,11 +53,11 @@ TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView&
   std::int64_t bytes = 0;
   overflow = overflow || __builtin_mul_overflow(numel, static_cast<std::int64_t>(size_of(t.dtype())), &bytes);
   if (overflow)
-    fail(fn, arg + ": expected a shape whose size in bytes fits in int64, got " + s.str() + " of " +
+    return Problem(arg + ": expected a shape whose size in bytes fits in int64, got " + s.str() + " of " +
                  to_string(t.dtype()));
   if (numel > 0 && t.data() == nullptr)
-    fail(fn, arg + ": expected a data pointer, got null for a tensor of shape " + s.str());
-  check_aligned(fn, arg, t.data(), t.dtype());
+    return Problem(arg + ": expected a data pointer, got null for a tensor of shape " + s.str());
+  BNORM_CHECK(check_aligned(arg, t.data(), t.dtype()));
   TensorInfo info;
   info.geometry = {s[0], s[1], spatial, spatial == 1 ? Layout::ChannelsLast : t.layout()};
   info.geometry.reduce_threads = kernels::reduce_threads(info.geometry);  // read num_threads() once
@@ -65,58 +66,70 @@ TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView&
   return info;
 }
 
-void check_like(const char* fn, const char* name, const ConstTensorView& t, const char* like_name,
-                const ConstTensorView& like) {
+Problem check_like(const char* name, const ConstTensorView& t, const char* like_name, const ConstTensorView& like) {
   const std::string arg = name;
   if (!(t.shape() == like.shape()))
-    fail(fn, arg + ": expected the shape of " + like_name + " " + like.shape().str() + ", got " + t.shape().str());
+    return Problem(arg + ": expected the shape of " + like_name + " " + like.shape().str() + ", got " + t.shape().str());
   if (t.dtype() != like.dtype())
-    fail(fn, arg + ": expected the dtype of " + like_name + " (" + to_string(like.dtype()) + "), got " +
+    return Problem(arg + ": expected the dtype of " + like_name + " (" + to_string(like.dtype()) + "), got " +
                  to_string(t.dtype()));
   // With one spatial element (or none) both layouts are the same memory, so either is fine.
   std::int64_t spatial = 1;
   for (int i = 2; i < t.shape().rank(); ++i) spatial *= t.shape()[i];
   if (spatial != 1 && t.layout() != like.layout())
-    fail(fn, arg + ": expected the layout of " + like_name + " (" + to_string(like.layout()) + "), got " +
+    return Problem(arg + ": expected the layout of " + like_name + " (" + to_string(like.layout()) + "), got " +
                  to_string(t.layout()));
+  return {};
 }
 
-void check_vector(const char* fn, const char* name, const ConstVectorView& v, std::int64_t C, DType tensor_dtype,
-                  bool also_float64) {
+Problem check_vector(const char* name, const ConstVectorView& v, std::int64_t C, DType tensor_dtype,
+                     bool also_float64) {
   const std::string arg = name;
   // The per-channel vectors of a bfloat16 tensor are float32 (torch's mixed-precision rule).
   const DType dtype = tensor_dtype == DType::BFloat16 ? DType::Float32 : tensor_dtype;
   if (v.size() != C)
-    fail(fn, arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
+    return Problem(arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
   if (v.dtype() != dtype && !(also_float64 && v.dtype() == DType::Float64))
-    fail(fn, arg + ": expected dtype " + to_string(dtype) + (also_float64 && dtype != DType::Float64 ? " or float64" : "") +
+    return Problem(arg + ": expected dtype " + to_string(dtype) + (also_float64 && dtype != DType::Float64 ? " or float64" : "") +
                  ", got " + to_string(v.dtype()));
-  if (C > 0 && v.data() == nullptr) fail(fn, arg + ": expected a data pointer, got null for " + std::to_string(C) + " values");
-  check_aligned(fn, arg, v.data(), v.dtype());
+  if (C > 0 && v.data() == nullptr)
+    return Problem(arg + ": expected a data pointer, got null for " + std::to_string(C) + " values");
+  return check_aligned(arg, v.data(), v.dtype());
 }
 
-void check_alias(const char* fn, const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name,
-                 const void* b, std::int64_t b_bytes) {
-  if (a == b || a_bytes == 0 || b_bytes == 0) return;
+Problem check_alias(const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name, const void* b,
+                    std::int64_t b_bytes) {
+  if (a == b || a_bytes == 0 || b_bytes == 0) return {};
   const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
   const bool disjoint = pa + static_cast<std::uintptr_t>(a_bytes) <= pb || pb + static_cast<std::uintptr_t>(b_bytes) <= pa;
   if (!disjoint)
-    fail(fn, std::string(a_name) + ": expected the same memory as " + b_name +
+    return Problem(std::string(a_name) + ": expected the same memory as " + b_name +
                  " or memory disjoint from it, got a partial overlap");
+  return {};
 }
 
-void check_eps(const char* fn, double eps) {
-  if (!(std::isfinite(eps) && eps > 0)) fail(fn, "eps: expected a finite value > 0, got " + num(eps));
+Problem check_eps(double eps) {
+  if (!(std::isfinite(eps) && eps > 0)) return Problem("eps: expected a finite value > 0, got " + num(eps));
+  return {};
 }
 
-void check_momentum(const char* fn, double momentum) {
-  if (!(momentum >= 0 && momentum <= 1)) fail(fn, "momentum: expected a value in [0, 1], got " + num(momentum));
+Problem check_momentum(double momentum) {
+  if (!(momentum >= 0 && momentum <= 1)) return Problem("momentum: expected a value in [0, 1], got " + num(momentum));
+  return {};
 }
 
-void check_training_count(const char* fn, const ConstTensorView& input, const TensorInfo& info) {
+Problem check_activation(Activation activation) {
+  if (activation != Activation::None && activation != Activation::Relu)
+    return Problem("activation: expected None or Relu, got unsupported value " +
+                   std::to_string(static_cast<int>(activation)));
+  return {};
+}
+
+Problem check_training_count(const ConstTensorView& input, const TensorInfo& info) {
   if (info.geometry.C > 0 && info.geometry.per_channel() <= 1)
-    fail(fn, "input: Expected more than 1 value per channel when training, got input size " + input.shape().str() +
+    return Problem("input: Expected more than 1 value per channel when training, got input size " + input.shape().str() +
                  " (N * spatial = " + std::to_string(info.geometry.per_channel()) + " value(s) per channel)");
+  return {};
 }
 
 }  // namespace bnorm::detail

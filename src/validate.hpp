@@ -1,6 +1,10 @@
-// Internal: argument checks shared by the functional API and the layer. Each throws bnorm::Error
-// with "bnorm::<function>: <argument>: expected ..., got ..." and is called before anything is
-// written, so a failed call changes nothing.
+// Internal: argument checks shared by the functional API, SyncBatchNorm and the layer.
+//
+// A check returns what it found as a value: a Problem, empty when the check passed, otherwise
+// "<argument>: expected ..., got ...". Only the public entry points throw (raise), as bnorm::Error
+// "bnorm::<function>: <argument>: expected ..., got ...", and they do so before anything is written,
+// so a failed call changes nothing. Internal code passes problems around: SyncBatchNorm sends a
+// rank's problem to every other rank before all of them throw it together.
 #pragma once
 
 #include <bnorm/types.hpp>
@@ -8,10 +12,42 @@
 #include "kernels/kernels.hpp"
 
 #include <string>
+#include <utility>
 
 namespace bnorm::detail {
 
+class [[nodiscard]] Problem {
+ public:
+  Problem() = default;  // no problem (and no allocation)
+  explicit Problem(std::string what) : what_(std::move(what)) {}
+  explicit operator bool() const { return !what_.empty(); }  // true when the check failed
+  const std::string& what() const { return what_; }
+
+ private:
+  std::string what_;
+};
+
+// A value, or the problem that kept it from being computed.
+template <class T>
+struct [[nodiscard]] Checked {
+  Checked(T v) : value(std::move(v)) {}             // NOLINT: a check's result converts implicitly
+  Checked(Problem p) : problem(std::move(p)) {}     // NOLINT: so does its failure
+  T value{};
+  Problem problem;
+};
+
+// Returns the problem of a check from the enclosing function (a Problem or Checked<T>) when it failed.
+#define BNORM_CHECK(...)                                                    \
+  do {                                                                      \
+    if (::bnorm::detail::Problem bnorm_problem_ = (__VA_ARGS__)) return bnorm_problem_; \
+  } while (0)
+
+// The entry point `fn` throws bnorm::Error "bnorm::<fn>: <what>".
 [[noreturn]] void fail(const char* fn, const std::string& what);
+[[noreturn]] inline void raise(const char* fn, const Problem& p) { fail(fn, p.what()); }
+inline void raise_if(const char* fn, const Problem& p) {
+  if (p) raise(fn, p);
+}
 
 struct TensorInfo {
   kernels::Geometry geometry;  // layout normalized: with S == 1 both layouts are the same memory
@@ -21,23 +57,23 @@ struct TensorInfo {
 
 // Rank >= 2 (and <= kMaxRank), non-negative dims whose product and byte size fit in int64,
 // a supported dtype and layout, and a data pointer unless the tensor is empty.
-TensorInfo check_tensor(const char* fn, const char* name, const ConstTensorView& t);
+Checked<TensorInfo> check_tensor(const char* name, const ConstTensorView& t);
 
 // `t` must have the shape, dtype and (effective) layout of `like`.
-void check_like(const char* fn, const char* name, const ConstTensorView& t, const char* like_name,
-                const ConstTensorView& like);
+Problem check_like(const char* name, const ConstTensorView& t, const char* like_name, const ConstTensorView& like);
 
 // A per-channel vector that goes with a tensor of dtype `dtype`: length C, that dtype (float32 for a
 // bfloat16 tensor) or, with also_float64, float64; a data pointer when C > 0.
-void check_vector(const char* fn, const char* name, const ConstVectorView& v, std::int64_t C, DType dtype,
-                  bool also_float64 = false);
+Problem check_vector(const char* name, const ConstVectorView& v, std::int64_t C, DType dtype,
+                     bool also_float64 = false);
 
 // Two buffers may be the same memory or disjoint, never partly overlapping.
-void check_alias(const char* fn, const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name,
-                 const void* b, std::int64_t b_bytes);
+Problem check_alias(const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name, const void* b,
+                    std::int64_t b_bytes);
 
-void check_eps(const char* fn, double eps);
-void check_momentum(const char* fn, double momentum);
-void check_training_count(const char* fn, const ConstTensorView& input, const TensorInfo& info);
+Problem check_eps(double eps);
+Problem check_momentum(double momentum);
+Problem check_activation(Activation activation);
+Problem check_training_count(const ConstTensorView& input, const TensorInfo& info);
 
 }  // namespace bnorm::detail

@@ -6,11 +6,13 @@
 // calls. See docs/distributed.md for the protocol, what crosses the wire and how much.
 #pragma once
 
+#include <bnorm/functional.hpp>
 #include <bnorm/layer.hpp>
 #include <bnorm/types.hpp>
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace bnorm {
 
@@ -45,21 +47,21 @@ class Communicator {
 // their local validation; when any rank's validation failed or the descriptors differ, every rank
 // throws the same bnorm::Error naming the rank and the problem, and nothing is written anywhere.
 // With training = false no statistics are exchanged (only the descriptor).
-void sync_batch_norm(Communicator& comm, ConstTensorView input, TensorView output, VectorView running_mean,
-                     VectorView running_var, ConstVectorView weight, ConstVectorView bias, bool training,
-                     double momentum = 0.1, double eps = 1e-5, VectorView save_mean = {}, VectorView save_invstd = {},
-                     Activation activation = Activation::None);
+void sync_batch_norm(Communicator& comm, ConstTensorView input, TensorView output, RunningStats running,
+                     Affine affine, Options options, SavedStats save = {});
 
 // Its backward: with training = true the per-channel sum(dy) and sum(dy * (x - mean)) are
 // all-reduced (in double, rank order) and grad_input uses the global count. grad_weight and
 // grad_bias are this rank's contribution (as in torch.nn.SyncBatchNorm): summed over the ranks,
 // as the data-parallel gradient all-reduce does, they are the single-process gradients.
 // Arguments as batch_norm_backward; collective with the same descriptor check as the forward.
-void sync_batch_norm_backward(Communicator& comm, ConstTensorView grad_output, ConstTensorView input,
-                              ConstVectorView weight, ConstVectorView running_mean, ConstVectorView running_var,
-                              ConstVectorView save_mean, ConstVectorView save_invstd, bool training, double eps,
-                              TensorView grad_input, VectorView grad_weight, VectorView grad_bias,
-                              Activation activation = Activation::None, ConstTensorView output = {});
+void sync_batch_norm_backward(Communicator& comm, ConstTensorView grad_output, const ForwardState& forward,
+                              Options options, TensorView grad_input, ParamGrads grads = {});
+
+namespace detail {
+// The layer's StatsReducer (layer.hpp) for the global batch over every rank of `comm`.
+std::shared_ptr<const StatsReducer> collective_reducer(Communicator& comm);
+}  // namespace detail
 
 // torch.nn.SyncBatchNorm: BatchNorm whose batch statistics (training, or eval without running
 // statistics) are those of the global batch over every rank of `comm`, which must outlive the layer.
@@ -70,7 +72,7 @@ template <class P = float>
 class SyncBatchNormT : public BasicBatchNorm<P> {
  public:
   SyncBatchNormT(std::int64_t num_features, Communicator& comm, BatchNormOptions o = {})
-      : BasicBatchNorm<P>(num_features, o, -1, &comm) {}
+      : BasicBatchNorm<P>(num_features, o, -1, detail::collective_reducer(comm)) {}
 };
 using SyncBatchNorm = SyncBatchNormT<float>;
 using SyncBatchNorm64 = SyncBatchNormT<double>;

@@ -1,50 +1,103 @@
 // bnorm functional API: the shape of torch.nn.functional.batch_norm and its backward, over
 // caller-owned memory. See docs/semantics.md for every rule and docs/backward.md for the gradients.
+//
+// The per-channel vectors travel in small named structs (RunningStats, Affine, SavedStats, ...), so
+// that no two neighbouring parameters have the same type and a swap of, say, running_var and
+// save_invstd does not compile. Designated initializers read well at the call site:
+//   bnorm::batch_norm(x, y, {.mean = rm, .var = rv}, {.weight = w, .bias = b}, {.training = true},
+//                     {.mean = save_mean, .invstd = save_invstd});
 #pragma once
 
 #include <bnorm/types.hpp>
 
 namespace bnorm {
 
+// torch's running_mean / running_var buffers: both present or both absent. Read in eval; in
+// training, updated as running = (1 - momentum) * running + momentum * batch, with the unbiased batch
+// variance for var. (The layer turns momentum=None into 1/num_batches.)
+// The same, read-only (inference with a const model, or the statistics an eval forward used).
+struct FrozenStats {
+  ConstVectorView mean, var;
+};
+struct RunningStats {
+  VectorView mean, var;
+  operator FrozenStats() const { return {mean, var}; }
+};
+
+// gamma and beta: optional (absent means gamma = 1, beta = 0).
+struct Affine {
+  ConstVectorView weight, bias;
+};
+
+// What a training forward writes for backward (torch's save_mean / save_invstd): the batch mean and
+// 1 / sqrt(var + eps). Optional outputs, float64 or the vectors' dtype.
+struct ConstSavedStats {
+  ConstVectorView mean, invstd;
+};
+struct SavedStats {
+  VectorView mean, invstd;
+  operator ConstSavedStats() const { return {mean, invstd}; }  // a forward's output feeds backward
+};
+
+// How to normalize; backward takes the forward's Options unchanged (momentum is unused there).
+//   training   : true normalizes with the batch statistics (m = N * prod(spatial) values per
+//                channel, biased variance); false with the running statistics.
+//   activation : Relu fuses y = max(y, 0); backward then needs the output.
+struct Options {
+  bool training = false;
+  double momentum = 0.1;
+  double eps = 1e-5;
+  Activation activation = Activation::None;
+};
+
+// Gradients of the parameters: either may be absent (not computed); overwritten, not accumulated.
+struct ParamGrads {
+  VectorView weight, bias;
+};
+
+// What backward needs from its forward.
+//   input   : the forward's input.
+//   output  : the forward's output; needed only with Activation::Relu (the gradient is masked where
+//             it is not positive).
+//   weight  : the forward's gamma (absent: 1).
+//   saved   : training: the SavedStats the forward wrote.
+//   running : eval (frozen statistics): the running statistics the forward read (and the same eps).
+struct ForwardState {
+  ConstTensorView input;
+  ConstTensorView output = {};
+  ConstVectorView weight = {};
+  ConstSavedStats saved = {};
+  FrozenStats running = {};
+};
+
 // Forward.
 //   input, output : same shape, dtype and layout; rank >= 2; output may be the input (in place).
-//   running_mean, running_var : both present or both absent. Read in eval; in training, updated as
-//                   running = (1 - momentum) * running + momentum * batch, with the unbiased batch
-//                   variance for running_var. (The layer turns momentum=None into 1/num_batches.)
-//   weight, bias  : optional (absent means gamma = 1, beta = 0).
-//   training      : true normalizes with the batch statistics (m = N * prod(spatial) values per
-//                   channel, biased variance); false with the running statistics.
-//   save_mean, save_invstd : optional outputs, written in training only: the batch mean and
-//                   1 / sqrt(var + eps), which batch_norm_backward needs.
-//   activation    : Relu fuses y = max(y, 0); backward then needs the output.
 //   residual      : optional, like input: y = activation(normalized + residual) in the same pass
 //                   (ResNet's BN -> add -> ReLU; torch's relu(bn(x) + z)). output may be the
-//                   residual. Backward: batch_norm_backward with the same activation and this
-//                   output gives grad_input; the residual's gradient is grad_output masked by
-//                   output > 0 under Relu, grad_output itself without.
-// Per-channel vectors have length C and the input's dtype. Throws bnorm::Error on misuse.
+//                   residual. Backward: batch_norm_backward with the same options and this output
+//                   gives grad_input; the residual's gradient is grad_output masked by output > 0
+//                   under Relu, grad_output itself without.
+// Per-channel vectors have length C and the input's dtype (float32 for a bfloat16 input). Throws
+// bnorm::Error on misuse, having changed nothing.
+void batch_norm(ConstTensorView input, TensorView output, RunningStats running, Affine affine, Options options,
+                SavedStats save = {}, ConstTensorView residual = {});
+
+// torch.nn.functional.batch_norm's positional form (plus the output): the call above with
+// Options{training, momentum, eps}.
 void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
                 ConstVectorView weight, ConstVectorView bias, bool training, double momentum = 0.1,
-                double eps = 1e-5, VectorView save_mean = {}, VectorView save_invstd = {},
-                Activation activation = Activation::None, ConstTensorView residual = {});
+                double eps = 1e-5);
 
-// Inference with frozen statistics: batch_norm(..., training = false) for read-only running
-// statistics (an inference server's shared, const model state).
-void batch_norm_inference(ConstTensorView input, TensorView output, ConstVectorView running_mean,
-                          ConstVectorView running_var, ConstVectorView weight = {}, ConstVectorView bias = {},
+// Inference with frozen statistics: batch_norm with training = false for read-only running
+// statistics (an inference server's shared, const model state). running must be present.
+void batch_norm_inference(ConstTensorView input, TensorView output, FrozenStats running, Affine affine = {},
                           double eps = 1e-5, Activation activation = Activation::None);
 
-// Backward (torch's native_batch_norm_backward). With training = true the forward used batch
-// statistics: pass save_mean and save_invstd from it. With training = false the statistics were
-// frozen: pass running_mean and running_var (and the same eps). Any of grad_input, grad_weight,
-// grad_bias may be absent (not computed). With activation = Relu pass the forward's output too;
-// the gradient is masked where the output is not positive. grad_input may alias grad_output or
-// input. grad_weight and grad_bias are overwritten (not accumulated).
-void batch_norm_backward(ConstTensorView grad_output, ConstTensorView input, ConstVectorView weight,
-                         ConstVectorView running_mean, ConstVectorView running_var, ConstVectorView save_mean,
-                         ConstVectorView save_invstd, bool training, double eps, TensorView grad_input,
-                         VectorView grad_weight, VectorView grad_bias, Activation activation = Activation::None,
-                         ConstTensorView output = {});
+// Backward (torch's native_batch_norm_backward). options.training selects the batch-statistics
+// gradient (forward.saved) or the frozen one (forward.running, options.eps). grad_input may be
+// absent (not computed), alias grad_output or the input.
+void batch_norm_backward(ConstTensorView grad_output, const ForwardState& forward, Options options,
+                         TensorView grad_input, ParamGrads grads = {});
 
 // Per-channel batch statistics alone: count m, mean and biased variance, accumulated in double
 // with per-block two-pass sums merged by Chan's formula. mean and var have the input's dtype or

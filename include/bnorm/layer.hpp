@@ -3,6 +3,7 @@
 
 #include <bnorm/types.hpp>
 
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -10,7 +11,12 @@
 
 namespace bnorm {
 
-class Communicator;  // <bnorm/distributed.hpp>
+namespace detail {
+// Where a layer's batch statistics come from, injected at construction: this process's batch (the
+// default) or the global batch over a Communicator (SyncBatchNorm, distributed.hpp). It runs the
+// functional forward and backward; internal (src/reducer.hpp).
+class StatsReducer;
+}  // namespace detail
 
 struct BatchNormOptions {
   double eps = 1e-5;
@@ -75,15 +81,17 @@ class BasicBatchNorm {
   void load(const std::string& path, const std::string& prefix = "");
 
  protected:
-  // SyncBatchNorm (distributed.hpp): the same layer with batch statistics over every rank of
-  // `comm` (not owned; it must outlive the layer).
-  BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims, Communicator* comm);
+  // SyncBatchNorm (distributed.hpp): the same layer with another source of batch statistics.
+  BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims,
+                 std::shared_ptr<const detail::StatsReducer> reducer);
 
  private:
-  void check_input(ConstTensorView x, const char* fn) const;
-  void check_backward(ConstTensorView x, const char* fn) const;
+  // The layer's own checks (rank, channels, dtype; a forward before backward): what failed, or
+  // empty. The reducer raises it, on every rank at once for SyncBatchNorm.
+  std::string input_problem(ConstTensorView x) const;
+  std::string backward_problem(ConstTensorView x) const;
 
-  Communicator* comm_ = nullptr;
+  std::shared_ptr<const detail::StatsReducer> reducer_;
 
   std::int64_t num_features_;
   BatchNormOptions options_;
