@@ -29,7 +29,9 @@ class BnormImpl final : public Impl {
     const std::int64_t C = c_.C();
     switch (c_.op) {
       case Op::TrainFwd:
-        bnorm::batch_norm(x_, y_, {{d_.train_running_mean, C}, {d_.train_running_var, C}}, {{d_.weight, C}, {d_.bias, C}}, {.training = true, .momentum = c_.momentum, .eps = c_.eps}, {{d_.save_mean, C}, {d_.save_invstd, C}});
+        bnorm::batch_norm(x_, y_, {{d_.train_running_mean, C}, {d_.train_running_var, C}},
+                          {{d_.weight, C}, {d_.bias, C}}, {.training = true, .momentum = c_.momentum, .eps = c_.eps},
+                          {{d_.save_mean, C}, {d_.save_invstd, C}});
         break;
       case Op::InferFwd:
         // The running statistics are only read in eval; the API takes writable views for both modes.
@@ -37,7 +39,9 @@ class BnormImpl final : public Impl {
                           {d_.weight, C}, {d_.bias, C}, false, c_.momentum, c_.eps);
         break;
       case Op::Backward:
-        bnorm::batch_norm_backward(dy_, {.input = x_, .weight = {d_.weight, C}, .saved = {{d_.save_mean, C}, {d_.save_invstd, C}}}, {.training = true, .eps = c_.eps}, dx_, {{d_.dweight, C}, {d_.dbias, C}});
+        bnorm::batch_norm_backward(
+            dy_, {.input = x_, .weight = {d_.weight, C}, .saved = {{d_.save_mean, C}, {d_.save_invstd, C}}},
+            {.training = true, .eps = c_.eps}, dx_, {{d_.dweight, C}, {d_.dbias, C}});
         break;
     }
   }

@@ -515,7 +515,10 @@ void forward_case(FuzzedDataProvider& fdp) {
   bool threw = false;
   std::string message;
   try {
-    batch_norm(ConstTensorView(in_ptr, in_dt, shape, layout), TensorView(out_ptr, out_dt, out_shape, out_layout), {rm.view(), rv.view()}, {w.cview(), b.cview()}, {.training = training, .momentum = momentum, .eps = eps, .activation = act}, {sm.view(), si.view()}, has_res ? ConstTensorView(res_ptr, dt, res_shape, layout) : ConstTensorView());
+    batch_norm(ConstTensorView(in_ptr, in_dt, shape, layout), TensorView(out_ptr, out_dt, out_shape, out_layout),
+               {rm.view(), rv.view()}, {w.cview(), b.cview()},
+               {.training = training, .momentum = momentum, .eps = eps, .activation = act}, {sm.view(), si.view()},
+               has_res ? ConstTensorView(res_ptr, dt, res_shape, layout) : ConstTensorView());
   } catch (const Error& e) {
     threw = true;
     message = e.what();
@@ -662,7 +665,14 @@ void forward_case(FuzzedDataProvider& fdp) {
   const auto before_b = arena.snapshot();
   threw = false;
   try {
-    batch_norm_backward(ConstTensorView(dy_ptr, dt, shape, layout), {.input = ConstTensorView(xb_ptr, dt, shape, layout), .output = give_output ? ConstTensorView(out_ptr, dt, shape, layout) : ConstTensorView(), .weight = w.cview(), .saved = {sm.cview(), si.cview()}, .running = {rm.cview(), rv.cview()}}, {.training = b_training, .eps = eps, .activation = act}, gi_present ? TensorView(gi_ptr, dt, gi_shape, layout) : TensorView(), {gw.view(), gb.view()});
+    batch_norm_backward(ConstTensorView(dy_ptr, dt, shape, layout),
+                        {.input = ConstTensorView(xb_ptr, dt, shape, layout),
+                         .output = give_output ? ConstTensorView(out_ptr, dt, shape, layout) : ConstTensorView(),
+                         .weight = w.cview(),
+                         .saved = {sm.cview(), si.cview()},
+                         .running = {rm.cview(), rv.cview()}},
+                        {.training = b_training, .eps = eps, .activation = act},
+                        gi_present ? TensorView(gi_ptr, dt, gi_shape, layout) : TensorView(), {gw.view(), gb.view()});
   } catch (const Error& e) {
     threw = true;
     message = e.what();

@@ -70,8 +70,14 @@ void check_sync(Communicator& comm, const Dims& d, const std::vector<std::int64_
   const Shape shape = d.view_shape();
   std::vector<T> y1(xm.size()), dx1(xm.size()), rm1 = cast<T>(rm0), rv1 = cast<T>(rv0);
   std::vector<T> sm1(static_cast<std::size_t>(C)), si1(sm1.size()), dw1(sm1.size()), db1(sm1.size());
-  batch_norm(ConstTensorView(xm.data(), shape, layout), TensorView(y1.data(), shape, layout), {rm1, rv1}, {wt, bt}, {.training = true, .activation = act}, {sm1, si1});
-  batch_norm_backward(ConstTensorView(dym.data(), shape, layout), {.input = ConstTensorView(xm.data(), shape, layout), .output = ConstTensorView(y1.data(), shape, layout), .weight = wt, .saved = {sm1, si1}}, {.training = true, .activation = act}, TensorView(dx1.data(), shape, layout), {dw1, db1});
+  batch_norm(ConstTensorView(xm.data(), shape, layout), TensorView(y1.data(), shape, layout), {rm1, rv1}, {wt, bt},
+             {.training = true, .activation = act}, {sm1, si1});
+  batch_norm_backward(ConstTensorView(dym.data(), shape, layout),
+                      {.input = ConstTensorView(xm.data(), shape, layout),
+                       .output = ConstTensorView(y1.data(), shape, layout),
+                       .weight = wt,
+                       .saved = {sm1, si1}},
+                      {.training = true, .activation = act}, TensorView(dx1.data(), shape, layout), {dw1, db1});
   // The float64 reference.
   const reference::Problem p{d.N(), d.C(), d.S(), true, 0.1, 1e-5, act == Activation::Relu};
   const reference::Forward rf = reference::forward(p, x, w, b, rm0, rv0);
@@ -107,7 +113,8 @@ void check_sync(Communicator& comm, const Dims& d, const std::vector<std::int64_
     EXPECT_EQ(bn.num_batches_tracked(), 1);
   } else {
     sync_batch_norm(comm, xv, yv, {rm, rv}, {wt, bt}, {.training = true, .activation = act}, {sm, si});
-    sync_batch_norm_backward(comm, dyv, {.input = xv, .output = yv, .weight = wt, .saved = {sm, si}}, {.training = true, .activation = act}, dxv, {dw, db});
+    sync_batch_norm_backward(comm, dyv, {.input = xv, .output = yv, .weight = wt, .saved = {sm, si}},
+                             {.training = true, .activation = act}, dxv, {dw, db});
   }
   // Parameter gradients: each rank holds its contribution; their sum is the global gradient.
   std::vector<double> dw_sum = widen(dw), db_sum = widen(db);
@@ -195,7 +202,8 @@ inline void check_sync_errors(Communicator& comm) {
       comm,
       [&] {
         if (me == last)
-          sync_batch_norm(comm, ConstTensorView(x5.data(), {2, 5, 3}), TensorView(y5.data(), {2, 5, 3}), {rm5, rv5}, {}, {.training = true});
+          sync_batch_norm(comm, ConstTensorView(x5.data(), {2, 5, 3}), TensorView(y5.data(), {2, 5, 3}), {rm5, rv5}, {},
+                          {.training = true});
         else
           sync_batch_norm(comm, std::get<0>(good()), std::get<1>(good()), {rm, rv}, {w, b}, {.training = true});
       },
@@ -209,19 +217,25 @@ inline void check_sync_errors(Communicator& comm) {
       comm,
       [&] {
         std::vector<float> w3(3, 1.f);
-        sync_batch_norm(comm, std::get<0>(good()), std::get<1>(good()), {rm, rv}, {me == last ? ConstVectorView(w3) : ConstVectorView(w), b}, {.training = true});
+        sync_batch_norm(comm, std::get<0>(good()), std::get<1>(good()), {rm, rv},
+                        {me == last ? ConstVectorView(w3) : ConstVectorView(w), b}, {.training = true});
       },
       {"bnorm::sync_batch_norm: " + lastname, "weight: expected 4 values (one per channel), got 3"});
   EXPECT_EQ(rm, rm_before);
 
   // Mode and eps mismatches.
   expect_error_everywhere(
-      comm, [&] { sync_batch_norm(comm, std::get<0>(good()), std::get<1>(good()), {rm, rv}, {w, b}, {.training = me != last}); },
-      {lastname, "training: expected true (rank 0's), got false"});
-  expect_error_everywhere(
       comm,
-      [&] { sync_batch_norm(comm, std::get<0>(good()), std::get<1>(good()), {rm, rv}, {w, b}, {.training = true, .eps = me == last ? 1e-3 : 1e-5}); },
-      {lastname, "eps: expected 1.0000000000000001e-05 (rank 0's), got 0.001"});
+      [&] {
+        sync_batch_norm(comm, std::get<0>(good()), std::get<1>(good()), {rm, rv}, {w, b}, {.training = me != last});
+      },
+      {lastname, "training: expected true (rank 0's), got false"});
+  expect_error_everywhere(comm,
+                          [&] {
+                            sync_batch_norm(comm, std::get<0>(good()), std::get<1>(good()), {rm, rv}, {w, b},
+                                            {.training = true, .eps = me == last ? 1e-3 : 1e-5});
+                          },
+                          {lastname, "eps: expected 1.0000000000000001e-05 (rank 0's), got 0.001"});
   EXPECT_EQ(rm, rm_before);
 
   // One value per channel over all ranks: the training error on every rank.
@@ -230,7 +244,8 @@ inline void check_sync_errors(Communicator& comm) {
       comm,
       [&] {
         const std::int64_t n = me == 0 ? 1 : 0;
-        sync_batch_norm(comm, ConstTensorView(x1.data(), {n, 4}), TensorView(y1.data(), {n, 4}), {rm, rv}, {w, b}, {.training = true});
+        sync_batch_norm(comm, ConstTensorView(x1.data(), {n, 4}), TensorView(y1.data(), {n, 4}), {rm, rv}, {w, b},
+                        {.training = true});
       },
       {"Expected more than 1 value per channel when training, got 1 value(s) per channel over all ranks"});
   EXPECT_EQ(rm, rm_before);
@@ -260,7 +275,8 @@ inline void check_sync_errors(Communicator& comm) {
       comm,
       [&] {
         const ConstTensorView dy = me == last ? ConstTensorView(x5.data(), {2, 5, 3}) : std::get<0>(good());
-        sync_batch_norm_backward(comm, dy, {.input = std::get<0>(good()), .weight = w, .saved = {sm, si}}, {.training = true}, TensorView(dx.data(), {2, 4, 3}));
+        sync_batch_norm_backward(comm, dy, {.input = std::get<0>(good()), .weight = w, .saved = {sm, si}},
+                                 {.training = true}, TensorView(dx.data(), {2, 4, 3}));
       },
       {"bnorm::sync_batch_norm_backward: " + lastname, "grad_output: expected the shape of input"});
 

@@ -133,10 +133,19 @@ struct Problem {
   static VectorView vec(std::vector<V>& v) { return VectorView(v.data(), static_cast<std::int64_t>(v.size())); }
 
   void forward(bool training, Activation act = Activation::None, bool with_residual = false, bool params = true) {
-    batch_norm(in(x), out(y), {params ? vec(running_mean) : VectorView(), params ? vec(running_var) : VectorView()}, {params ? vec(weight) : VectorView(), params ? vec(bias) : VectorView()}, {.training = training, .activation = act}, {vec(save_mean), vec(save_invstd)}, with_residual ? in(residual) : ConstTensorView());
+    batch_norm(in(x), out(y), {params ? vec(running_mean) : VectorView(), params ? vec(running_var) : VectorView()},
+               {params ? vec(weight) : VectorView(), params ? vec(bias) : VectorView()},
+               {.training = training, .activation = act}, {vec(save_mean), vec(save_invstd)},
+               with_residual ? in(residual) : ConstTensorView());
   }
   void backward(bool training, Activation act = Activation::None) {
-    batch_norm_backward(in(dy), {.input = in(x), .output = act == Activation::Relu ? in(y) : ConstTensorView(), .weight = vec(weight), .saved = {vec(save_mean), vec(save_invstd)}, .running = {vec(running_mean), vec(running_var)}}, {.training = training, .activation = act}, out(dx), {vec(grad_weight), vec(grad_bias)});
+    batch_norm_backward(in(dy),
+                        {.input = in(x),
+                         .output = act == Activation::Relu ? in(y) : ConstTensorView(),
+                         .weight = vec(weight),
+                         .saved = {vec(save_mean), vec(save_invstd)},
+                         .running = {vec(running_mean), vec(running_var)}},
+                        {.training = training, .activation = act}, out(dx), {vec(grad_weight), vec(grad_bias)});
   }
 };
 
@@ -199,7 +208,8 @@ TEST_F(NoAlloc, EvalForward) {
     Problem<float> p({4, 8, 16, 16}, l);
     EXPECT_EQ(allocations_after_warmup([&] { p.forward(false); }), 0);
     EXPECT_EQ(allocations_after_warmup([&] {
-                batch_norm_inference(p.in(p.x), p.out(p.y), {Problem<float>::vec(p.running_mean), Problem<float>::vec(p.running_var)});
+                batch_norm_inference(p.in(p.x), p.out(p.y),
+                                     {Problem<float>::vec(p.running_mean), Problem<float>::vec(p.running_var)});
               }),
               0);
   }

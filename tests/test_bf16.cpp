@@ -78,7 +78,8 @@ void check_bf16(const Dims& d, const Case& k, std::uint64_t seed) {
   std::vector<float> wt = cast<float>(w), bt = cast<float>(b), rm = cast<float>(rm0), rv = cast<float>(rv0);
   std::vector<float> sm(static_cast<std::size_t>(C)), si(sm.size()), gw(sm.size()), gb(sm.size());
   const Activation act = k.relu ? Activation::Relu : Activation::None;
-  batch_norm(ConstTensorView(xm.data(), s, k.layout), TensorView(y.data(), s, k.layout), {rm, rv}, {wt, bt}, {.training = true, .activation = act}, {VectorView(sm), VectorView(si)});
+  batch_norm(ConstTensorView(xm.data(), s, k.layout), TensorView(y.data(), s, k.layout), {rm, rv}, {wt, bt},
+             {.training = true, .activation = act}, {VectorView(sm), VectorView(si)});
   const double t = tol<float>(), half_ulp = 1.0 / 256;
   EXPECT_TRUE(close(from_bf16(y, d, k.layout), ref.y, half_ulp, half_ulp, "y"));
   EXPECT_TRUE(close(widen(sm), ref.mean, 10 * t, 10 * t, "save_mean"));
@@ -87,7 +88,13 @@ void check_bf16(const Dims& d, const Case& k, std::uint64_t seed) {
 
   // Backward through the ReLU needs the forward's output: the reference's own, rounded as stored.
   const std::vector<bfloat16> out = to_bf16(ref.y, d, k.layout);
-  batch_norm_backward(ConstTensorView(dym.data(), s, k.layout), {.input = ConstTensorView(xm.data(), s, k.layout), .output = k.relu ? ConstTensorView(out.data(), s, k.layout) : ConstTensorView(), .weight = wt, .saved = {ConstVectorView(sm), ConstVectorView(si)}}, {.training = true, .activation = act}, TensorView(dx.data(), s, k.layout), {VectorView(gw), VectorView(gb)});
+  batch_norm_backward(ConstTensorView(dym.data(), s, k.layout),
+                      {.input = ConstTensorView(xm.data(), s, k.layout),
+                       .output = k.relu ? ConstTensorView(out.data(), s, k.layout) : ConstTensorView(),
+                       .weight = wt,
+                       .saved = {ConstVectorView(sm), ConstVectorView(si)}},
+                      {.training = true, .activation = act}, TensorView(dx.data(), s, k.layout),
+                      {VectorView(gw), VectorView(gb)});
   EXPECT_TRUE(close(from_bf16(dx, d, k.layout), rb.dx, half_ulp * std::max(1.0, 2 * max_abs(rb.dx)), half_ulp, "dx"));
   double l1 = 0;
   for (double v : dy) l1 += std::abs(v);

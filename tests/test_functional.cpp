@@ -17,7 +17,8 @@ struct GradProblem {
 
   double loss(const std::vector<double>& xv, const std::vector<double>& wv, const std::vector<double>& bv) const {
     std::vector<double> y(xv.size()), rmc = rm, rvc = rv;
-    batch_norm(ConstTensorView(xv.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), {rmc, rvc}, {wv, bv}, {.training = training, .activation = relu ? Activation::Relu : Activation::None});
+    batch_norm(ConstTensorView(xv.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout),
+               {rmc, rvc}, {wv, bv}, {.training = training, .activation = relu ? Activation::Relu : Activation::None});
     double l = 0;
     for (std::size_t i = 0; i < y.size(); ++i) l += r[i] * y[i];
     return l;
@@ -41,9 +42,17 @@ void gradient_check(bool training, bool relu, Layout layout) {
 
   std::vector<double> y(p.x.size()), sm(static_cast<std::size_t>(C)), si(sm.size()), rmc = p.rm, rvc = p.rv;
   const Shape shape = p.d.view_shape();
-  batch_norm(ConstTensorView(p.x.data(), shape, layout), TensorView(y.data(), shape, layout), {rmc, rvc}, {p.w, p.b}, {.training = training, .activation = relu ? Activation::Relu : Activation::None}, {sm, si});
+  batch_norm(ConstTensorView(p.x.data(), shape, layout), TensorView(y.data(), shape, layout), {rmc, rvc}, {p.w, p.b},
+             {.training = training, .activation = relu ? Activation::Relu : Activation::None}, {sm, si});
   std::vector<double> dx(p.x.size()), dw(sm.size()), db(sm.size());
-  batch_norm_backward(ConstTensorView(p.r.data(), shape, layout), {.input = ConstTensorView(p.x.data(), shape, layout), .output = ConstTensorView(y.data(), shape, layout), .weight = p.w, .saved = {sm, si}, .running = {p.rm, p.rv}}, {.training = training, .activation = relu ? Activation::Relu : Activation::None}, TensorView(dx.data(), shape, layout), {dw, db});
+  batch_norm_backward(ConstTensorView(p.r.data(), shape, layout),
+                      {.input = ConstTensorView(p.x.data(), shape, layout),
+                       .output = ConstTensorView(y.data(), shape, layout),
+                       .weight = p.w,
+                       .saved = {sm, si},
+                       .running = {p.rm, p.rv}},
+                      {.training = training, .activation = relu ? Activation::Relu : Activation::None},
+                      TensorView(dx.data(), shape, layout), {dw, db});
 
   const double h = 1e-6;
   auto numeric = [&](std::vector<double>& v, std::size_t i) {
@@ -90,7 +99,8 @@ struct Call {
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7);
   }
   void run(ConstTensorView in, TensorView out, VectorView rmv, VectorView rvv, ConstVectorView wv, ConstVectorView bv) {
-    batch_norm(in, out, {rmv, rvv}, {wv, bv}, {.training = training, .momentum = momentum, .eps = eps}, {VectorView(sm), VectorView(si)});
+    batch_norm(in, out, {rmv, rvv}, {wv, bv}, {.training = training, .momentum = momentum, .eps = eps},
+               {VectorView(sm), VectorView(si)});
   }
   Shape shape() const { return Shape{std::span<const std::int64_t>(dims)}; }
   ConstTensorView in() const { return ConstTensorView(x.data(), shape()); }
@@ -150,9 +160,12 @@ TEST(Errors, ChannelCountMismatch) {
                {"running_var", "expected 3 values", "got 4"});
   expect_error(c, [&](Call& k) { k.run(k.in(), k.out(), k.rm, k.rv, two, k.b); }, {"weight", "expected 3 values", "got 2"});
   expect_error(c, [&](Call& k) { k.run(k.in(), k.out(), k.rm, k.rv, k.w, five); }, {"bias", "expected 3 values", "got 5"});
-  expect_error(c, [&](Call& k) {
-    batch_norm(k.in(), k.out(), {k.rm, k.rv}, {k.w, k.b}, {.training = true}, {VectorView(four), VectorView(k.si)});
-  }, {"save_mean", "expected 3 values", "got 4"});
+  expect_error(
+      c,
+      [&](Call& k) {
+        batch_norm(k.in(), k.out(), {k.rm, k.rv}, {k.w, k.b}, {.training = true}, {VectorView(four), VectorView(k.si)});
+      },
+      {"save_mean", "expected 3 values", "got 4"});
 }
 
 TEST(Errors, OneValuePerChannelInTraining) {
@@ -270,21 +283,37 @@ TEST(Errors, BackwardArguments) {
     EXPECT_EQ(dx, std::vector<float>(60, 5.f));
     EXPECT_EQ(gw, std::vector<float>(3, 5.f));
   };
-  expect([&] {
-    batch_norm_backward(ConstTensorView(dy.data(), Shape{4, 3, 4}), {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true}, TensorView(dx.data(), s), {gw, gb});
-  }, {"batch_norm_backward", "grad_output", "[4, 3, 5]", "[4, 3, 4]"});
-  expect([&] {
-    batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s)}, {.training = true}, TensorView(dx.data(), s), {gw, gb});
-  }, {"save_mean", "training=true"});
-  expect([&] {
-    batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s)}, {.training = false}, TensorView(dx.data(), s), {gw, gb});
-  }, {"running_mean", "training=false"});
-  expect([&] {
-    batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true, .activation = Activation::Relu}, TensorView(dx.data(), s), {gw, gb});
-  }, {"output", "Relu"});
-  expect([&] {
-    batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true}, TensorView(dx.data(), s), {VectorView(gw.data(), 2), gb});
-  }, {"grad_weight", "expected 3 values", "got 2"});
+  expect(
+      [&] {
+        batch_norm_backward(ConstTensorView(dy.data(), Shape{4, 3, 4}),
+                            {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true},
+                            TensorView(dx.data(), s), {gw, gb});
+      },
+      {"batch_norm_backward", "grad_output", "[4, 3, 5]", "[4, 3, 4]"});
+  expect(
+      [&] {
+        batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s)}, {.training = true},
+                            TensorView(dx.data(), s), {gw, gb});
+      },
+      {"save_mean", "training=true"});
+  expect(
+      [&] {
+        batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s)}, {.training = false},
+                            TensorView(dx.data(), s), {gw, gb});
+      },
+      {"running_mean", "training=false"});
+  expect(
+      [&] {
+        batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s), .saved = {sm, si}},
+                            {.training = true, .activation = Activation::Relu}, TensorView(dx.data(), s), {gw, gb});
+      },
+      {"output", "Relu"});
+  expect(
+      [&] {
+        batch_norm_backward(ConstTensorView(dy.data(), s), {.input = ConstTensorView(x.data(), s), .saved = {sm, si}},
+                            {.training = true}, TensorView(dx.data(), s), {VectorView(gw.data(), 2), gb});
+      },
+      {"grad_weight", "expected 3 values", "got 2"});
 }
 
 // Inference from read-only running statistics equals batch_norm in eval mode.
@@ -296,11 +325,25 @@ TEST(EdgeCases, InferenceWithConstStatistics) {
                            rv = cast<float>(random_vector<float>(6, rng, 0.5, 2)),
                            w = cast<float>(random_vector<float>(6, rng, 0.5, 1.5));
   std::vector<float> y1(x.size()), y2(x.size()), rm2 = rm, rv2 = rv;
-  batch_norm_inference(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), {rm, rv}, {w, {}}, 1e-5, Activation::Relu);
-  batch_norm(ConstTensorView(x.data(), d.view_shape()), TensorView(y2.data(), d.view_shape()), {rm2, rv2}, {w, {}}, {.training = false, .activation = Activation::Relu});
+  batch_norm_inference(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), {rm, rv},
+                       {w, {}}, 1e-5, Activation::Relu);
+  batch_norm(ConstTensorView(x.data(), d.view_shape()), TensorView(y2.data(), d.view_shape()), {rm2, rv2}, {w, {}},
+             {.training = false, .activation = Activation::Relu});
   EXPECT_EQ(y1, y2);
-  EXPECT_THROW(batch_norm_inference(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), {}),
-               Error);
+  EXPECT_THROW(
+      batch_norm_inference(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), {}),
+      Error);
+  // Its errors name it (they named batch_norm while it was a wrapper over it), and change nothing.
+  const std::vector<float> w5(5, 1.f);
+  const std::vector<float> y_before = y1;
+  const std::string e = error_of([&] {
+    batch_norm_inference(ConstTensorView(x.data(), d.view_shape()), TensorView(y1.data(), d.view_shape()), {rm, rv},
+                         {w5, {}});
+  });
+  EXPECT_NE(e.find("bnorm::batch_norm_inference: weight: expected 6 values (one per channel), got 5"),
+            std::string::npos)
+      << e;
+  EXPECT_EQ(y1, y_before);
 }
 
 // Empty batches: eval is a no-op, training is the m == 1 rule's error (m = 0).
@@ -325,9 +368,13 @@ TEST(EdgeCases, Float64SavedStatisticsForFloat32Input) {
   const std::vector<float> xf = cast<float>(x), dyf = cast<float>(dy);
   std::vector<float> y(xf.size()), dx(xf.size());
   std::vector<double> sm(2), si(2), gw(2), gb(2);
-  batch_norm(ConstTensorView(xf.data(), d.view_shape()), TensorView(y.data(), d.view_shape()), {}, {}, {.training = true}, {VectorView(sm), VectorView(si)});
+  batch_norm(ConstTensorView(xf.data(), d.view_shape()), TensorView(y.data(), d.view_shape()), {}, {},
+             {.training = true}, {VectorView(sm), VectorView(si)});
   std::vector<float> gwf(2), gbf(2);
-  batch_norm_backward(ConstTensorView(dyf.data(), d.view_shape()), {.input = ConstTensorView(xf.data(), d.view_shape()), .saved = {ConstVectorView(sm), ConstVectorView(si)}}, {.training = true}, TensorView(dx.data(), d.view_shape()), {VectorView(gwf), VectorView(gbf)});
+  batch_norm_backward(
+      ConstTensorView(dyf.data(), d.view_shape()),
+      {.input = ConstTensorView(xf.data(), d.view_shape()), .saved = {ConstVectorView(sm), ConstVectorView(si)}},
+      {.training = true}, TensorView(dx.data(), d.view_shape()), {VectorView(gwf), VectorView(gbf)});
   EXPECT_TRUE(close(sm, ref.mean, 0, 1e-15, "save_mean (float64)"));
   EXPECT_TRUE(close(widen(gwf), rb.dweight, 1e-4, 1e-6, "grad_weight at offset 1e4"));
   EXPECT_TRUE(close(widen(dx), rb.dx, 1e-5 * max_abs(rb.dx), 0, "grad_input at offset 1e4"));

@@ -58,7 +58,14 @@ void check_against_reference(const Dims& d, const Options& o, std::uint64_t seed
   std::vector<T> sm(static_cast<std::size_t>(C)), si(static_cast<std::size_t>(C));
   if (o.in_place) y = xm;
   const T* in = o.in_place ? y.data() : xm.data();
-  batch_norm(ConstTensorView(in, shape, o.layout), TensorView(y.data(), shape, o.layout), {o.track ? VectorView(rm) : VectorView(), o.track ? VectorView(rv) : VectorView()}, {o.affine ? ConstVectorView(wt) : ConstVectorView(), o.affine ? ConstVectorView(bt) : ConstVectorView()}, {.training = o.training, .momentum = o.momentum, .eps = o.eps, .activation = o.relu ? Activation::Relu : Activation::None}, {VectorView(sm), VectorView(si)});
+  batch_norm(ConstTensorView(in, shape, o.layout), TensorView(y.data(), shape, o.layout),
+             {o.track ? VectorView(rm) : VectorView(), o.track ? VectorView(rv) : VectorView()},
+             {o.affine ? ConstVectorView(wt) : ConstVectorView(), o.affine ? ConstVectorView(bt) : ConstVectorView()},
+             {.training = o.training,
+              .momentum = o.momentum,
+              .eps = o.eps,
+              .activation = o.relu ? Activation::Relu : Activation::None},
+             {VectorView(sm), VectorView(si)});
 
   const double t = tol<T>();
   EXPECT_TRUE(close(from_layout(y, d, o.layout), ref.y, t, t, "y"));
@@ -78,7 +85,16 @@ void check_against_reference(const Dims& d, const Options& o, std::uint64_t seed
   if (o.in_place) dx = dym;
   const std::vector<T> rm_used = cast<T>(o.track ? (o.training ? rm0 : rm0) : std::vector<double>{});
   const std::vector<T> rv_used = cast<T>(o.track ? rv0 : std::vector<double>{});
-  batch_norm_backward(ConstTensorView(o.in_place ? dx.data() : dym.data(), shape, o.layout), {.input = ConstTensorView(xm.data(), shape, o.layout), .output = o.relu ? ConstTensorView(y.data(), shape, o.layout) : ConstTensorView(), .weight = o.affine ? ConstVectorView(wt) : ConstVectorView(), .saved = {ConstVectorView(sm), ConstVectorView(si)}, .running = {o.training ? ConstVectorView() : ConstVectorView(rm_used), o.training ? ConstVectorView() : ConstVectorView(rv_used)}}, {.training = o.training, .eps = o.eps, .activation = o.relu ? Activation::Relu : Activation::None}, TensorView(dx.data(), shape, o.layout), {VectorView(gw), VectorView(gb)});
+  batch_norm_backward(
+      ConstTensorView(o.in_place ? dx.data() : dym.data(), shape, o.layout),
+      {.input = ConstTensorView(xm.data(), shape, o.layout),
+       .output = o.relu ? ConstTensorView(y.data(), shape, o.layout) : ConstTensorView(),
+       .weight = o.affine ? ConstVectorView(wt) : ConstVectorView(),
+       .saved = {ConstVectorView(sm), ConstVectorView(si)},
+       .running = {o.training ? ConstVectorView() : ConstVectorView(rm_used),
+                   o.training ? ConstVectorView() : ConstVectorView(rv_used)}},
+      {.training = o.training, .eps = o.eps, .activation = o.relu ? Activation::Relu : Activation::None},
+      TensorView(dx.data(), shape, o.layout), {VectorView(gw), VectorView(gb)});
   // dx = k_dy * dy - k_x * (x - mean) - k_c cancels heavily for small m: its rounding error scales
   // with the terms, gamma * invstd * |dy|, not with the result.
   double gain = 0;
@@ -185,8 +201,13 @@ TEST(Kernels, StreamedLargeOutputsMatchReference) {
         float* y = aligned(ybuf);
         float* dx = aligned(dxbuf);
         const Shape s = d.view_shape();
-        batch_norm(ConstTensorView(xm.data(), s, layout), TensorView(y, s, layout), {}, {}, {.training = true, .activation = Activation::Relu}, {VectorView(sm), VectorView(si)});
-        batch_norm_backward(ConstTensorView(dym.data(), s, layout), {.input = ConstTensorView(xm.data(), s, layout), .output = ConstTensorView(y, s, layout), .saved = {ConstVectorView(sm), ConstVectorView(si)}}, {.training = true, .activation = Activation::Relu}, TensorView(dx, s, layout));
+        batch_norm(ConstTensorView(xm.data(), s, layout), TensorView(y, s, layout), {}, {},
+                   {.training = true, .activation = Activation::Relu}, {VectorView(sm), VectorView(si)});
+        batch_norm_backward(ConstTensorView(dym.data(), s, layout),
+                            {.input = ConstTensorView(xm.data(), s, layout),
+                             .output = ConstTensorView(y, s, layout),
+                             .saved = {ConstVectorView(sm), ConstVectorView(si)}},
+                            {.training = true, .activation = Activation::Relu}, TensorView(dx, s, layout));
         const double t = tol<float>();
         EXPECT_TRUE(close(from_layout(std::vector<float>(y, y + n), d, layout), ref.y, t, t, "y"));
         EXPECT_TRUE(close(from_layout(std::vector<float>(dx, dx + n), d, layout), rb.dx, 4 * t * std::max(1.0, max_abs(rb.dx)),
@@ -222,7 +243,9 @@ TEST(Kernels, FusedResidualAddMatchesReference) {
             const std::vector<float> xm = to_layout<float>(x, d, layout), wt = cast<float>(w), bt = cast<float>(b);
             std::vector<float> zm = to_layout<float>(z, d, layout), y(xm.size()), rmt = cast<float>(rm), rvt = cast<float>(rv);
             float* out = into_residual ? zm.data() : y.data();
-            batch_norm(ConstTensorView(xm.data(), s, layout), TensorView(out, s, layout), {rmt, rvt}, {wt, bt}, {.training = training, .activation = relu ? Activation::Relu : Activation::None}, {}, ConstTensorView(zm.data(), s, layout));
+            batch_norm(ConstTensorView(xm.data(), s, layout), TensorView(out, s, layout), {rmt, rvt}, {wt, bt},
+                       {.training = training, .activation = relu ? Activation::Relu : Activation::None}, {},
+                       ConstTensorView(zm.data(), s, layout));
             EXPECT_TRUE(close(from_layout(std::vector<float>(out, out + xm.size()), d, layout), want, 4 * tol<float>(),
                               4 * tol<float>(), "y"));
           }
@@ -230,11 +253,13 @@ TEST(Kernels, FusedResidualAddMatchesReference) {
   std::vector<float> x(24, 1.f), y(24), z(30), rm(3, 0.f), rv(3, 1.f);
   const Shape s = d.view_shape();
   EXPECT_NE(error_of([&] {
-              batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), {rm, rv}, {}, {.training = false}, {}, ConstTensorView(z.data(), Shape{2, 3, 5}));
+              batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), {rm, rv}, {}, {.training = false}, {},
+                         ConstTensorView(z.data(), Shape{2, 3, 5}));
             }).find("residual: expected the shape of input"),
             std::string::npos);
   EXPECT_NE(error_of([&] {
-              batch_norm(ConstTensorView(x.data(), s), TensorView(z.data(), s), {rm, rv}, {}, {.training = false}, {}, ConstTensorView(z.data() + 1, s));
+              batch_norm(ConstTensorView(x.data(), s), TensorView(z.data(), s), {rm, rv}, {}, {.training = false}, {},
+                         ConstTensorView(z.data() + 1, s));
             }).find("output"),
             std::string::npos);
 }
@@ -259,7 +284,8 @@ void check_large_offset(double mean, double stddev, Layout layout, int threads) 
   const std::vector<float> xm = to_layout<float>(x, d, layout);
   std::vector<float> y(xm.size()), rm(ones.size(), 0.f), rv(ones.size(), 1.f), sm(ones.size()), si(ones.size());
   // momentum 1: running_var becomes the unbiased batch variance itself.
-  batch_norm(ConstTensorView(xm.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), {rm, rv}, {}, {.training = true, .momentum = 1.0}, {sm, si});
+  batch_norm(ConstTensorView(xm.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), {rm, rv},
+             {}, {.training = true, .momentum = 1.0}, {sm, si});
   for (std::size_t c = 0; c < rv.size(); ++c) {
     EXPECT_NEAR(rv[c], ref.running_var[c], 1e-5 * ref.running_var[c]) << "channel " << c;
     EXPECT_GE(rv[c], 0.f);
@@ -299,7 +325,8 @@ TEST(Robustness, ConstantChannelGivesExactlyBeta) {
       std::vector<float> x(static_cast<std::size_t>(d.numel()), 1e7f);
       const std::vector<float> w = {2.f, 0.5f, 1.f, 3.f, 1.f}, b = {0.25f, -1.5f, 3.f, 0.f, 7.f};
       std::vector<float> y(x.size()), rm(5, 0.f), rv(5, 1.f), sm(5), si(5);
-      batch_norm(ConstTensorView(x.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout), {rm, rv}, {w, b}, {.training = true}, {sm, si});
+      batch_norm(ConstTensorView(x.data(), d.view_shape(), layout), TensorView(y.data(), d.view_shape(), layout),
+                 {rm, rv}, {w, b}, {.training = true}, {sm, si});
       const std::vector<float> yl = cast<float>(from_layout(y, d, layout));
       for (std::size_t i = 0; i < yl.size(); ++i) {
         const std::size_t c = (i / 37) % 5;

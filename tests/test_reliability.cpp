@@ -88,7 +88,9 @@ TEST(ErrorTable, MisalignedPointers) {
                                 VectorView(static_cast<void*>(raw[1] + 64), DType::Float64, 3)),
                     "bnorm::batch_stats: mean: expected a data pointer aligned to 8 bytes");
   std::vector<float> sm(3), si(3, 1.f), dx(60);
-  EXPECT_ERROR_WITH(batch_norm_backward(ConstTensorView(static_cast<const void*>(odd_in), DType::Float32, s), {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true}, TensorView(dx.data(), s)),
+  EXPECT_ERROR_WITH(batch_norm_backward(ConstTensorView(static_cast<const void*>(odd_in), DType::Float32, s),
+                                        {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true},
+                                        TensorView(dx.data(), s)),
                     "bnorm::batch_norm_backward: grad_output: expected a data pointer aligned to 4 bytes");
   BatchNorm1d bn(3);
   EXPECT_ERROR_WITH(bn.forward(ConstTensorView(static_cast<const void*>(odd_in), DType::Float32, s), TensorView(y.data(), s)),
@@ -106,7 +108,9 @@ TEST(ErrorTable, NullPointers) {
   EXPECT_ERROR_WITH(batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), {}, {},
                                ConstVectorView(static_cast<const float*>(nullptr), 3), {}, true),
                     "weight: expected a data pointer, got null for 3 values");
-  EXPECT_ERROR_WITH(batch_norm_backward(ConstTensorView(static_cast<const float*>(nullptr), s), {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true}, TensorView(dx.data(), s)),
+  EXPECT_ERROR_WITH(batch_norm_backward(ConstTensorView(static_cast<const float*>(nullptr), s),
+                                        {.input = ConstTensorView(x.data(), s), .saved = {sm, si}}, {.training = true},
+                                        TensorView(dx.data(), s)),
                     "grad_output: expected a data pointer, got null");
   EXPECT_ERROR_WITH(batch_stats(ConstTensorView(x.data(), s), VectorView(static_cast<float*>(nullptr), 3), VectorView(si)),
                     "mean: expected a data pointer, got null");
@@ -139,7 +143,10 @@ TEST(ErrorTable, ZeroSizedDims) {
   EXPECT_EQ(rm, std::vector<float>(3, 0.5f));
   // Backward of an empty batch: zero parameter gradients, nothing else.
   std::vector<float> gw(3, 9.f), gb(3, 9.f);
-  EXPECT_NO_THROW(batch_norm_backward(ConstTensorView(static_cast<const float*>(nullptr), Shape{0, 3, 4}), {.input = ConstTensorView(static_cast<const float*>(nullptr), Shape{0, 3, 4}), .running = {rm, rv}}, {.training = false}, TensorView(static_cast<float*>(nullptr), Shape{0, 3, 4}), {gw, gb}));
+  EXPECT_NO_THROW(batch_norm_backward(
+      ConstTensorView(static_cast<const float*>(nullptr), Shape{0, 3, 4}),
+      {.input = ConstTensorView(static_cast<const float*>(nullptr), Shape{0, 3, 4}), .running = {rm, rv}},
+      {.training = false}, TensorView(static_cast<float*>(nullptr), Shape{0, 3, 4}), {gw, gb}));
   EXPECT_EQ(gw, std::vector<float>(3, 0.f));
   // The layer: num_features >= 1, and the input's channel count must match.
   EXPECT_ERROR_WITH(BatchNorm2d(0), "num_features: expected >= 1, got 0");
@@ -161,8 +168,10 @@ TEST(ErrorTable, OverflowingElementCounts) {
     SCOPED_TRACE(s.str());
     EXPECT_ERROR_WITH(batch_norm(ConstTensorView(dummy, s), TensorView(dummy, s), {}, {}, {}, {}, true),
                       "input: expected a shape whose size in bytes fits in int64");
-    EXPECT_ERROR_WITH(batch_norm_backward(ConstTensorView(dummy, s), {.input = ConstTensorView(dummy, s), .saved = {v, w}}, {.training = true}, TensorView(dummy, s)),
-                      "fits in int64");
+    EXPECT_ERROR_WITH(
+        batch_norm_backward(ConstTensorView(dummy, s), {.input = ConstTensorView(dummy, s), .saved = {v, w}},
+                            {.training = true}, TensorView(dummy, s)),
+        "fits in int64");
     EXPECT_ERROR_WITH(batch_stats(ConstTensorView(dummy, s), VectorView(v), VectorView(w)), "fits in int64");
   }
   // (1<<61) float32 elements fit in int64, their bytes do not; as float64 even (1<<60) do not.
@@ -182,11 +191,14 @@ TEST(ErrorTable, AliasingInBackward) {
   std::mt19937_64 rng(3);
   const std::vector<float> x = cast<float>(random_input<float>(d, rng));
   std::vector<float> y(60), sm(3), si(3);
-  batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), {}, {}, {.training = true, .activation = Activation::Relu}, {sm, si});
+  batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), {}, {},
+             {.training = true, .activation = Activation::Relu}, {sm, si});
   std::vector<float> buf(61), dy = cast<float>(random_input<float>(d, rng, 0.5));
   std::copy(dy.begin(), dy.end(), buf.begin());
   auto backward = [&](const float* g, const float* in, float* dx, const float* out) {
-    batch_norm_backward(ConstTensorView(g, s), {.input = ConstTensorView(in, s), .output = ConstTensorView(out, s), .saved = {sm, si}}, {.training = true, .activation = Activation::Relu}, TensorView(dx, s));
+    batch_norm_backward(ConstTensorView(g, s),
+                        {.input = ConstTensorView(in, s), .output = ConstTensorView(out, s), .saved = {sm, si}},
+                        {.training = true, .activation = Activation::Relu}, TensorView(dx, s));
   };
   EXPECT_ERROR_WITH(backward(buf.data(), x.data(), buf.data() + 1, y.data()),
                     "grad_input: expected the same memory as grad_output or memory disjoint from it, got a partial overlap");
@@ -224,7 +236,8 @@ TEST(ErrorTable, NonFiniteRunningStatistics) {
       EXPECT_EQ(at(4), -inf);  // x - Inf = -Inf, as in torch
     }
   // With the fused ReLU, -Inf becomes 0 and NaN stays NaN.
-  batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), {rm, rv}, {{}, b}, {.training = false, .activation = Activation::Relu});
+  batch_norm(ConstTensorView(x.data(), s), TensorView(y.data(), s), {rm, rv}, {{}, b},
+             {.training = false, .activation = Activation::Relu});
   EXPECT_EQ(y[4 * 4], 0.f);
   EXPECT_TRUE(std::isnan(y[1 * 4]));
   // Training: the running statistics are updated with the batch's; a NaN one stays NaN, the others are finite.
@@ -489,8 +502,12 @@ TEST(Concurrency, SetNumThreadsWhileCallsRun) {
     const std::vector<float> xm = to_layout<float>(x, d, Layout::ChannelsLast), dym = to_layout<float>(dy, d, Layout::ChannelsLast);
     std::vector<float> y(xm.size()), dx(xm.size());
     std::vector<double> sm(static_cast<std::size_t>(d.C())), si(sm.size());
-    batch_norm(ConstTensorView(xm.data(), s, Layout::ChannelsLast), TensorView(y.data(), s, Layout::ChannelsLast), {}, {}, {.training = true}, {VectorView(sm), VectorView(si)});
-    batch_norm_backward(ConstTensorView(dym.data(), s, Layout::ChannelsLast), {.input = ConstTensorView(xm.data(), s, Layout::ChannelsLast), .saved = {ConstVectorView(sm), ConstVectorView(si)}}, {.training = true}, TensorView(dx.data(), s, Layout::ChannelsLast));
+    batch_norm(ConstTensorView(xm.data(), s, Layout::ChannelsLast), TensorView(y.data(), s, Layout::ChannelsLast), {},
+               {}, {.training = true}, {VectorView(sm), VectorView(si)});
+    batch_norm_backward(ConstTensorView(dym.data(), s, Layout::ChannelsLast),
+                        {.input = ConstTensorView(xm.data(), s, Layout::ChannelsLast),
+                         .saved = {ConstVectorView(sm), ConstVectorView(si)}},
+                        {.training = true}, TensorView(dx.data(), s, Layout::ChannelsLast));
     const reference::Problem p{d.N(), d.C(), d.S(), true, 0.1, 1e-5, false};
     const reference::Forward ref = reference::forward(p, x, {}, {}, {}, {});
     const reference::Backward rb = reference::backward(p, x, {}, ref, dy);

@@ -384,7 +384,10 @@ void replay_functional(const Case& c, const Recorded& r, Layout layout) {
     }
     const ConstTensorView xv(x.data(), r.shape, layout);
     const TensorView yv(y.data(), r.shape, layout);
-    ASSERT_NO_THROW(bnorm::batch_norm(xv, yv, {rmv, rvv}, {wv, bv}, {.training = st.batch_stats, .momentum = momentum, .eps = c.eps, .activation = c.activation}, {st.batch_stats ? VectorView(sm) : VectorView{}, st.batch_stats ? VectorView(si) : VectorView{}}));
+    ASSERT_NO_THROW(bnorm::batch_norm(
+        xv, yv, {rmv, rvv}, {wv, bv},
+        {.training = st.batch_stats, .momentum = momentum, .eps = c.eps, .activation = c.activation},
+        {st.batch_stats ? VectorView(sm) : VectorView{}, st.batch_stats ? VectorView(si) : VectorView{}}));
 
     const Scales sc = r.scales(c, k);
     EXPECT_TRUE(agree(to_logical(y, g, layout), r.y[k], K, sc.y, "output"));
@@ -408,7 +411,15 @@ void replay_functional(const Case& c, const Recorded& r, Layout layout) {
     const ConstVectorView run_var = st.batch_stats ? ConstVectorView{} : ConstVectorView(rv);
     const ConstVectorView saved_mean = st.batch_stats ? ConstVectorView(sm) : ConstVectorView{};
     const ConstVectorView saved_invstd = st.batch_stats ? ConstVectorView(si) : ConstVectorView{};
-    ASSERT_NO_THROW(bnorm::batch_norm_backward(ConstTensorView(dy.data(), r.shape, layout), {.input = xv, .output = relu ? ConstTensorView(yv) : ConstTensorView{}, .weight = wv, .saved = {saved_mean, saved_invstd}, .running = {run_mean, run_var}}, {.training = st.batch_stats, .eps = c.eps, .activation = c.activation}, TensorView(dx.data(), r.shape, layout), {c.affine ? VectorView(gw) : VectorView{}, c.affine ? VectorView(gb) : VectorView{}}));
+    ASSERT_NO_THROW(bnorm::batch_norm_backward(
+        ConstTensorView(dy.data(), r.shape, layout),
+        {.input = xv,
+         .output = relu ? ConstTensorView(yv) : ConstTensorView{},
+         .weight = wv,
+         .saved = {saved_mean, saved_invstd},
+         .running = {run_mean, run_var}},
+        {.training = st.batch_stats, .eps = c.eps, .activation = c.activation}, TensorView(dx.data(), r.shape, layout),
+        {c.affine ? VectorView(gw) : VectorView{}, c.affine ? VectorView(gb) : VectorView{}}));
     EXPECT_TRUE(agree(to_logical(dx, g, layout), r.grad_input, K, sc.grad_input, "grad_input"));
     if (c.affine) {
       EXPECT_TRUE(agree(widen<T>(gw), r.grad_weight, K, sc.grad_weight, "grad_weight"));

@@ -116,7 +116,9 @@ struct BatchNormFunction : public ::torch::autograd::Function<BatchNormFunction>
     }
     {
       at::NoGradGuard no_grad;
-      bnorm::batch_norm(cview(input, layout), view(output, layout), {vview(running_mean), vview(running_var)}, {cvview(weight), cvview(bias)}, {.training = training, .momentum = momentum, .eps = eps}, {vview(save_mean), vview(save_invstd)});
+      bnorm::batch_norm(cview(input, layout), view(output, layout), {vview(running_mean), vview(running_var)},
+                        {cvview(weight), cvview(bias)}, {.training = training, .momentum = momentum, .eps = eps},
+                        {vview(save_mean), vview(save_invstd)});
     }
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
@@ -143,7 +145,13 @@ struct BatchNormFunction : public ::torch::autograd::Function<BatchNormFunction>
       grad_weight = at::zeros_like(weight);
       grad_bias = at::zeros_like(weight);
     }
-    bnorm::batch_norm_backward(cview(grad_output, layout), {.input = cview(input, layout), .weight = cvview(weight), .saved = {cvview(saved[2]), cvview(saved[3])}, .running = {cvview(saved[4]), cvview(saved[5])}}, {.training = training, .eps = eps}, view(grad_input, layout), {vview(grad_weight), vview(grad_bias)});
+    bnorm::batch_norm_backward(cview(grad_output, layout),
+                               {.input = cview(input, layout),
+                                .weight = cvview(weight),
+                                .saved = {cvview(saved[2]), cvview(saved[3])},
+                                .running = {cvview(saved[4]), cvview(saved[5])}},
+                               {.training = training, .eps = eps}, view(grad_input, layout),
+                               {vview(grad_weight), vview(grad_bias)});
     // One gradient per forward argument: input, weight, bias, running_mean, running_var, has_affine,
     // has_running, training, momentum, eps.
     return {grad_input,   grad_weight,  grad_bias,    at::Tensor(), at::Tensor(),

@@ -57,7 +57,8 @@ struct SyncBNFunction : public ::torch::autograd::Function<SyncBNFunction> {
     at::Tensor save_mean = at::empty({x.size(1)}, f64), save_invstd = at::empty({x.size(1)}, f64);
     {
       at::NoGradGuard no_grad;
-      sync_batch_norm(comm, cview(x), view(y), {vview(running_mean), vview(running_var)}, {vview(weight), vview(bias)}, {.training = true, .momentum = momentum, .eps = eps}, {vview(save_mean), vview(save_invstd)});
+      sync_batch_norm(comm, cview(x), view(y), {vview(running_mean), vview(running_var)}, {vview(weight), vview(bias)},
+                      {.training = true, .momentum = momentum, .eps = eps}, {vview(save_mean), vview(save_invstd)});
     }
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["comm"] = comm_address;
@@ -70,7 +71,10 @@ struct SyncBNFunction : public ::torch::autograd::Function<SyncBNFunction> {
     auto& comm = *reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
     at::Tensor dy = grads[0].contiguous(), dx = at::empty_like(saved[0]);
     at::Tensor dw = at::zeros_like(saved[1]), db = at::zeros_like(saved[1]);
-    sync_batch_norm_backward(comm, cview(dy), {.input = cview(saved[0]), .weight = vview(saved[1]), .saved = {vview(saved[2]), vview(saved[3])}}, {.training = true, .eps = ctx->saved_data["eps"].toDouble()}, view(dx), {vview(dw), vview(db)});
+    sync_batch_norm_backward(
+        comm, cview(dy),
+        {.input = cview(saved[0]), .weight = vview(saved[1]), .saved = {vview(saved[2]), vview(saved[3])}},
+        {.training = true, .eps = ctx->saved_data["eps"].toDouble()}, view(dx), {vview(dw), vview(db)});
     // dw, db: this rank's contributions; the gradient all-reduce of the training loop sums them.
     return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

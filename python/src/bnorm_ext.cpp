@@ -180,7 +180,8 @@ void backward(const InArray& grad_output, const InArray& input, const OptIn& wei
   const bnorm::ConstVectorView sm = in_vector(save_mean, "save_mean"), si = in_vector(save_invstd, "save_invstd");
   const bnorm::VectorView gw = out_vector(grad_weight, "grad_weight"), gb = out_vector(grad_bias, "grad_bias");
   nb::gil_scoped_release release;
-  bnorm::batch_norm_backward(dy, {.input = x, .weight = w, .saved = {sm, si}, .running = {rm, rv}}, {.training = training, .eps = eps}, dx, {gw, gb});
+  bnorm::batch_norm_backward(dy, {.input = x, .weight = w, .saved = {sm, si}, .running = {rm, rv}},
+                             {.training = training, .eps = eps}, dx, {gw, gb});
 }
 
 void batch_stats(const InArray& input, const OutArray& mean, const OutArray& var) {
