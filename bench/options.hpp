@@ -1,6 +1,7 @@
-// bnorm-bench's command line (`bnorm-bench --help` lists the flags): what to run (shapes, dtypes,
-// threads, ops, layouts, implementations), how long to time each row, where the rows go. A bad
-// value ends the program with exit status 2.
+// bnorm-bench's command line (parsed with CLI11; `bnorm-bench --help` lists the flags): what to run
+// (shapes, dtypes, threads, ops, layouts, implementations), how long to time each row, where the
+// rows go. A bad value ends the program with exit status 2 and one line on stderr naming the flag,
+// what it expects and what it got.
 #pragma once
 
 #include "bench.hpp"
@@ -26,8 +27,8 @@ struct Options {
   Repetitions reps;
 };
 
-// Fills `o` from the command line. Returns the exit status to end with at once: 2 after a bad
-// command line (the error on stderr); nothing when the bench is to run (--help exits with 0).
+// Fills `o` from the command line. Returns the exit status to end with at once: 0 after --help (on
+// stdout), 2 after a bad command line (the error on stderr); nothing when the bench is to run.
 std::optional<int> parse_options(int argc, char** argv, Options& o);
 
 }  // namespace bench
