@@ -1,5 +1,6 @@
-// bnorm-bench: the pieces shared by the harness (main.cpp) and the implementations under test
-// (impl_bnorm.cpp, impl_torch.cpp, impl_onednn.cpp).
+// bnorm-bench: the pieces shared by the harness (main.cpp and its parts: options, data, check,
+// timing, roofline, report) and the implementations under test (impl_bnorm.cpp, impl_torch.cpp,
+// impl_onednn.cpp).
 //
 // One benchmark case is a (shape, layout, op, dtype); the harness owns every tensor of it (inputs in
 // the case's layout, outputs, per-channel vectors) and hands the same memory to each implementation,
@@ -9,8 +10,9 @@
 //
 // Dtypes: f32 and bf16 (bfloat16 storage of x, dy, y, dx; every per-channel vector stays float32,
 // and the libraries compute in float32). Adding another: add it to DType with its name and size
-// below, teach store()/load() and the tolerance in main.cpp, and make each Impl::supports() accept
-// it where the library under test does. The traffic model, the table and the JSON carry the dtype.
+// below, teach store()/load() (data.hpp) and the tolerance (check.cpp), and make each
+// Impl::supports() accept it where the library under test does. The traffic model, the table and
+// the JSON carry the dtype.
 // An implementation that finds at prepare() time that it has no kernel for a case (oneDNN without
 // a bf16 implementation on this CPU) throws Unsupported: the row says so and is not a failure.
 #pragma once
