@@ -12,6 +12,7 @@
 #include <bit>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -38,6 +39,17 @@ enum class Activation : std::uint8_t { None, Relu };
 std::string to_string(DType);
 std::string to_string(Layout);
 std::size_t size_of(DType);
+
+// The layout of memory that holds a tensor of logical shape `shape` (N, C, d1, ...) at `strides`
+// (in elements, one per dim, as torch's stride() and DLPack give them): ChannelsFirst when it is
+// dense in the order N, C, d1, ... (C-contiguous), ChannelsLast when dense in the order N, d1, ...,
+// C (rank >= 3), nullopt when neither (a slice with steps, transposed or negative strides) or a
+// size is negative. Dims of size 1 may have any stride, and a tensor with no elements is dense in
+// both. Both layouts hold exactly when they are the same memory (C == 1, every spatial size 1,
+// rank 2, or no elements): then ChannelsFirst. The bindings build their views with it, so the
+// answer is also "are these values contiguous" (== ChannelsFirst) for a per-channel vector of any
+// shape. Any rank (no kMaxRank limit); strides of another length than shape throw Error.
+std::optional<Layout> layout_of(std::span<const std::int64_t> shape, std::span<const std::int64_t> strides);
 
 // bfloat16: the upper 16 bits of a float32 (sign, 8 exponent bits, 7 mantissa bits).
 struct bfloat16 {
