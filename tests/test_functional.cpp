@@ -135,6 +135,22 @@ TEST(Errors, TooManyDims) {
   EXPECT_THROW((Shape{1, 2, 3, 4, 5, 6, 7, 8, 9}), Error);
 }
 
+// The kind a binding maps to its own exception without reading the message (Python: TypeError for
+// Type, ValueError for Value); every Error is still a std::invalid_argument.
+TEST(Errors, CarryAKind) {
+  const Error dtype("bnorm::batch_norm: weight: expected dtype float32, got float64", ErrorKind::Type);
+  EXPECT_EQ(dtype.kind(), ErrorKind::Type);
+  EXPECT_STREQ(dtype.what(), "bnorm::batch_norm: weight: expected dtype float32, got float64");
+  try {
+    Shape{1, 2, 3, 4, 5, 6, 7, 8, 9};
+    ADD_FAILURE() << "no error thrown";
+  } catch (const std::invalid_argument& e) {
+    const auto* error = dynamic_cast<const Error*>(&e);
+    ASSERT_NE(error, nullptr);
+    EXPECT_EQ(error->kind(), ErrorKind::Value);
+  }
+}
+
 TEST(Errors, NegativeDim) {
   Call c;
   expect_error(c, [](Call& k) { k.dims = {4, 3, -5}; k.run(); }, {"input", "non-negative", "-5"});

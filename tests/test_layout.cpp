@@ -112,6 +112,7 @@ TEST(Layout, StridesOfAnotherLengthThrow) {
     ADD_FAILURE() << "expected bnorm::Error";
   } catch (const Error& e) {
     EXPECT_STREQ(e.what(), "bnorm::layout_of: strides: expected 3 values (one per dim), got 2");
+    EXPECT_EQ(e.kind(), ErrorKind::Value);
   }
 }
 

@@ -20,12 +20,25 @@
 
 namespace bnorm {
 
+// What an Error reports, for bindings whose languages tell the two apart (Python: TypeError for
+// Type, ValueError for Value) without reading the message.
+enum class ErrorKind : std::uint8_t {
+  Value,  // a wrong size, shape, value, pointer or combination of arguments
+  Type,   // a wrong element type (dtype) of a tensor or vector
+};
+
 // The one exception type of the library. Every misuse throws it, with a message that names the
-// function, the argument, what was expected and what was given. A call that throws has changed
-// nothing: no output, running statistic or parameter is half-written.
+// function, the argument, what was expected and what was given, and a kind. A call that throws has
+// changed nothing: no output, running statistic or parameter is half-written.
 class Error : public std::invalid_argument {
  public:
-  using std::invalid_argument::invalid_argument;
+  explicit Error(const std::string& what, ErrorKind kind = ErrorKind::Value)
+      : std::invalid_argument(what), kind_(kind) {}
+  explicit Error(const char* what, ErrorKind kind = ErrorKind::Value) : std::invalid_argument(what), kind_(kind) {}
+  ErrorKind kind() const noexcept { return kind_; }
+
+ private:
+  ErrorKind kind_;
 };
 
 // Tensor element types. BFloat16 is a storage type: the kernels compute in float32, and the
