@@ -272,7 +272,7 @@ def test_extension_rejects_bad_arrays():
         _bnorm.forward(x, np.empty((4, 3, 6), np.float32), None, None, None, None, True, 0.1, 1e-5, None, None)
     with pytest.raises(ValueError, match="expected the dtype of input"):
         _bnorm.forward(x, np.empty((4, 3, 5)), None, None, None, None, True, 0.1, 1e-5, None, None)
-    with pytest.raises(ValueError, match="at least 2 dims"):
+    with pytest.raises(ValueError, match=r"bnorm::batch_norm: input: expected a tensor of rank >= 2 .* got rank 1"):
         _bnorm.forward(np.zeros(3, np.float32), np.zeros(3, np.float32), None, None, None, None, True, 0.1, 1e-5,
                        None, None)
     with pytest.raises(ValueError, match="dense channels-first"):
@@ -282,6 +282,11 @@ def test_extension_rejects_bad_arrays():
         _bnorm.forward(x, y, None, None, np.ones(6, np.float32)[::2], None, True, 0.1, 1e-5, None, None)
     with pytest.raises(ValueError, match="weight: expected 3 values"):
         _bnorm.forward(x, y, None, None, np.ones(4, np.float32), None, True, 0.1, 1e-5, None, None)
+    # A given vector of no values is not None, even where DLPack gives it a null pointer.
+    assert torch.empty(0).data_ptr() == 0
+    with pytest.raises(ValueError, match=r"weight: expected 3 values \(one per channel\), got 0"):
+        _bnorm.forward(torch.zeros(4, 3, 5), torch.zeros(4, 3, 5), None, None, torch.empty(0), None, True, 0.1, 1e-5,
+                       None, None)
     with pytest.raises(ValueError, match="momentum"):
         _bnorm.forward(x, y, np.zeros(3, np.float32), np.ones(3, np.float32), None, None, True, 2.0, 1e-5, None,
                        None)
@@ -307,3 +312,24 @@ def test_extension_rejects_bad_arrays():
         _bnorm.forward("x", y, None, None, None, None, True, 0.1, 1e-5, None, None)
     with pytest.raises(TypeError):
         _bnorm.forward(x, y, None, None, None, None, True, 0.1, 1e-5)  # missing arguments
+
+
+def test_layout_of_is_the_librarys():
+    # bnorm::layout_of, which the extension builds its views with and the package reads memory with.
+    from bnorm import _arrays
+
+    assert _bnorm.layout_of((2, 3, 4, 5), (60, 20, 5, 1)) == "channels_first"
+    assert _bnorm.layout_of((2, 3, 4, 5), (60, 1, 15, 3)) == "channels_last"
+    assert _bnorm.layout_of((2, 1, 4, 5), (20, 1, 5, 1)) == "channels_first"  # both: the same memory
+    assert _bnorm.layout_of((0, 3, 4), (7, 7, 7)) == "channels_first"  # empty
+    assert _bnorm.layout_of((4, 3), (1, 4)) is None
+    assert _bnorm.layout_of((2, 3, 4, 5), (60, 20, 1, 4)) is None
+    assert _arrays.layout_of((2, 3), None) is None  # strides that are not whole elements
+    with pytest.raises(ValueError, match=r"bnorm::layout_of: strides: expected 3 values \(one per dim\), got 2"):
+        _bnorm.layout_of((2, 3, 4), (12, 4))
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    for a, want in ((x, "channels_first"), (x.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2), "channels_last"),
+                    (x[:, :, ::2], None), (x.transpose(0, 1, 3, 2), None)):
+        assert _arrays.layout_of(a.shape, _arrays.NumpyArrays.strides(a)) == want
+        t = torch.from_numpy(a)
+        assert _arrays.layout_of(tuple(t.shape), t.stride()) == want
