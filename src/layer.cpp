@@ -136,30 +136,34 @@ void BasicBatchNorm<P>::zero_grad() {
 }
 
 template <class P>
-std::string BasicBatchNorm<P>::input_problem(ConstTensorView x) const {
+detail::Problem BasicBatchNorm<P>::input_problem(ConstTensorView x) const {
   const int rank = x.shape().rank();
   if (!rank_ok(spatial_dims_, rank))
-    return std::string("input: expected ") + accepted_ranks(spatial_dims_) + ", got rank " + std::to_string(rank) +
-           " with shape " + x.shape().str();
+    return detail::Problem(std::string("input: expected ") + accepted_ranks(spatial_dims_) + ", got rank " +
+                           std::to_string(rank) + " with shape " + x.shape().str());
   if (x.shape()[1] != num_features_)
-    return "input: expected " + std::to_string(num_features_) + " channels (num_features) in dim 1, got " +
-           std::to_string(x.shape()[1]) + " in shape " + x.shape().str();
+    return detail::Problem("input: expected " + std::to_string(num_features_) +
+                           " channels (num_features) in dim 1, got " + std::to_string(x.shape()[1]) + " in shape " +
+                           x.shape().str());
   // A float32 layer also takes bfloat16 activations (its parameters and statistics stay float32).
   const bool mixed = std::is_same_v<P, float> && x.dtype() == DType::BFloat16;
   if (x.dtype() != dtype_of<P>() && !mixed)
-    return "input: expected dtype " + to_string(dtype_of<P>()) + (std::is_same_v<P, float> ? " or bfloat16" : "") +
-           " (the layer's), got " + to_string(x.dtype());
+    return detail::Problem("input: expected dtype " + to_string(dtype_of<P>()) +
+                               (std::is_same_v<P, float> ? " or bfloat16" : "") + " (the layer's), got " +
+                               to_string(x.dtype()),
+                           ErrorKind::Type);
   return {};
 }
 
 template <class P>
-std::string BasicBatchNorm<P>::backward_problem(ConstTensorView x) const {
-  if (!have_forward_) return "state: expected a forward call before backward, got none";
-  std::string problem = input_problem(x);
+detail::Problem BasicBatchNorm<P>::backward_problem(ConstTensorView x) const {
+  if (!have_forward_) return detail::Problem("state: expected a forward call before backward, got none");
+  BNORM_CHECK(input_problem(x));
   // The batch statistics belong to the last batch-statistics forward's input; frozen statistics fit any.
-  if (problem.empty() && forward_used_batch_stats_ && !(x.shape() == forward_shape_))
-    problem = "x: expected the last forward's input shape " + forward_shape_.str() + ", got " + x.shape().str();
-  return problem;
+  if (forward_used_batch_stats_ && !(x.shape() == forward_shape_))
+    return detail::Problem("x: expected the last forward's input shape " + forward_shape_.str() + ", got " +
+                           x.shape().str());
+  return {};
 }
 
 template <class P>
@@ -178,7 +182,7 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
   const SavedStats save = use_batch ? SavedStats{sm, si} : SavedStats{};
   // A failed check of the layer's own goes to the reducer, which raises it (on every rank at once for
   // SyncBatchNorm, whose other ranks would otherwise wait in the collective).
-  reducer_->forward(fn, detail::Problem(input_problem(x)), x, y, running, affine,
+  reducer_->forward(fn, input_problem(x), x, y, running, affine,
                     {use_batch, factor, options_.eps, options_.activation}, save);
   // Only reached when the call succeeded: commit what backward needs.
   if (update) ++num_batches_tracked_;
@@ -208,7 +212,7 @@ void BasicBatchNorm<P>::backward(ConstTensorView x, ConstTensorView dy, TensorVi
   else
     forward.running = {ConstVectorView(running_mean_), ConstVectorView(running_var_)};
   const ParamGrads grads = options_.affine ? ParamGrads{gw, gb} : ParamGrads{};
-  reducer_->backward(fn, detail::Problem(backward_problem(x)), dy, forward,
+  reducer_->backward(fn, backward_problem(x), dy, forward,
                      {forward_used_batch_stats_, 0.0, options_.eps, options_.activation}, dx, grads);
   for (std::size_t c = 0; c < gw.size(); ++c) {
     weight_grad_[c] += gw[c];

@@ -41,7 +41,7 @@ namespace {
 // What every rank must agree on, and the outcome of its own validation. All fields are 8 bytes,
 // so the struct has no padding and crosses the wire as raw bytes (every rank runs the same build).
 struct Descriptor {
-  std::int64_t failed = 0;         // 1: this rank's validation threw (its message follows separately)
+  std::int64_t failed = 0;         // 1 + its ErrorKind: this rank's validation failed (its message follows separately)
   std::int64_t message_bytes = 0;  // length of that message
   std::int64_t channels = 0;
   std::int64_t dtype = 0;
@@ -75,11 +75,11 @@ std::string rank_name(int r, int R) {
   return s;
 }
 
-[[noreturn]] void fail_on_every_rank(const char* fn, int r, int R, const std::string& what) {
+[[noreturn]] void fail_on_every_rank(const char* fn, int r, int R, const std::string& what, ErrorKind kind) {
   std::string msg = rank_name(r, R);
   msg += ": ";
   msg += what;
-  fail(fn, msg);
+  fail(fn, msg, kind);
 }
 
 // The first field where rank r differs from rank 0, as "<field>: expected <rank 0's>, got <r's>".
@@ -122,7 +122,7 @@ std::vector<Descriptor> agree(Communicator& comm, const char* fn, Descriptor min
   const auto uR = static_cast<std::size_t>(R);
   std::string message = local.what();
   if (message.size() > kMaxMessage) message.resize(kMaxMessage);
-  mine.failed = local ? 1 : 0;
+  mine.failed = local ? 1 + static_cast<std::int64_t>(local.kind()) : 0;
   mine.message_bytes = static_cast<std::int64_t>(message.size());
   std::vector<Descriptor> all(uR);
   comm.all_gather(&mine, sizeof(Descriptor), all.data());
@@ -149,11 +149,12 @@ std::vector<Descriptor> agree(Communicator& comm, const char* fn, Descriptor min
       what += std::to_string(failed - 1);
       what += " more rank(s) failed their checks)";
     }
-    fail_on_every_rank(fn, first, R, what);
+    fail_on_every_rank(fn, first, R, what, static_cast<ErrorKind>(d.failed - 1));
   }
   for (int r = 1; r < R; ++r) {
     const std::string m = first_mismatch(all[0], all[static_cast<std::size_t>(r)]);
-    if (!m.empty()) fail_on_every_rank(fn, r, R, m);
+    const Descriptor& d = all[static_cast<std::size_t>(r)];
+    if (!m.empty()) fail_on_every_rank(fn, r, R, m, all[0].dtype != d.dtype ? ErrorKind::Type : ErrorKind::Value);
   }
   return all;
 }

@@ -30,6 +30,42 @@ std::size_t size_of(DType t) {
   return 0;
 }
 
+namespace {
+// True when memory of these sizes and strides is dense in the axis order that axis(0), axis(1),
+// ... give, innermost first. Dims of size 1 are skipped (any stride). A dense extent that
+// overflows int64 only matters if a further dim has to be checked against it.
+template <class AxisOrder>
+bool dense_in(std::span<const std::int64_t> shape, std::span<const std::int64_t> strides, AxisOrder axis) {
+  std::int64_t expected = 1;
+  bool overflow = false;
+  for (std::size_t k = 0; k < shape.size(); ++k) {
+    const std::size_t a = axis(k);
+    if (shape[a] == 1) continue;
+    if (overflow || strides[a] != expected) return false;
+    overflow = __builtin_mul_overflow(expected, shape[a], &expected);
+  }
+  return true;
+}
+}  // namespace
+
+std::optional<Layout> layout_of(std::span<const std::int64_t> shape, std::span<const std::int64_t> strides) {
+  if (strides.size() != shape.size())
+    throw Error("bnorm::layout_of: strides: expected " + std::to_string(shape.size()) + " values (one per dim), got " +
+                std::to_string(strides.size()));
+  bool empty = false;
+  for (const std::int64_t d : shape) {
+    if (d < 0) return std::nullopt;
+    empty = empty || d == 0;
+  }
+  if (empty) return Layout::ChannelsFirst;
+  const std::size_t n = shape.size();
+  if (dense_in(shape, strides, [n](std::size_t k) { return n - 1 - k; })) return Layout::ChannelsFirst;
+  // Channels-last, innermost first: C, the spatial dims from the last one, N.
+  if (n >= 3 && dense_in(shape, strides, [n](std::size_t k) { return k == 0 ? 1 : k == n - 1 ? 0 : n - k; }))
+    return Layout::ChannelsLast;
+  return std::nullopt;
+}
+
 Shape::Shape(std::initializer_list<std::int64_t> dims) : Shape(std::span<const std::int64_t>(dims.begin(), dims.size())) {}
 
 Shape::Shape(std::span<const std::int64_t> dims) {

@@ -29,7 +29,9 @@ Problem check_aligned(const std::string& arg, const void* p, DType dtype) {
 }
 }  // namespace
 
-void fail(const char* fn, const std::string& what) { throw Error(std::string("bnorm::") + fn + ": " + what); }
+void fail(const char* fn, const std::string& what, ErrorKind kind) {
+  throw Error(std::string("bnorm::") + fn + ": " + what, kind);
+}
 
 Checked<TensorInfo> check_tensor(const char* name, const ConstTensorView& t) {
   const std::string arg = name;
@@ -38,7 +40,8 @@ Checked<TensorInfo> check_tensor(const char* name, const ConstTensorView& t) {
     return Problem(arg + ": expected a tensor of rank >= 2 (N, C, ...), got rank " + std::to_string(s.rank()) +
                  " with shape " + s.str());
   if (!valid_dtype(t.dtype()))
-    return Problem(arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(t.dtype()));
+    return Problem(arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(t.dtype()),
+                   ErrorKind::Type);
   if (!valid_layout(t.layout()))
     return Problem(arg + ": expected layout channels_first or channels_last, got unsupported " + to_string(t.layout()));
   std::int64_t numel = 1, spatial = 1;
@@ -72,7 +75,8 @@ Problem check_like(const char* name, const ConstTensorView& t, const char* like_
     return Problem(arg + ": expected the shape of " + like_name + " " + like.shape().str() + ", got " + t.shape().str());
   if (t.dtype() != like.dtype())
     return Problem(arg + ": expected the dtype of " + like_name + " (" + to_string(like.dtype()) + "), got " +
-                 to_string(t.dtype()));
+                       to_string(t.dtype()),
+                   ErrorKind::Type);
   // With one spatial element (or none) both layouts are the same memory, so either is fine.
   std::int64_t spatial = 1;
   for (int i = 2; i < t.shape().rank(); ++i) spatial *= t.shape()[i];
@@ -90,8 +94,9 @@ Problem check_vector(const char* name, const ConstVectorView& v, std::int64_t C,
   if (v.size() != C)
     return Problem(arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
   if (v.dtype() != dtype && !(also_float64 && v.dtype() == DType::Float64))
-    return Problem(arg + ": expected dtype " + to_string(dtype) + (also_float64 && dtype != DType::Float64 ? " or float64" : "") +
-                 ", got " + to_string(v.dtype()));
+    return Problem(arg + ": expected dtype " + to_string(dtype) +
+                       (also_float64 && dtype != DType::Float64 ? " or float64" : "") + ", got " + to_string(v.dtype()),
+                   ErrorKind::Type);
   if (C > 0 && v.data() == nullptr)
     return Problem(arg + ": expected a data pointer, got null for " + std::to_string(C) + " values");
   return check_aligned(arg, v.data(), v.dtype());

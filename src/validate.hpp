@@ -19,12 +19,14 @@ namespace bnorm::detail {
 class [[nodiscard]] Problem {
  public:
   Problem() = default;  // no problem (and no allocation)
-  explicit Problem(std::string what) : what_(std::move(what)) {}
+  explicit Problem(std::string what, ErrorKind kind = ErrorKind::Value) : what_(std::move(what)), kind_(kind) {}
   explicit operator bool() const { return !what_.empty(); }  // true when the check failed
   const std::string& what() const { return what_; }
+  ErrorKind kind() const { return kind_; }  // Type: a wrong dtype; Value: everything else
 
  private:
   std::string what_;
+  ErrorKind kind_ = ErrorKind::Value;
 };
 
 // A value, or the problem that kept it from being computed.
@@ -42,9 +44,9 @@ struct [[nodiscard]] Checked {
     if (::bnorm::detail::Problem bnorm_problem_ = (__VA_ARGS__)) return bnorm_problem_; \
   } while (0)
 
-// The entry point `fn` throws bnorm::Error "bnorm::<fn>: <what>".
-[[noreturn]] void fail(const char* fn, const std::string& what);
-[[noreturn]] inline void raise(const char* fn, const Problem& p) { fail(fn, p.what()); }
+// The entry point `fn` throws bnorm::Error "bnorm::<fn>: <what>" of that kind.
+[[noreturn]] void fail(const char* fn, const std::string& what, ErrorKind kind = ErrorKind::Value);
+[[noreturn]] inline void raise(const char* fn, const Problem& p) { fail(fn, p.what(), p.kind()); }
 inline void raise_if(const char* fn, const Problem& p) {
   if (p) raise(fn, p);
 }

@@ -141,6 +141,50 @@ TEST(Errors, TooManyDims) {
   EXPECT_THROW((Shape{1, 2, 3, 4, 5, 6, 7, 8, 9}), Error);
 }
 
+// The kind a binding maps to its own exception without reading the message (Python: TypeError for
+// Type, ValueError for Value); every Error is still a std::invalid_argument.
+TEST(Errors, CarryAKind) {
+  const Error dtype("bnorm::batch_norm: weight: expected dtype float32, got float64", ErrorKind::Type);
+  EXPECT_EQ(dtype.kind(), ErrorKind::Type);
+  EXPECT_STREQ(dtype.what(), "bnorm::batch_norm: weight: expected dtype float32, got float64");
+  try {
+    Shape{1, 2, 3, 4, 5, 6, 7, 8, 9};
+    ADD_FAILURE() << "no error thrown";
+  } catch (const std::invalid_argument& e) {
+    const auto* error = dynamic_cast<const Error*>(&e);
+    ASSERT_NE(error, nullptr);
+    EXPECT_EQ(error->kind(), ErrorKind::Value);
+  }
+}
+
+// The library's own errors: a wrong dtype is Type (the functional checks and the layer's), the rest Value.
+TEST(Errors, DtypeProblemsAreTypeTheRestValue) {
+  auto kind_of = [](auto f) -> std::optional<ErrorKind> {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e.kind();
+    }
+    return std::nullopt;
+  };
+  Call c;
+  const std::vector<double> w64(3, 1.0);
+  std::vector<double> x64(60, 1.0);
+  EXPECT_EQ(kind_of([&] { c.run(c.in(), c.out(), c.rm, c.rv, w64, c.b); }), ErrorKind::Type);  // vector dtype
+  EXPECT_EQ(kind_of([&] {
+              batch_norm(ConstTensorView(x64.data(), c.shape()), c.out(), {c.rm, c.rv}, {}, {.training = true});
+            }),
+            ErrorKind::Type);  // output's dtype unlike the input's
+  EXPECT_EQ(kind_of([&] { c.run(c.in(), c.out(), c.rm, c.rv, VectorView(c.w.data(), 2), c.b); }),
+            ErrorKind::Value);  // a length
+  EXPECT_EQ(kind_of([&] { batch_norm(c.in(), c.out(), {c.rm, c.rv}, {}, {.training = true, .eps = -1}); }),
+            ErrorKind::Value);
+  BatchNorm bn(3);
+  EXPECT_EQ(kind_of([&] { bn.forward(ConstTensorView(x64.data(), c.shape()), TensorView(x64.data(), c.shape())); }),
+            ErrorKind::Type);  // the layer's dtype
+  EXPECT_EQ(kind_of([&] { bn.forward(c.in(), TensorView(c.y.data(), Shape{4, 3, 4})); }), ErrorKind::Value);
+}
+
 TEST(Errors, NegativeDim) {
   Call c;
   expect_error(c, [](Call& k) { k.dims = {4, 3, -5}; k.run(); }, {"input", "non-negative", "-5"});

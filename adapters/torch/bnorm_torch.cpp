@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 #include <torch/nn/init.h>
 
+#include <optional>
 #include <ostream>
 #include <stdexcept>
 #include <string>
@@ -16,6 +17,10 @@ namespace {
 using ::torch::autograd::AutogradContext;
 using ::torch::autograd::tensor_list;
 
+// The bnorm::DType of a torch dtype; one the library has none for (Half, integers) cannot even be
+// described to it, so it is refused here. Every other argument check is the library's (shapes,
+// lengths, dtype agreement, running statistics, eps, momentum, values per channel), made by the
+// bnorm::batch_norm call before anything is written; its bnorm::Error is a std::invalid_argument.
 DType dtype_of_tensor(const at::Tensor& t, const char* what) {
   if (t.scalar_type() == at::kFloat) return DType::Float32;
   if (t.scalar_type() == at::kDouble) return DType::Float64;
@@ -27,25 +32,13 @@ DType dtype_of_tensor(const at::Tensor& t, const char* what) {
   throw std::invalid_argument(msg);
 }
 
-// The per-channel vectors (weight, bias, running statistics) have the input's dtype, except for a
-// bfloat16 input, whose vectors are float32 (torch's CPU mixed precision: bfloat16 activations,
-// float32 parameters and buffers). Checked here so that the error names the argument in torch's terms.
-void check_vector_dtype(const at::Tensor& v, const char* what, const at::Tensor& input) {
-  if (!v.defined()) return;
-  const at::ScalarType expected = input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type();
-  if (v.scalar_type() == expected) return;
-  std::string msg = "bnorm::torch::batch_norm: ";
-  msg += what;
-  msg += ": expected ";
-  msg += c10::toString(expected);
-  msg += " like the input's per-channel vectors";
-  if (input.scalar_type() == at::kBFloat16) msg += " (a BFloat16 input takes Float weight, bias and running statistics)";
-  msg += ", got ";
-  msg += c10::toString(v.scalar_type());
-  throw std::invalid_argument(msg);
-}
-
 Shape shape_of(const at::Tensor& t) { return Shape(std::span<const std::int64_t>(t.sizes().data(), t.sizes().size())); }
+
+// The layout of a tensor's memory as the library reads it (bnorm::layout_of), or nullopt for memory
+// in neither dense layout.
+std::optional<Layout> memory_layout(const at::Tensor& t) {
+  return layout_of({t.sizes().data(), t.sizes().size()}, {t.strides().data(), t.strides().size()});
+}
 
 // The permutation (0, 2, ..., rank-1, 1): memory order of a channels-last tensor.
 std::vector<std::int64_t> channels_last_order(std::int64_t rank) {
@@ -60,15 +53,10 @@ std::vector<std::int64_t> channels_last_inverse(std::int64_t rank) {
   return p;
 }
 
-bool is_channels_last(const at::Tensor& t) {
-  if (t.dim() < 3) return false;
-  return t.permute(channels_last_order(t.dim())).is_contiguous();
-}
-
-// A tensor with the given layout's dense memory (a view when it already has it).
+// A tensor with the given layout's dense memory (itself when it already has it).
 at::Tensor to_layout(const at::Tensor& t, Layout layout) {
+  if (memory_layout(t) == layout) return t;
   if (layout == Layout::ChannelsFirst) return t.contiguous();
-  if (is_channels_last(t)) return t;
   return t.permute(channels_last_order(t.dim())).contiguous().permute(channels_last_inverse(t.dim()));
 }
 
@@ -85,24 +73,20 @@ ConstVectorView cvview(const at::Tensor& t) { return vview(t); }
 struct BatchNormFunction : public ::torch::autograd::Function<BatchNormFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input_, const at::Tensor& weight_,
                             const at::Tensor& bias_, const at::Tensor& running_mean_, const at::Tensor& running_var_,
-                            bool has_affine, bool has_running, bool training, double momentum, double eps) {
+                            bool has_affine, bool has_running_mean, bool has_running_var, bool training,
+                            double momentum, double eps) {
     // Absent tensors travel as empty placeholders (autograd cannot take undefined arguments).
-    at::Tensor running_mean = has_running ? running_mean_ : at::Tensor();
-    at::Tensor running_var = has_running ? running_var_ : at::Tensor();
+    at::Tensor running_mean = has_running_mean ? running_mean_ : at::Tensor();
+    at::Tensor running_var = has_running_var ? running_var_ : at::Tensor();
+    // The library reads memory it is given a pointer to: a CUDA or meta tensor cannot be viewed.
     if (!input_.device().is_cpu()) throw std::invalid_argument("bnorm::torch::batch_norm: input: expected a CPU tensor");
     dtype_of_tensor(input_, "input");
-    check_vector_dtype(running_mean, "running_mean", input_);
-    check_vector_dtype(running_var, "running_var", input_);
-    if (has_affine) {
-      check_vector_dtype(weight_, "weight", input_);
-      check_vector_dtype(bias_, "bias", input_);
-    }
-    const Layout layout = (input_.dim() >= 3 && !input_.is_contiguous() && is_channels_last(input_))
-                              ? Layout::ChannelsLast
-                              : Layout::ChannelsFirst;
+    // Channels-first where both layouts hold; memory in neither is copied to contiguous.
+    const Layout layout = memory_layout(input_).value_or(Layout::ChannelsFirst);
     at::Tensor input = to_layout(input_, layout);
     at::Tensor weight = has_affine ? weight_.contiguous() : at::Tensor();
     at::Tensor bias = has_affine ? bias_.contiguous() : at::Tensor();
+    // The library's views of vectors are contiguous; a copy would not receive the update.
     for (const at::Tensor* rs : {&running_mean, &running_var})
       if (rs->defined() && !rs->is_contiguous())
         throw std::invalid_argument("bnorm::torch::batch_norm: running statistics must be contiguous (updated in place)");
@@ -153,8 +137,8 @@ struct BatchNormFunction : public ::torch::autograd::Function<BatchNormFunction>
                                {.training = training, .eps = eps}, view(grad_input, layout),
                                {vview(grad_weight), vview(grad_bias)});
     // One gradient per forward argument: input, weight, bias, running_mean, running_var, has_affine,
-    // has_running, training, momentum, eps.
-    return {grad_input,   grad_weight,  grad_bias,    at::Tensor(), at::Tensor(),
+    // has_running_mean, has_running_var, training, momentum, eps.
+    return {grad_input,   grad_weight,  grad_bias,    at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -163,16 +147,17 @@ struct BatchNormFunction : public ::torch::autograd::Function<BatchNormFunction>
 
 at::Tensor batch_norm(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                       const at::Tensor& weight, const at::Tensor& bias, bool training, double momentum, double eps) {
+  // This functional form's own rule (the library takes either alone): the affine pair travels
+  // through the autograd function, and comes back as gradients, together.
   if (weight.defined() != bias.defined())
     throw std::invalid_argument("bnorm::torch::batch_norm: weight and bias: give both or neither");
-  if (running_mean.defined() != running_var.defined())
-    throw std::invalid_argument("bnorm::torch::batch_norm: running_mean and running_var: give both or neither");
   const bool has_affine = weight.defined();
-  const bool has_running = running_mean.defined();
   const at::Tensor placeholder = at::empty({0}, input.options());
+  // The running statistics go as given: the library decides on both or neither, and on eval.
   return BatchNormFunction::apply(input, has_affine ? weight : placeholder, has_affine ? bias : placeholder,
-                                  has_running ? running_mean : placeholder, has_running ? running_var : placeholder,
-                                  has_affine, has_running, training, momentum, eps);
+                                  running_mean.defined() ? running_mean : placeholder,
+                                  running_var.defined() ? running_var : placeholder, has_affine, running_mean.defined(),
+                                  running_var.defined(), training, momentum, eps);
 }
 
 template <std::size_t D, class Derived>
@@ -224,17 +209,20 @@ at::Tensor BatchNormImplBase<D, Derived>::forward(const at::Tensor& input) {
                                 (D == 1 ? std::string("2D or 3D") : std::to_string(D + 2) + "D") + " input, got " +
                                 std::to_string(dim) + "D");
   double factor = options.momentum().has_value() ? *options.momentum() : 0.0;
-  if (this->is_training() && options.track_running_stats()) {
-    ::torch::NoGradGuard no_grad;
-    num_batches_tracked.add_(1);
-    if (!options.momentum().has_value()) factor = 1.0 / static_cast<double>(num_batches_tracked.item<std::int64_t>());
-  }
+  const bool counting = this->is_training() && options.track_running_stats();
+  if (counting && !options.momentum().has_value())  // cumulative average, this batch included
+    factor = 1.0 / static_cast<double>(num_batches_tracked.item<std::int64_t>() + 1);
   const bool use_batch = this->is_training() || !running_mean.defined();
   // In training with tracking the running statistics are updated; otherwise they are read (or absent).
   const bool update = this->is_training();
-  return batch_norm(input, update || !use_batch ? running_mean : at::Tensor(),
-                    update || !use_batch ? running_var : at::Tensor(), weight, bias, use_batch, factor,
-                    options.eps());
+  at::Tensor output = batch_norm(input, update || !use_batch ? running_mean : at::Tensor(),
+                                 update || !use_batch ? running_var : at::Tensor(), weight, bias, use_batch, factor,
+                                 options.eps());
+  if (counting) {  // only once the library has accepted the batch (torch counts it before checking)
+    ::torch::NoGradGuard no_grad;
+    num_batches_tracked.add_(1);
+  }
+  return output;
 }
 
 template <std::size_t D, class Derived>

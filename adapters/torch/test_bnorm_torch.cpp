@@ -209,29 +209,52 @@ TEST(TorchAdapter, InSequentialAndClone) {
   EXPECT_EQ(copy->named_buffers().size(), net->named_buffers().size());
 }
 
+// Expects std::invalid_argument whose message contains `fragment`.
+template <class F>
+void expect_invalid(F f, const std::string& fragment) {
+  try {
+    f();
+    ADD_FAILURE() << "no error thrown, expected: " << fragment;
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+  }
+}
+
 TEST(TorchAdapter, Errors) {
   bnorm::torch::BatchNorm2d bn(3);
-  EXPECT_THROW(bn->forward(torch::randn({2, 3, 4})), std::invalid_argument);  // 3D into BatchNorm2d
-  EXPECT_THROW(bn->forward(torch::randn({1, 3, 1, 1})), std::exception);      // m == 1 in training
-  EXPECT_THROW(bn->forward(torch::randn({2, 5, 2, 2})), std::exception);      // wrong channel count
-  EXPECT_THROW(bn->forward(torch::randn({2, 3, 2, 2}, torch::kHalf)), std::invalid_argument);
+  expect_invalid([&] { bn->forward(torch::randn({2, 3, 4})); }, "BatchNorm2d: expected 4D input, got 3D");
+  // The library's checks, with its messages.
+  expect_invalid([&] { bn->forward(torch::randn({1, 3, 1, 1})); }, "Expected more than 1 value per channel when training");
+  expect_invalid([&] { bn->forward(torch::randn({2, 5, 2, 2})); },
+                 "bnorm::batch_norm: running_mean: expected 5 values (one per channel), got 3");
+  expect_invalid([&] { bn->forward(torch::randn({2, 3, 2, 2}, torch::kHalf)); },
+                 "input: expected float32, float64 or bfloat16, got Half");
+  // Nothing counted or updated by the failed calls (torch counts the batch before it checks it).
+  EXPECT_EQ(bn->num_batches_tracked.item<std::int64_t>(), 0);
+  EXPECT_TRUE(torch::equal(bn->running_mean, torch::zeros({3})));
   // A bfloat16 input takes float32 vectors only: float64 or bfloat16 parameters are refused, naming them.
   bnorm::torch::BatchNorm2d bn64(3);
   bn64->to(torch::kDouble);
-  try {
-    bn64->forward(torch::randn({2, 3, 2, 2}).to(torch::kBFloat16));
-    ADD_FAILURE() << "float64 weight with a bfloat16 input must throw";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("weight"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("Double"), std::string::npos) << e.what();
-  }
+  expect_invalid([&] { bn64->forward(torch::randn({2, 3, 2, 2}).to(torch::kBFloat16)); },
+                 "bnorm::batch_norm: running_mean: expected dtype float32, got float64");
+  expect_invalid([&] {
+    bnorm::torch::batch_norm(torch::randn({2, 3, 2, 2}), torch::zeros({3}), {}, {}, {}, true, 0.1, 1e-5);
+  }, "bnorm::batch_norm: running_var: expected a vector like running_mean, got none");
+  expect_invalid([&] { bnorm::torch::batch_norm(torch::randn({2, 3, 2, 2}), {}, {}, {}, {}, false, 0.1, 1e-5); },
+                 "bnorm::batch_norm: running_mean: expected running statistics when training=false, got none");
+  expect_invalid([&] {
+    bnorm::torch::batch_norm(torch::randn({2, 3, 2, 2}), {}, {}, torch::ones({3}), {}, true, 0.1, 1e-5);
+  }, "weight and bias: give both or neither");
   bnorm::torch::BatchNorm2d bn16(3);
   bn16->to(torch::kBFloat16);
-  EXPECT_THROW(bn16->forward(torch::randn({2, 3, 2, 2}).to(torch::kBFloat16)), std::invalid_argument);
+  expect_invalid([&] { bn16->forward(torch::randn({2, 3, 2, 2}).to(torch::kBFloat16)); },
+                 "bnorm::batch_norm: running_mean: expected dtype float32, got bfloat16");
   at::Tensor x = torch::randn({2, 3, 2, 2}).to(torch::kBFloat16);
-  EXPECT_THROW(bnorm::torch::batch_norm(x, torch::zeros({3}, torch::kDouble), torch::ones({3}, torch::kDouble), {}, {},
-                                        true, 0.1, 1e-5),
-               std::invalid_argument);
+  expect_invalid([&] {
+    bnorm::torch::batch_norm(x, torch::zeros({3}, torch::kDouble), torch::ones({3}, torch::kDouble), {}, {}, true, 0.1,
+                             1e-5);
+  }, "bnorm::batch_norm: running_mean: expected dtype float32, got float64");
+  EXPECT_EQ(bn16->num_batches_tracked.item<std::int64_t>(), 0);
 }
 
 }  // namespace

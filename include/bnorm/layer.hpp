@@ -16,6 +16,7 @@ namespace detail {
 // default) or the global batch over a Communicator (SyncBatchNorm, distributed.hpp). It runs the
 // functional forward and backward; internal (src/reducer.hpp).
 class StatsReducer;
+class Problem;  // a failed check as a value (src/validate.hpp)
 }  // namespace detail
 
 struct BatchNormOptions {
@@ -88,8 +89,8 @@ class BasicBatchNorm {
  private:
   // The layer's own checks (rank, channels, dtype; a forward before backward): what failed, or
   // empty. The reducer raises it, on every rank at once for SyncBatchNorm.
-  std::string input_problem(ConstTensorView x) const;
-  std::string backward_problem(ConstTensorView x) const;
+  detail::Problem input_problem(ConstTensorView x) const;
+  detail::Problem backward_problem(ConstTensorView x) const;
 
   std::shared_ptr<const detail::StatsReducer> reducer_;
 

@@ -12,6 +12,7 @@
 #include <bit>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -19,12 +20,25 @@
 
 namespace bnorm {
 
+// What an Error reports, for bindings whose languages tell the two apart (Python: TypeError for
+// Type, ValueError for Value) without reading the message.
+enum class ErrorKind : std::uint8_t {
+  Value,  // a wrong size, shape, value, pointer or combination of arguments
+  Type,   // a wrong element type (dtype) of a tensor or vector
+};
+
 // The one exception type of the library. Every misuse throws it, with a message that names the
-// function, the argument, what was expected and what was given. A call that throws has changed
-// nothing: no output, running statistic or parameter is half-written.
+// function, the argument, what was expected and what was given, and a kind. A call that throws has
+// changed nothing: no output, running statistic or parameter is half-written.
 class Error : public std::invalid_argument {
  public:
-  using std::invalid_argument::invalid_argument;
+  explicit Error(const std::string& what, ErrorKind kind = ErrorKind::Value)
+      : std::invalid_argument(what), kind_(kind) {}
+  explicit Error(const char* what, ErrorKind kind = ErrorKind::Value) : std::invalid_argument(what), kind_(kind) {}
+  ErrorKind kind() const noexcept { return kind_; }
+
+ private:
+  ErrorKind kind_;
 };
 
 // Tensor element types. BFloat16 is a storage type: the kernels compute in float32, and the
@@ -38,6 +52,17 @@ enum class Activation : std::uint8_t { None, Relu };
 std::string to_string(DType);
 std::string to_string(Layout);
 std::size_t size_of(DType);
+
+// The layout of memory that holds a tensor of logical shape `shape` (N, C, d1, ...) at `strides`
+// (in elements, one per dim, as torch's stride() and DLPack give them): ChannelsFirst when it is
+// dense in the order N, C, d1, ... (C-contiguous), ChannelsLast when dense in the order N, d1, ...,
+// C (rank >= 3), nullopt when neither (a slice with steps, transposed or negative strides) or a
+// size is negative. Dims of size 1 may have any stride, and a tensor with no elements is dense in
+// both. Both layouts hold exactly when they are the same memory (C == 1, every spatial size 1,
+// rank 2, or no elements): then ChannelsFirst. The bindings build their views with it, so the
+// answer is also "are these values contiguous" (== ChannelsFirst) for a per-channel vector of any
+// shape. Any rank (no kMaxRank limit); strides of another length than shape throw Error.
+std::optional<Layout> layout_of(std::span<const std::int64_t> shape, std::span<const std::int64_t> strides);
 
 // bfloat16: the upper 16 bits of a float32 (sign, 8 exponent bits, 7 mantissa bits).
 struct bfloat16 {

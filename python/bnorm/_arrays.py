@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from . import _bnorm
+
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 
@@ -22,43 +24,13 @@ CHANNELS_LAST = "channels_last"
 copies_made = 0
 
 
-def _dense_in(shape, strides, order) -> bool:
-    """True when memory with these strides (in elements) is dense in axis order `order` (outermost
-    first). Dims of size 1 may have any stride; an empty array is dense in every order."""
-    if 0 in shape:
-        return True
-    expected = 1
-    for axis in reversed(order):
-        if shape[axis] == 1:
-            continue
-        if strides[axis] != expected:
-            return False
-        expected *= shape[axis]
-    return True
-
-
 def layout_of(shape, strides):
-    """CHANNELS_FIRST, CHANNELS_LAST or None (neither) for a tensor of rank >= 2; strides in
-    elements, or None when they are not whole elements. Channels-first wins when both describe the
-    memory (then they are the same memory)."""
+    """CHANNELS_FIRST, CHANNELS_LAST or None (neither) for memory with these strides (in elements,
+    or None when they are not whole elements): the library's bnorm::layout_of, which the extension
+    also uses to build its views. Channels-first where both hold (they are then the same memory)."""
     if strides is None:
         return None
-    ndim = len(shape)
-    if _dense_in(shape, strides, list(range(ndim))):
-        return CHANNELS_FIRST
-    if ndim >= 3 and _dense_in(shape, strides, [0, *range(2, ndim), 1]):
-        return CHANNELS_LAST
-    return None
-
-
-def is_in_layout(shape, strides, layout) -> bool:
-    """True when memory with these strides (in elements, or None) is dense in `layout`."""
-    if strides is None:
-        return False
-    ndim = len(shape)
-    if layout == CHANNELS_LAST and ndim >= 3:
-        return _dense_in(shape, strides, [0, *range(2, ndim), 1])
-    return _dense_in(shape, strides, list(range(ndim)))
+    return _bnorm.layout_of(shape, strides)
 
 
 def preferred_copy_layout(shape, strides):

@@ -1,10 +1,16 @@
 """The functional API: torch.nn.functional.batch_norm's signature and rules on NumPy arrays and
 torch tensors, backed by bnorm's kernels (bnorm._bnorm).
 
-Checks come first and raise TypeError (a wrong kind of argument: not an array, wrong dtype, wrong
-device, mixed NumPy/torch) or ValueError (a wrong value: sizes, eps, one value per channel), with
-torch's wording where torch has one; nothing is written before they pass. Then the input's memory
-decides the layout: dense channels-first (contiguous) and channels-last memory go to the kernels as
+The argument checks are the library's wherever its rule is torch's: the kernels' call checks shapes,
+ranks, the lengths of the per-channel vectors, running statistics, eps in training, the values per
+channel, and throws before it writes; its errors arrive as ValueError (TypeError for a dtype, once
+the library marks those) with its message. What Python checks first, before anything is allocated,
+is what only Python knows or what torch rules differently from the library (each says which):
+the kind of an argument (not an array, NumPy and torch mixed, device, dtype, bool and float
+arguments), running statistics that require grad or are read-only, eps in eval, any momentum and an
+empty batch in training. Running statistics, num_batches_tracked and everything a backward keeps
+are written only after the kernels' call has succeeded. Then the input's memory decides the layout
+(bnorm::layout_of): dense channels-first (contiguous) and channels-last memory go to the kernels as
 they are; any other strides are first copied into one of them.
 """
 
@@ -16,7 +22,7 @@ import numbers
 import numpy as np
 
 from . import _bnorm as _C
-from ._arrays import TorchTensors, is_in_layout, kind_of, layout_of, preferred_copy_layout
+from ._arrays import CHANNELS_FIRST, TorchTensors, kind_of, layout_of, preferred_copy_layout
 
 __all__ = ["batch_norm", "batch_norm_backward", "batch_stats"]
 
@@ -39,30 +45,30 @@ def _input_kind(fn, input):
     if kind is None:
         raise TypeError(f"{fn}: input must be a numpy.ndarray or a torch.Tensor, not {_type_name(input)}")
     _check_array(fn, kind, "input", input)
-    shape = kind.shape(input)
-    if len(shape) < 2:
-        raise ValueError(
-            f"{fn}: input must have at least 2 dimensions (N, C, ...), got {len(shape)} with shape "
-            f"{kind.size_str(shape)}"
-        )
     return kind
 
 
 def _check_array(fn, kind, name, x, input=None, also_float64=False, vector=False):
     """x is an array of input's kind, usable (device, storage) and of input's dtype (vector=True:
     the dtype of input's per-channel vectors, float32 for a bfloat16 input; also_float64: or
-    float64)."""
+    float64). None passes (absent)."""
+    if x is None:
+        return
     if kind_of(x) is not kind:
         raise TypeError(f"{fn}: {name} must be a {kind.name} like input (or None), not {_type_name(x)}")
     problem = kind.problem(x)
     if problem:
         raise TypeError(f"{fn}: {name} {problem}")
+    # A dtype bnorm has none for (float16, ints, non-native byte order) cannot reach the library.
     if input is None:
         if not kind.is_supported_dtype(x):
             raise TypeError(
                 f"{fn}: {name} has dtype {kind.dtype_name(x)}, but bnorm supports {kind.supported} only"
             )
         return
+    # The library checks dtype agreement too (a TypeError through ErrorKind::Type), but only once the
+    # package has allocated the output and made dense copies; this check comes before any of that,
+    # and says which mixed-precision rule applies.
     also = " (or float64)" if also_float64 else ""
     if not vector:
         if not kind.same_dtype(x, input):
@@ -79,15 +85,6 @@ def _check_array(fn, kind, name, x, input=None, also_float64=False, vector=False
         )
 
 
-def _check_vector(fn, kind, name, v, input, C, also_float64=False):
-    if v is None:
-        return
-    _check_array(fn, kind, name, v, input, also_float64, vector=True)
-    n = kind.numel(v)
-    if n != C:
-        raise ValueError(f"{fn}: {name} should contain {C} elements not {n}")
-
-
 def _check_bool(fn, name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a bool, not {_type_name(value)}")
@@ -98,12 +95,11 @@ def _check_real(fn, name, value, hint=""):
         raise TypeError(f"{fn}: {name} must be a float, not {_type_name(value)}{hint}")
 
 
-def _check_eps(fn, eps, training):
-    # torch's rules (eps > 0 in training, eps >= 0 in eval), plus finiteness, which the kernels need.
+def _check_eval_eps(fn, eps):
+    # torch's rule in eval is eps >= 0, the library's eps > 0 (0 reaches it as _SMALLEST_EPS); plus
+    # finiteness, which the kernels need. In training the two rules agree and the library checks.
     if math.isnan(eps) or math.isinf(eps):
         raise ValueError(f"{fn}: eps must be finite, got {eps} (bnorm's kernels need a finite eps)")
-    if training and eps <= 0:
-        raise ValueError(f"{fn}: batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
         raise ValueError(f"{fn}: batch_norm eps must be non-negative, but got {eps}")
 
@@ -115,8 +111,15 @@ def _values_per_channel(shape) -> int:
     return m
 
 
+def _channels(shape) -> int:
+    """C, or 0 below rank 2 (which the library refuses, naming the rank)."""
+    return shape[1] if len(shape) >= 2 else 0
+
+
 def check_forward(fn, input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """All of batch_norm's checks; returns the adapter of the arguments' kind."""
+    """batch_norm's checks that are not the library's (see the module's docstring), run before
+    anything is allocated; returns the adapter of the arguments' kind. The library's run in
+    apply_forward."""
     kind = _input_kind(fn, input)
     _check_bool(fn, "training", training)
     _check_real(
@@ -128,27 +131,20 @@ def check_forward(fn, input, running_mean, running_var, weight, bias, training, 
         else "",
     )
     _check_real(fn, "eps", eps)
-    shape = kind.shape(input)
-    C = shape[1]
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_vector(fn, kind, name, v, input, C)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: running_mean and running_var must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise ValueError(f"{fn}: running_mean and running_var must be defined in evaluation mode (training=False)")
+        _check_array(fn, kind, name, v, input, vector=True)
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        # torch's rule; the library's views carry no autograd.
         if v is not None and kind.requires_grad(v):
             raise ValueError(
                 f"{fn}: {name} requires grad, but batch_norm is not differentiable with respect to the running "
                 "statistics (torch refuses it too): pass a buffer or a detached tensor"
             )
+        # A NumPy flag, which the library's views do not carry.
         if v is not None and training and not kind.writable(v):
             raise ValueError(f"{fn}: {name} is read-only, but training=True updates it in place")
-    _check_eps(fn, float(eps), bool(training))
-    if training and _values_per_channel(shape) == 1:
-        raise ValueError(
-            f"{fn}: Expected more than 1 value per channel when training, got input size {kind.size_str(shape)}"
-        )
+    if not training:
+        _check_eval_eps(fn, float(eps))
     return kind
 
 
@@ -169,13 +165,19 @@ class Saved:
 
 
 def _dense_input(kind, input):
+    """The input as the kernels take it, and its layout as the library reads it (a copy of memory
+    in neither layout is read again: channels-first when the copy is both)."""
     x = kind.for_kernel(input)
-    shape, strides = kind.shape(x), kind.strides(x)
-    layout = layout_of(shape, strides)
+    shape = kind.shape(x)
+    layout = layout_of(shape, kind.strides(x))
     if layout is None:
-        layout = preferred_copy_layout(shape, strides)
-        x = kind.copy_to(x, layout)
+        x = kind.copy_to(x, preferred_copy_layout(shape, kind.strides(x)))
+        layout = layout_of(shape, kind.strides(x))
     return x, layout
+
+
+def _contiguous(kind, v):
+    return None if v is None else kind.contiguous_vector(v)
 
 
 def _update_running_stats(kind, running_mean, running_var, mean, invstd, momentum, eps, m):
@@ -189,63 +191,76 @@ def _update_running_stats(kind, running_mean, running_var, mean, invstd, momentu
 
 
 def apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps, keep=False):
-    """Runs the forward (arguments already checked). Returns the output and, with keep=True, a
-    Saved for backward."""
+    """Runs the forward, whose call of the kernels makes the library's checks (check_forward has
+    made the others) before it writes; what is written here comes after it. Returns the output and,
+    with keep=True, a Saved for backward."""
     training, momentum, eps = bool(training), float(momentum), float(eps)
-    shape = kind.shape(input)
-    C = shape[1]
     x, layout = _dense_input(kind, input)
+    shape = kind.shape(x)
+    C = _channels(shape)
     out = kind.empty(shape, x, layout)
-    kernel_eps = eps if eps > 0 else _SMALLEST_EPS
+    kernel_eps = eps if training or eps != 0 else _SMALLEST_EPS
     saved = Saved(x, layout, training, kernel_eps) if keep else None
-    if kind.numel(x) == 0:  # torch returns an empty output and changes nothing
-        return out, saved
-    w = kind.contiguous_vector(weight) if weight is not None else None
-    b = kind.contiguous_vector(bias) if bias is not None else None
-    if training:
-        update = running_mean is not None
-        in_range = 0.0 <= momentum <= 1.0
-        need_stats = keep or (update and not in_range)
-        mean = kind.empty_vector(C, float64=True) if need_stats else None
-        invstd = kind.empty_vector(C, float64=True) if need_stats else None
-        rm = kind.contiguous_vector(running_mean) if update and in_range else None
-        rv = kind.contiguous_vector(running_var) if update and in_range else None
-        _C.forward(x, out, rm, rv, w, b, True, momentum if in_range else 0.0, kernel_eps, mean, invstd)
-        if rm is not None:
-            kind.write_back(running_mean, rm)
-            kind.write_back(running_var, rv)
-        elif update:
-            _update_running_stats(kind, running_mean, running_var, mean, invstd, momentum, kernel_eps,
-                                  _values_per_channel(shape))
-        if keep:
-            saved.mean, saved.invstd = mean, invstd
-    else:
-        rm, rv = kind.contiguous_vector(running_mean), kind.contiguous_vector(running_var)
+    w, b = _contiguous(kind, weight), _contiguous(kind, bias)
+    in_range = 0.0 <= momentum <= 1.0
+    kernel_momentum = momentum if in_range else 0.0
+    if not training:
+        rm, rv = _contiguous(kind, running_mean), _contiguous(kind, running_var)
         _C.forward_eval(x, out, rm, rv, w, b, kernel_eps)
         if keep:  # frozen now: a later training step may update the buffers before backward runs
             saved.running_mean, saved.running_var = kind.clone_vector(rm), kind.clone_vector(rv)
+        return out, saved
+    if C > 0 and kind.numel(x) == 0:
+        # A batch without values: torch returns an empty output and changes nothing, the library
+        # refuses it in training (its more-than-1-value rule). Its eval form makes every other
+        # check (with stand-ins for running statistics that training may go without) and has
+        # nothing to compute. The saved statistics of no values are never read.
+        rm, rv = _contiguous(kind, running_mean), _contiguous(kind, running_var)
+        if rm is None and rv is None:
+            rm, rv = kind.zeros_vector(C, x), kind.zeros_vector(C, x)
+        _C.forward(x, out, rm, rv, w, b, False, kernel_momentum, kernel_eps, None, None)
+        if keep:
+            saved.mean, saved.invstd = kind.zeros_vector(C, x), kind.zeros_vector(C, x)
+        return out, saved
+    # Outside [0, 1] (torch takes any momentum) the library checks copies of the running
+    # statistics, which it updates with momentum 0, and the given ones are updated below.
+    take = kind.contiguous_vector if in_range else kind.clone_vector
+    rm = None if running_mean is None else take(running_mean)
+    rv = None if running_var is None else take(running_var)
+    update_here = not in_range and rm is not None
+    need_stats = keep or update_here
+    mean = kind.empty_vector(C, float64=True) if need_stats else None
+    invstd = kind.empty_vector(C, float64=True) if need_stats else None
+    _C.forward(x, out, rm, rv, w, b, True, kernel_momentum, kernel_eps, mean, invstd)
+    if update_here:
+        _update_running_stats(kind, running_mean, running_var, mean, invstd, momentum, kernel_eps,
+                              _values_per_channel(shape))
+    elif rm is not None:
+        kind.write_back(running_mean, rm)
+        kind.write_back(running_var, rv)
+    if keep:
+        saved.mean, saved.invstd = mean, invstd
     return out, saved
 
 
 def apply_backward(kind, grad_output, saved, weight, need_input=True, need_weight=True, need_bias=True):
     """The gradients (grad_input, grad_weight, grad_bias) of the forward that made `saved`; each is
-    None when not needed."""
+    None when not needed. The library checks grad_output, weight and the statistics."""
     x = saved.x
     shape = kind.shape(x)
-    C = shape[1]
+    C = _channels(shape)
     dy = kind.for_kernel(grad_output)
-    if not is_in_layout(shape, kind.strides(dy), saved.layout):
-        dy = kind.copy_to(dy, saved.layout, count=False)
+    if layout_of(kind.shape(dy), kind.strides(dy)) != saved.layout:
+        # Another shape is the library's error; it is copied in a layout that any rank has.
+        dy = kind.copy_to(dy, saved.layout if kind.shape(dy) == shape else CHANNELS_FIRST, count=False)
     grad_input = kind.empty(shape, x, saved.layout) if need_input else None
     grad_weight = kind.empty_vector(C, like=x) if need_weight else None
     grad_bias = kind.empty_vector(C, like=x) if need_bias else None
-    if kind.numel(x) == 0:
+    _C.backward(dy, x, _contiguous(kind, weight), saved.running_mean, saved.running_var, saved.mean, saved.invstd,
+                saved.training, saved.eps, grad_input, grad_weight, grad_bias)
+    if kind.numel(x) == 0:  # torch's zeros, where the library's would be 0 * invstd
         grad_weight = kind.zeros_vector(C, x) if need_weight else None
         grad_bias = kind.zeros_vector(C, x) if need_bias else None
-        return grad_input, grad_weight, grad_bias
-    w = kind.contiguous_vector(weight) if weight is not None else None
-    _C.backward(dy, x, w, saved.running_mean, saved.running_var, saved.mean, saved.invstd, saved.training,
-                saved.eps, grad_input, grad_weight, grad_bias)
     return grad_input, grad_weight, grad_bias
 
 
@@ -306,40 +321,46 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
     if grad_output is None:
         raise TypeError(f"{fn}: grad_output must be a {kind.name} like input, not None")
     _check_array(fn, kind, "grad_output", grad_output, input)
-    shape = kind.shape(input)
-    if kind.shape(grad_output) != shape:
-        raise ValueError(
-            f"{fn}: grad_output must have input's shape {kind.size_str(shape)}, got "
-            f"{kind.size_str(kind.shape(grad_output))}"
-        )
-    C = shape[1]
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_vector(fn, kind, name, v, input, C)
+        _check_array(fn, kind, name, v, input, vector=True)
     for name, v in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        _check_vector(fn, kind, name, v, input, C, also_float64=True)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: running_mean and running_var must either both be None or neither be None")
+        _check_array(fn, kind, name, v, input, also_float64=True, vector=True)
+    training, eps = bool(training), float(eps)
+    # Neither means "recompute them", which the library (it needs both in training) does not know.
     if (save_mean is None) != (save_invstd is None):
         raise ValueError(f"{fn}: save_mean and save_invstd must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise ValueError(f"{fn}: running_mean and running_var must be defined in evaluation mode (training=False)")
-    training, eps = bool(training), float(eps)
-    _check_eps(fn, eps, training)
+    shape = kind.shape(input)
+    C = _channels(shape)
+    # The forward's arguments that the library's backward is not given (bias, whose presence only
+    # asks for grad_bias; the running statistics in training) are checked here, with the forward's
+    # rules; the library checks grad_output, weight, the statistics it uses and eps in eval.
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must either both be None or neither be None")
+    unused = (("running_mean", running_mean), ("running_var", running_var)) if training else ()
+    for name, v in (*unused, ("bias", bias)):
+        if v is not None and len(shape) >= 2 and kind.numel(v) != C:
+            raise ValueError(f"{fn}: {name}: expected {C} values (one per channel), got {kind.numel(v)}")
+    if training and not eps > 0:
+        # torch's forward rule, kept here because this binding uses eps to recompute 1/sqrt(var + eps)
+        # (the library's backward does not use eps in training).
+        raise ValueError(f"{fn}: batch_norm eps must be positive during training, but got {eps}")
+    if not training:
+        _check_eval_eps(fn, eps)
 
     x, layout = _dense_input(kind, input)
     saved = Saved(x, layout, training, eps if eps > 0 else _SMALLEST_EPS)
-    if kind.numel(x) > 0:
-        if training and save_mean is not None:
-            saved.mean, saved.invstd = kind.contiguous_vector(save_mean), kind.contiguous_vector(save_invstd)
-        elif training:
-            mean, var = kind.empty_vector(C, float64=True), kind.empty_vector(C, float64=True)
-            _C.batch_stats(x, mean, var)
-            var_np = kind.as_numpy(var)
-            var_np[...] = 1.0 / np.sqrt(var_np + eps)
-            saved.mean, saved.invstd = mean, var
-        else:
-            saved.running_mean = kind.contiguous_vector(running_mean)
-            saved.running_var = kind.contiguous_vector(running_var)
+    if training and save_mean is not None:
+        saved.mean, saved.invstd = kind.contiguous_vector(save_mean), kind.contiguous_vector(save_invstd)
+    elif training and C > 0 and kind.numel(x) == 0:
+        saved.mean, saved.invstd = kind.zeros_vector(C, x), kind.zeros_vector(C, x)  # of no values: never read
+    elif training and len(shape) >= 2:
+        mean, var = kind.empty_vector(C, float64=True), kind.empty_vector(C, float64=True)
+        _C.batch_stats(x, mean, var)
+        var_np = kind.as_numpy(var)
+        var_np[...] = 1.0 / np.sqrt(var_np + eps)
+        saved.mean, saved.invstd = mean, var
+    elif not training:
+        saved.running_mean, saved.running_var = _contiguous(kind, running_mean), _contiguous(kind, running_var)
     return apply_backward(kind, grad_output, saved, weight, True, weight is not None, bias is not None)
 
 
@@ -349,11 +370,9 @@ def batch_stats(input):
     float32 blocks merged in double (see docs/numerics.md for the bound)."""
     fn = "bnorm.batch_stats"
     kind = _input_kind(fn, input)
-    shape = kind.shape(input)
-    if _values_per_channel(shape) < 1 and shape[1] > 0:
-        raise ValueError(f"{fn}: input must have at least 1 value per channel, got size {kind.size_str(shape)}")
     x, _ = _dense_input(kind, input)
-    mean, var = kind.empty_vector(shape[1], float64=True), kind.empty_vector(shape[1], float64=True)
-    _C.batch_stats(x, mean, var)
+    C = _channels(kind.shape(x))
+    mean, var = kind.empty_vector(C, float64=True), kind.empty_vector(C, float64=True)
+    _C.batch_stats(x, mean, var)  # the library checks the rank and the values per channel
     return mean, var
 

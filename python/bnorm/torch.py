@@ -66,8 +66,9 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 def _batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """batch_norm on torch tensors whose arguments have been checked: through autograd when a
-    gradient is wanted, straight to the kernels otherwise."""
+    """batch_norm on torch tensors that have passed _functional.check_forward (the library checks
+    the rest in the kernels' call): through autograd when a gradient is wanted, straight to the
+    kernels otherwise."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
         return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
     out, _ = _F.apply_forward(_T, input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -76,7 +77,8 @@ def _batch_norm_checked(input, running_mean, running_var, weight, bias, training
 
 class _BnormForward:
     """forward() for the subclasses of torch.nn.BatchNorm*d below: torch's module rules, bnorm's
-    kernels. Everything is checked before num_batches_tracked or a running statistic changes."""
+    kernels. num_batches_tracked and the running statistics change only once every check (the
+    binding's and the library's) has passed."""
 
     def forward(self, input):
         name = f"bnorm.torch.{type(self).__name__}"
@@ -93,12 +95,14 @@ class _BnormForward:
         momentum = 0.0 if self.momentum is None else self.momentum
         _F.check_forward(name, input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
                          self.eps)
-        if tracking and self.num_batches_tracked is not None:
+        counting = tracking and self.num_batches_tracked is not None
+        if counting and self.momentum is None:  # cumulative moving average, this batch included
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        out = _batch_norm_checked(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
+                                  self.eps)
+        if counting:  # after the library's checks, which the kernels' call makes
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return _batch_norm_checked(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                                   momentum, self.eps)
+        return out
 
 
 class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):

@@ -2,22 +2,31 @@
 // speaks DLPack or the buffer protocol, on the CPU; float32, float64 and, from DLPack, bfloat16) and
 // bnorm's functional API.
 //
-// The Python package (python/bnorm/*.py) does the argument checking that gives torch's errors and
-// prepares the memory (one of the two dense layouts, vectors of C contiguous values). This file
-// trusts none of that: it checks dtypes, devices and strides itself, so that a direct call with a bad
-// array raises TypeError or ValueError and never reads or writes out of bounds. bnorm::Error (a
-// std::invalid_argument) becomes ValueError through nanobind's standard translation.
+// The argument checks are the library's: this file builds views of the arrays and lets
+// bnorm::batch_norm & co. decide (shapes, ranks, lengths of the per-channel vectors, dtype
+// agreement, running statistics, eps, momentum, aliasing, values per channel). bnorm::Error becomes
+// TypeError (ErrorKind::Type) or ValueError (the other kinds), with the library's message. What is
+// checked here is only what a view cannot describe: an element type bnorm has no DType for (a
+// TypeError), memory that is neither dense layout (bnorm::layout_of) and vectors whose values are not
+// contiguous (ValueErrors), so that a direct call with a bad array never reads or writes out of
+// bounds. The Python package (python/bnorm/*.py) adds the rules of torch's that are not the
+// library's and prepares the memory (one of the two dense layouts, contiguous vectors).
 //
-// Tensors of any rank >= 2 are passed to the library as (N, C, S) with S the product of the spatial
-// sizes: the library treats the spatial dims as one, so this is the same computation, and it lifts
-// the library's limit of 8 dims. The GIL is released while the kernels run.
+// Tensors of up to kMaxRank dims are passed to the library with their shape; beyond that, as
+// (N, C, S) with S the product of the spatial sizes: the library treats the spatial dims as one, so
+// this is the same computation, and it lifts the library's limit of 8 dims. The GIL is released
+// while the kernels run.
 #include <bnorm/bnorm.hpp>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <optional>
 #include <string>
 #include <vector>
@@ -53,59 +62,31 @@ bnorm::DType dtype_of(const A& a, const char* name) {
   throw nb::type_error(msg.c_str());
 }
 
-// True when the array's memory is dense in the axis order `order` (outermost first). Dims of size 1
-// may have any stride; an empty array is dense in every order.
+// The layout of the array's memory as bnorm::layout_of reads it (strides in elements); DLPack may
+// leave out the strides of compact row-major memory.
 template <class A>
-bool dense_in(const A& a, const std::vector<std::size_t>& order) {
-  for (std::size_t i = 0; i < a.ndim(); ++i)
-    if (a.shape(i) == 0) return true;
-  std::int64_t expected = 1;
-  for (auto it = order.rbegin(); it != order.rend(); ++it) {
-    const auto extent = static_cast<std::int64_t>(a.shape(*it));
-    if (extent == 1) continue;
-    if (a.stride(*it) != expected) return false;
-    expected *= extent;
-  }
-  return true;
+std::optional<bnorm::Layout> memory_layout(const A& a) {
+  if (a.stride_ptr() == nullptr) return bnorm::Layout::ChannelsFirst;
+  return bnorm::layout_of({a.shape_ptr(), a.ndim()}, {a.stride_ptr(), a.ndim()});
 }
 
-std::vector<std::size_t> channels_first_order(std::size_t ndim) {
-  std::vector<std::size_t> order(ndim);
-  for (std::size_t i = 0; i < ndim; ++i) order[i] = i;
-  return order;
-}
-
-std::vector<std::size_t> channels_last_order(std::size_t ndim) {
-  std::vector<std::size_t> order{0};
-  for (std::size_t i = 2; i < ndim; ++i) order.push_back(i);
-  order.push_back(1);
-  return order;
-}
-
-// The layout of a tensor's memory: `preferred` when its strides fit it (both fit when the layouts
-// are the same memory), otherwise the other one; neither is a ValueError.
+// A tensor's memory is one of the two dense layouts, or it cannot be viewed (the library takes no
+// strides).
 template <class A>
-bnorm::Layout layout_of(const A& a, const char* name, bnorm::Layout preferred) {
-  const std::size_t nd = a.ndim();
-  const bool cf = dense_in(a, channels_first_order(nd));
-  const bool cl = nd >= 3 && dense_in(a, channels_last_order(nd));
-  if (preferred == bnorm::Layout::ChannelsLast ? cl : cf) return preferred;
-  if (cf) return bnorm::Layout::ChannelsFirst;
-  if (cl) return bnorm::Layout::ChannelsLast;
+bnorm::Layout tensor_layout(const A& a, const char* name) {
+  if (const std::optional<bnorm::Layout> layout = memory_layout(a)) return *layout;
   throw nb::value_error((std::string("bnorm: ") + name +
                          ": expected dense channels-first (contiguous) or channels-last memory, got other strides "
                          "(make a contiguous copy first)")
                             .c_str());
 }
 
+// The shape as the library sees it: the array's own up to kMaxRank dims (so that the library checks
+// the rank, the sizes and their product), otherwise (N, C, S).
 template <class A>
 bnorm::Shape logical_shape(const A& a, const char* name) {
-  if (a.ndim() < 2)
-    throw nb::value_error((std::string("bnorm: ") + name + ": expected at least 2 dims (N, C, ...), got " +
-                           std::to_string(a.ndim()))
-                              .c_str());
+  if (a.ndim() <= static_cast<std::size_t>(bnorm::kMaxRank)) return bnorm::Shape({a.shape_ptr(), a.ndim()});
   const auto n = static_cast<std::int64_t>(a.shape(0)), c = static_cast<std::int64_t>(a.shape(1));
-  if (a.ndim() == 2) return bnorm::Shape{n, c};
   std::int64_t s = 1;
   for (std::size_t i = 2; i < a.ndim(); ++i)
     if (a.shape(i) == 0) return bnorm::Shape{n, c, 0};
@@ -115,39 +96,48 @@ bnorm::Shape logical_shape(const A& a, const char* name) {
   return bnorm::Shape{n, c, s};
 }
 
-bnorm::ConstTensorView in_tensor(const InArray& a, const char* name, bnorm::Layout preferred) {
-  return {a.data(), dtype_of(a, name), logical_shape(a, name), layout_of(a, name, preferred)};
+bnorm::ConstTensorView in_tensor(const InArray& a, const char* name) {
+  return {a.data(), dtype_of(a, name), logical_shape(a, name), tensor_layout(a, name)};
 }
 
-bnorm::TensorView out_tensor(const OutArray& a, const char* name, bnorm::Layout preferred) {
-  return {a.data(), dtype_of(a, name), logical_shape(a, name), layout_of(a, name, preferred)};
+bnorm::TensorView out_tensor(const OutArray& a, const char* name) {
+  return {a.data(), dtype_of(a, name), logical_shape(a, name), tensor_layout(a, name)};
 }
 
 // A per-channel vector: any shape whose values are contiguous; its length is its number of values.
+// A given vector is present even without values: DLPack may give those a null pointer, which the
+// library would read as absent (None), so an aligned address that is never read stands in.
 template <class A>
-void check_vector_memory(const A& a, const char* name) {
-  if (!dense_in(a, channels_first_order(a.ndim())))
+void* vector_data(const A& a, const char* name) {
+  if (memory_layout(a) != bnorm::Layout::ChannelsFirst)
     throw nb::value_error(
         (std::string("bnorm: ") + name + ": expected contiguous values, got a strided array").c_str());
+  alignas(8) static std::byte no_values[8];
+  return a.data() != nullptr ? const_cast<void*>(static_cast<const void*>(a.data())) : no_values;
 }
 
 bnorm::ConstVectorView in_vector(const OptIn& a, const char* name) {
   if (!a) return {};
-  check_vector_memory(*a, name);
-  return {a->data(), dtype_of(*a, name), static_cast<std::int64_t>(a->size())};
+  return {vector_data(*a, name), dtype_of(*a, name), static_cast<std::int64_t>(a->size())};
 }
 
 bnorm::VectorView out_vector(const OptOut& a, const char* name) {
   if (!a) return {};
-  check_vector_memory(*a, name);
-  return {a->data(), dtype_of(*a, name), static_cast<std::int64_t>(a->size())};
+  return {vector_data(*a, name), dtype_of(*a, name), static_cast<std::int64_t>(a->size())};
+}
+
+// bnorm::layout_of for the Python package: "channels_first", "channels_last" or None.
+std::optional<std::string> layout_name(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& strides) {
+  const std::optional<bnorm::Layout> layout = bnorm::layout_of(shape, strides);
+  if (!layout) return std::nullopt;
+  return bnorm::to_string(*layout);
 }
 
 void forward(const InArray& input, const OutArray& output, const OptOut& running_mean, const OptOut& running_var,
              const OptIn& weight, const OptIn& bias, bool training, double momentum, double eps,
              const OptOut& save_mean, const OptOut& save_invstd) {
-  const bnorm::ConstTensorView x = in_tensor(input, "input", bnorm::Layout::ChannelsFirst);
-  const bnorm::TensorView y = out_tensor(output, "output", x.layout());
+  const bnorm::ConstTensorView x = in_tensor(input, "input");
+  const bnorm::TensorView y = out_tensor(output, "output");
   const bnorm::VectorView rm = out_vector(running_mean, "running_mean"), rv = out_vector(running_var, "running_var");
   const bnorm::ConstVectorView w = in_vector(weight, "weight"), b = in_vector(bias, "bias");
   const bnorm::VectorView sm = out_vector(save_mean, "save_mean"), si = out_vector(save_invstd, "save_invstd");
@@ -156,11 +146,11 @@ void forward(const InArray& input, const OutArray& output, const OptOut& running
 }
 
 // Eval: the running statistics are only read (bnorm::batch_norm writes them in training only), so
-// read-only arrays are accepted.
-void forward_eval(const InArray& input, const OutArray& output, const InArray& running_mean,
-                  const InArray& running_var, const OptIn& weight, const OptIn& bias, double eps) {
-  const bnorm::ConstTensorView x = in_tensor(input, "input", bnorm::Layout::ChannelsFirst);
-  const bnorm::TensorView y = out_tensor(output, "output", x.layout());
+// read-only arrays are accepted; None is the library's error (eval needs them).
+void forward_eval(const InArray& input, const OutArray& output, const OptIn& running_mean, const OptIn& running_var,
+                  const OptIn& weight, const OptIn& bias, double eps) {
+  const bnorm::ConstTensorView x = in_tensor(input, "input");
+  const bnorm::TensorView y = out_tensor(output, "output");
   const bnorm::ConstVectorView rm = in_vector(running_mean, "running_mean"), rv = in_vector(running_var, "running_var");
   const bnorm::VectorView rm_view{const_cast<void*>(rm.data()), rm.dtype(), rm.size()};
   const bnorm::VectorView rv_view{const_cast<void*>(rv.data()), rv.dtype(), rv.size()};
@@ -172,9 +162,9 @@ void forward_eval(const InArray& input, const OutArray& output, const InArray& r
 void backward(const InArray& grad_output, const InArray& input, const OptIn& weight, const OptIn& running_mean,
               const OptIn& running_var, const OptIn& save_mean, const OptIn& save_invstd, bool training, double eps,
               const OptOut& grad_input, const OptOut& grad_weight, const OptOut& grad_bias) {
-  const bnorm::ConstTensorView x = in_tensor(input, "input", bnorm::Layout::ChannelsFirst);
-  const bnorm::ConstTensorView dy = in_tensor(grad_output, "grad_output", x.layout());
-  const bnorm::TensorView dx = grad_input ? out_tensor(*grad_input, "grad_input", x.layout()) : bnorm::TensorView{};
+  const bnorm::ConstTensorView x = in_tensor(input, "input");
+  const bnorm::ConstTensorView dy = in_tensor(grad_output, "grad_output");
+  const bnorm::TensorView dx = grad_input ? out_tensor(*grad_input, "grad_input") : bnorm::TensorView{};
   const bnorm::ConstVectorView w = in_vector(weight, "weight");
   const bnorm::ConstVectorView rm = in_vector(running_mean, "running_mean"), rv = in_vector(running_var, "running_var");
   const bnorm::ConstVectorView sm = in_vector(save_mean, "save_mean"), si = in_vector(save_invstd, "save_invstd");
@@ -185,7 +175,7 @@ void backward(const InArray& grad_output, const InArray& input, const OptIn& wei
 }
 
 void batch_stats(const InArray& input, const OutArray& mean, const OutArray& var) {
-  const bnorm::ConstTensorView x = in_tensor(input, "input", bnorm::Layout::ChannelsFirst);
+  const bnorm::ConstTensorView x = in_tensor(input, "input");
   const bnorm::VectorView m = out_vector(mean, "mean"), v = out_vector(var, "var");
   nb::gil_scoped_release release;
   bnorm::batch_stats(x, m, v);
@@ -195,12 +185,21 @@ void batch_stats(const InArray& input, const OutArray& mean, const OutArray& var
 
 NB_MODULE(_bnorm, m) {
   m.doc() = "bnorm's compiled kernels (internal: use bnorm.batch_norm and bnorm.torch)";
+  // bnorm::Error is a std::invalid_argument, which nanobind would make a ValueError whatever its kind.
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const bnorm::Error& e) {
+      PyErr_SetString(e.kind() == bnorm::ErrorKind::Type ? PyExc_TypeError : PyExc_ValueError, e.what());
+    }
+  });
   m.def("forward", &forward, "input"_a, "output"_a, "running_mean"_a.none(), "running_var"_a.none(),
         "weight"_a.none(), "bias"_a.none(), "training"_a, "momentum"_a, "eps"_a, "save_mean"_a.none(),
         "save_invstd"_a.none(),
         "bnorm::batch_norm on CPU arrays: writes output (and, in training, save_mean, save_invstd and the "
         "running statistics in place).");
-  m.def("forward_eval", &forward_eval, "input"_a, "output"_a, "running_mean"_a, "running_var"_a, "weight"_a.none(),
+  m.def("forward_eval", &forward_eval, "input"_a, "output"_a, "running_mean"_a.none(), "running_var"_a.none(),
+        "weight"_a.none(),
         "bias"_a.none(), "eps"_a,
         "bnorm::batch_norm with training=false: writes output; the running statistics are only read.");
   m.def("backward", &backward, "grad_output"_a, "input"_a, "weight"_a.none(), "running_mean"_a.none(),
@@ -209,6 +208,9 @@ NB_MODULE(_bnorm, m) {
         "bnorm::batch_norm_backward on CPU arrays: writes the gradients that are given (not None).");
   m.def("batch_stats", &batch_stats, "input"_a, "mean"_a, "var"_a,
         "bnorm::batch_stats: per-channel mean and biased variance into mean and var.");
+  m.def("layout_of", &layout_name, "shape"_a, "strides"_a,
+        "bnorm::layout_of: 'channels_first' or 'channels_last' for dense memory with these strides (in "
+        "elements), channels-first where both hold; None for other memory.");
   m.def("set_num_threads", &bnorm::set_num_threads, "n"_a, "Sets the number of threads of bnorm's kernels.");
   m.def("num_threads", &bnorm::num_threads, "The number of threads of bnorm's kernels.");
 }

@@ -124,27 +124,57 @@ def test_sparse_tensor():
 
 @pytest.mark.parametrize("shape", [(), (3,)])
 def test_rank_below_two(arr, ok, shape):
-    with pytest.raises(ValueError, match="at least 2 dimensions"):
+    with pytest.raises(ValueError, match=rf"bnorm::batch_norm: input: expected a tensor of rank >= 2 \(N, C, \.\.\.\), "
+                                         rf"got rank {len(shape)}"):
         call(ok, input=arr(shape))
 
 
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
 @pytest.mark.parametrize("size", [2, 4, 0])
 def test_vector_sizes(arr, ok, name, size):
-    with pytest.raises(ValueError, match=f"{name} should contain 3 elements not {size}"):
+    rm = ok["running_mean"]
+    with pytest.raises(ValueError, match=rf"{name}: expected 3 values \(one per channel\), got {size}$"):
+        call(ok, training=True, **{name: arr((size,), fill=1.0)})
+    assert float(rm.sum()) == 0.0  # nothing written
+    with pytest.raises(ValueError, match=rf"{name}: expected 3 values \(one per channel\), got {size}$"):
         call(ok, **{name: arr((size,), fill=1.0)})
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_running_stats_both_or_neither(ok, training):
-    with pytest.raises(ValueError, match="running_mean and running_var must either both be None or neither"):
+    with pytest.raises(ValueError, match="running_var: expected a vector like running_mean, got none"):
         call(ok, running_var=None, training=training)
-    with pytest.raises(ValueError, match="both be None or neither"):
+    with pytest.raises(ValueError, match="running_var: expected none like running_mean, got a vector"):
         call(ok, running_mean=None, training=training)
 
 
+def test_empty_batch_in_training_is_checked_like_any(arr):
+    # torch returns an empty output for a batch without values in training; the library's other
+    # checks still apply to it.
+    x = arr((0, 3, 5))
+    assert bnorm.batch_norm(x, None, None, arr((3,)), training=True).shape == (0, 3, 5)
+    with pytest.raises(ValueError, match=r"weight: expected 3 values \(one per channel\), got 4"):
+        bnorm.batch_norm(x, None, None, arr((4,)), training=True)
+    rm = arr((3,), fill=0.5)
+    with pytest.raises(ValueError, match="running_var: expected a vector like running_mean, got none"):
+        bnorm.batch_norm(x, rm, None, training=True)
+    with pytest.raises(ValueError, match=r"eps: expected a finite value > 0, got 0"):
+        bnorm.batch_norm(x, rm, arr((3,)), training=True, eps=0.0)
+    assert float(rm.sum()) == 1.5
+
+
+def test_momentum_outside_the_unit_interval_is_checked_like_any(arr):
+    # torch takes any momentum (the library [0, 1]): the library still checks the running statistics.
+    x = arr((4, 3, 5))
+    x[0, 0, 0] = 1.0
+    rm, rv = arr((4,)), arr((4,), fill=1.0)
+    with pytest.raises(ValueError, match=r"running_mean: expected 3 values \(one per channel\), got 4"):
+        bnorm.batch_norm(x, rm, rv, training=True, momentum=1.5)
+    assert float(rm.sum()) == 0.0 and float(rv.sum()) == 4.0
+
+
 def test_eval_needs_running_stats(ok):
-    with pytest.raises(ValueError, match="must be defined in evaluation mode"):
+    with pytest.raises(ValueError, match="running_mean: expected running statistics when training=false, got none"):
         call(ok, running_mean=None, running_var=None, training=False)
 
 
@@ -159,8 +189,12 @@ def test_one_value_per_channel_when_training(arr, ok, shape):
 
 @pytest.mark.parametrize("eps", [0.0, -1.0])
 def test_eps_not_positive_in_training(ok, eps):
-    with pytest.raises(ValueError, match="eps must be positive during training"):
+    with pytest.raises(ValueError, match=r"bnorm::batch_norm: eps: expected a finite value > 0, got -?[01]$"):
         call(ok, training=True, eps=eps)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"eps: expected a finite value > 0, got (nan|inf)"):
+            call(ok, training=True, eps=bad)
+    assert float(ok["running_mean"].sum()) == 0.0
 
 
 def test_eps_negative_or_not_finite(ok):
@@ -194,19 +228,27 @@ def test_read_only_running_stats_in_training():
 def test_backward_errors(arr):
     x, dy = arr((4, 3, 5), fill=1.0), arr((4, 3, 5), fill=1.0)
     rm, rv = arr((3,)), arr((3,), fill=1.0)
-    with pytest.raises(ValueError, match=r"grad_output must have input's shape"):
+    with pytest.raises(ValueError, match=r"grad_output: expected the shape of input \[4, 3, 5\], got \[4, 3, 6\]"):
         bnorm.batch_norm_backward(arr((4, 3, 6)), x, rm, rv)
+    with pytest.raises(ValueError, match=r"grad_output: expected a tensor of rank >= 2 .* got rank 1 with shape \[5\]"):
+        bnorm.batch_norm_backward(arr((5,)), x, rm, rv, training=True)
     with pytest.raises(TypeError, match="mixed dtypes: grad_output"):
         bnorm.batch_norm_backward(arr((4, 3, 5), dtype="float64"), x, rm, rv)
     with pytest.raises(TypeError, match="grad_output must be a"):
         bnorm.batch_norm_backward(None, x, rm, rv)
-    with pytest.raises(ValueError, match="must be defined in evaluation mode"):
+    with pytest.raises(ValueError, match="running_mean: expected running_mean and running_var when training=false, got none"):
         bnorm.batch_norm_backward(dy, x, None, None, training=False)
+    with pytest.raises(ValueError, match="running_mean and running_var must either both be None or neither"):
+        bnorm.batch_norm_backward(dy, x, rm, None, training=True)
+    with pytest.raises(ValueError, match=r"bias: expected 3 values \(one per channel\), got 2"):
+        bnorm.batch_norm_backward(dy, x, rm, rv, arr((3,)), arr((2,)))
+    with pytest.raises(ValueError, match=r"running_var: expected 3 values \(one per channel\), got 4"):
+        bnorm.batch_norm_backward(dy, x, rm, arr((4,)), training=True)
     with pytest.raises(ValueError, match="save_mean and save_invstd must either both"):
         bnorm.batch_norm_backward(dy, x, None, None, training=True, save_mean=arr((3,)))
-    with pytest.raises(ValueError, match="save_invstd should contain 3 elements not 2"):
+    with pytest.raises(ValueError, match=r"save_invstd: expected 3 values \(one per channel\), got 2"):
         bnorm.batch_norm_backward(dy, x, None, None, training=True, save_mean=arr((3,)), save_invstd=arr((2,)))
-    with pytest.raises(ValueError, match="weight should contain 3 elements not 4"):
+    with pytest.raises(ValueError, match=r"weight: expected 3 values \(one per channel\), got 4"):
         bnorm.batch_norm_backward(dy, x, rm, rv, arr((4,)))
     with pytest.raises(TypeError, match="training must be a bool"):
         bnorm.batch_norm_backward(dy, x, rm, rv, training="no")
@@ -217,11 +259,11 @@ def test_backward_errors(arr):
 def test_batch_stats_errors(arr):
     with pytest.raises(TypeError, match="input must be"):
         bnorm.batch_stats([[1.0]])
-    with pytest.raises(ValueError, match="at least 2 dimensions"):
+    with pytest.raises(ValueError, match=r"bnorm::batch_stats: input: expected a tensor of rank >= 2"):
         bnorm.batch_stats(arr((3,)))
     with pytest.raises(TypeError, match="float32(, float64 and bfloat16| and float64) only"):
         bnorm.batch_stats(arr((2, 3), dtype="float16"))
-    with pytest.raises(ValueError, match="at least 1 value per channel"):
+    with pytest.raises(ValueError, match=r"bnorm::batch_stats: input: expected at least 1 value per channel, got shape \[0, 3\]"):
         bnorm.batch_stats(arr((0, 3)))
 
 
@@ -244,7 +286,7 @@ def test_module_rank(cls, shape, message):
 
 def test_module_errors_change_nothing():
     bn = bt.BatchNorm2d(3)
-    with pytest.raises(ValueError, match="running_mean should contain 4 elements not 3"):  # torch's words
+    with pytest.raises(ValueError, match=r"running_mean: expected 4 values \(one per channel\), got 3"):
         bn(torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         bn(torch.randn(1, 3, 1, 1))
@@ -258,6 +300,15 @@ def test_module_errors_change_nothing():
     assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
     with pytest.raises(TypeError, match="mixed dtypes"):
         bn(torch.randn(2, 3, 3, 3, dtype=torch.float64))
+    # The cumulative average counts a batch only once the library has accepted it.
+    cumulative = bt.BatchNorm2d(3, momentum=None)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        cumulative(torch.randn(1, 3, 1, 1))
+    assert int(cumulative.num_batches_tracked) == 0
+    x = torch.randn(4, 3, 2, 2)
+    cumulative(x)
+    assert int(cumulative.num_batches_tracked) == 1
+    torch.testing.assert_close(cumulative.running_mean, x.mean(dim=(0, 2, 3)))  # factor 1/1 for the first batch
 
 
 # ---- the extension called directly: bad arrays raise, never crash ---------------------------
@@ -272,7 +323,7 @@ def test_extension_rejects_bad_arrays():
         _bnorm.forward(x, np.empty((4, 3, 6), np.float32), None, None, None, None, True, 0.1, 1e-5, None, None)
     with pytest.raises(ValueError, match="expected the dtype of input"):
         _bnorm.forward(x, np.empty((4, 3, 5)), None, None, None, None, True, 0.1, 1e-5, None, None)
-    with pytest.raises(ValueError, match="at least 2 dims"):
+    with pytest.raises(ValueError, match=r"bnorm::batch_norm: input: expected a tensor of rank >= 2 .* got rank 1"):
         _bnorm.forward(np.zeros(3, np.float32), np.zeros(3, np.float32), None, None, None, None, True, 0.1, 1e-5,
                        None, None)
     with pytest.raises(ValueError, match="dense channels-first"):
@@ -282,6 +333,11 @@ def test_extension_rejects_bad_arrays():
         _bnorm.forward(x, y, None, None, np.ones(6, np.float32)[::2], None, True, 0.1, 1e-5, None, None)
     with pytest.raises(ValueError, match="weight: expected 3 values"):
         _bnorm.forward(x, y, None, None, np.ones(4, np.float32), None, True, 0.1, 1e-5, None, None)
+    # A given vector of no values is not None, even where DLPack gives it a null pointer.
+    assert torch.empty(0).data_ptr() == 0
+    with pytest.raises(ValueError, match=r"weight: expected 3 values \(one per channel\), got 0"):
+        _bnorm.forward(torch.zeros(4, 3, 5), torch.zeros(4, 3, 5), None, None, torch.empty(0), None, True, 0.1, 1e-5,
+                       None, None)
     with pytest.raises(ValueError, match="momentum"):
         _bnorm.forward(x, y, np.zeros(3, np.float32), np.ones(3, np.float32), None, None, True, 2.0, 1e-5, None,
                        None)
@@ -307,3 +363,24 @@ def test_extension_rejects_bad_arrays():
         _bnorm.forward("x", y, None, None, None, None, True, 0.1, 1e-5, None, None)
     with pytest.raises(TypeError):
         _bnorm.forward(x, y, None, None, None, None, True, 0.1, 1e-5)  # missing arguments
+
+
+def test_layout_of_is_the_librarys():
+    # bnorm::layout_of, which the extension builds its views with and the package reads memory with.
+    from bnorm import _arrays
+
+    assert _bnorm.layout_of((2, 3, 4, 5), (60, 20, 5, 1)) == "channels_first"
+    assert _bnorm.layout_of((2, 3, 4, 5), (60, 1, 15, 3)) == "channels_last"
+    assert _bnorm.layout_of((2, 1, 4, 5), (20, 1, 5, 1)) == "channels_first"  # both: the same memory
+    assert _bnorm.layout_of((0, 3, 4), (7, 7, 7)) == "channels_first"  # empty
+    assert _bnorm.layout_of((4, 3), (1, 4)) is None
+    assert _bnorm.layout_of((2, 3, 4, 5), (60, 20, 1, 4)) is None
+    assert _arrays.layout_of((2, 3), None) is None  # strides that are not whole elements
+    with pytest.raises(ValueError, match=r"bnorm::layout_of: strides: expected 3 values \(one per dim\), got 2"):
+        _bnorm.layout_of((2, 3, 4), (12, 4))
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    for a, want in ((x, "channels_first"), (x.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2), "channels_last"),
+                    (x[:, :, ::2], None), (x.transpose(0, 1, 3, 2), None)):
+        assert _arrays.layout_of(a.shape, _arrays.NumpyArrays.strides(a)) == want
+        t = torch.from_numpy(a)
+        assert _arrays.layout_of(tuple(t.shape), t.stride()) == want

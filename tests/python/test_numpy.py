@@ -306,3 +306,24 @@ def test_unaligned_arrays_are_copied():
     ty = F.batch_norm(torch.from_numpy(ref), trm, torch.ones(3), training=True)
     close(y, ty, torch.float32)
     close(rm, trm, torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ranks_above_the_librarys_limit(layout):
+    # Beyond 8 dims the extension passes (N, C, S), S the product of the spatial sizes: the same
+    # computation as on the rank-3 reshape, in either layout.
+    rng = np.random.default_rng(12)
+    shape = (3, 4, 2, 1, 2, 1, 1, 2, 1, 3)
+    x = random_input(rng, shape, np.float64)
+    if layout == "channels_last":
+        x = channels_last_numpy(x)
+    assert _arrays.layout_of(x.shape, _arrays.NumpyArrays.strides(x)) == layout
+    rm, rv, w, b = vectors(rng, 4, np.float64)
+    rm3, rv3 = rm.copy(), rv.copy()
+    y = bnorm.batch_norm(x, rm, rv, w, b, training=True)
+    y3 = bnorm.batch_norm(np.ascontiguousarray(x).reshape(3, 4, -1), rm3, rv3, w, b, training=True)
+    np.testing.assert_allclose(np.ascontiguousarray(y).reshape(3, 4, -1), y3, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rm, rm3, rtol=1e-12)
+    assert is_channels_last(y) == (layout == "channels_last")
+    with pytest.raises(ValueError, match=r"weight: expected 4 values \(one per channel\), got 3"):
+        bnorm.batch_norm(x, rm, rv, w[:3], b, training=True)
