@@ -191,6 +191,31 @@ std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {
   return g.layout == Layout::ChannelsFirst ? 0 : static_cast<std::int64_t>(threads) * 2 * g.C;
 }
 
+namespace {
+
+// The fused paths' conditions (kernels.hpp: use_fused_forward says why), for a pass that keeps the
+// channel's slices of `cached` tensors in cache.
+template <class S>
+bool fuse_channels(const Geometry& g, int cached) {
+  const std::int64_t threads = num_threads();
+  return g.layout == Layout::ChannelsFirst && g.per_channel() > 0 &&
+         g.per_channel() * static_cast<std::int64_t>(sizeof(S)) * cached <= fuse_budget_bytes() &&
+         (g.C % threads == 0 || g.C >= 8 * threads);
+}
+
+}  // namespace
+
+template <class S>
+bool use_fused_forward(const Geometry& g) {
+  return fuse_channels<S>(g, fused_forward_cached<S>(g));
+}
+template <class S>
+bool use_fused_backward(const Geometry& g, bool relu_output, bool writes_dx) {
+  return fuse_channels<S>(g, fused_backward_cached<S>(g, relu_output, writes_dx));
+}
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, use_fused_forward)
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, use_fused_backward)
+
 // The entry points: the active ISA's kernel for S, read once per call.
 #define BNORM_DEFINE_ENTRY(name, parameters, arguments)                 \
   template <class S>                                                    \

@@ -133,13 +133,13 @@ struct BackwardCoeffs {
   X(backward_apply, (const S* dy, const S* x, const S* output, S* dx, const Geometry& g,                      \
                      BackwardCoeffs<Compute<S>> k),                                                           \
     (dy, x, output, dx, g, k))                                                                                \
-  /* The channels-first fast path of training forward: statistics of channel c, then y for                    \
-     channel c. gamma/beta may be null (1, 0). Writes mean[c] and var[c] (biased). */                         \
+  /* The channels-first fast path of training forward (use_fused_forward): statistics of channel c, then      \
+     y for channel c. gamma/beta may be null (1, 0). Writes mean[c] and var[c] (biased). */                   \
   X(fused_forward_cf, (const S* x, S* y, const Geometry& g, const double* gamma, const double* beta,          \
                        double eps, Activation act, const S* residual, double* mean, double* var),             \
     (x, y, g, gamma, beta, eps, act, residual, mean, var))                                                    \
-  /* The channels-first fast path of backward: the two reductions of channel c, then dx for                   \
-     channel c (when dx is not null), with mean/invstd the statistics of the forward and training             \
+  /* The channels-first fast path of backward (use_fused_backward): the two reductions of channel c, then     \
+     dx for channel c (when dx is not null), with mean/invstd the statistics of the forward and training      \
      selecting the full or frozen form. */                                                                    \
   X(fused_backward_cf, (const S* dy, const S* x, const S* output, S* dx, const Geometry& g,                   \
                         const double* mean, const double* invstd, const double* gamma, bool training,         \
@@ -160,19 +160,27 @@ BNORM_KERNELS(BNORM_DECLARE_KERNEL)
 // compile here.
 #define BNORM_INSTANTIATE_ONE(name, T) template std::remove_pointer_t<decltype(&name<T>)> name<T>;
 
-// The channels-first fast paths (fused_forward_cf, fused_backward_cf) take one channel at a time,
-// the second pass while the channel is still in L2, so that the tensor crosses memory twice in
-// forward (not three times) and three times in backward (not five). Used when the channel's slices
-// of the tensors that must stay cached fit in fuse_budget_bytes() and the channels spread evenly
-// over the threads (fuse_channels in functional.cpp).
-//
+// ---- Fused or unfused: the one place that decides.
+// The channels-first fast paths (fused_forward_cf, fused_backward_cf) take one channel at a time and
+// make the second pass while the channel is still in L2, so that the tensor crosses memory twice in
+// forward (not three times) and three times in backward (not five). They apply when the channel's
+// slices of the tensors that the second pass re-reads fit in fuse_budget_bytes() (an output written
+// with streaming stores takes no room), and when the channels spread evenly over the threads: the
+// fused path runs a channel per thread, where the unfused passes split rows. Both read
+// num_threads() once per call.
+template <class S>
+bool use_fused_forward(const Geometry& g);
+// relu_output: the ReLU's output is given (dy is masked by it); writes_dx: dx is not null.
+template <class S>
+bool use_fused_backward(const Geometry& g, bool relu_output, bool writes_dx);
+
 // Three quarters of one core's L2 (sysconf; 1 MiB when the system does not say): the room a
 // channel's slices may take between the two passes.
 std::int64_t fuse_budget_bytes();
 
-// The tensors whose slices a fused pass keeps in cache between its two passes (fuse_channels in
-// functional.cpp sizes the path with them, the kernels their channel blocks). An output written
-// with streaming stores takes no room.
+// The tensors whose slices a fused pass keeps in cache between its two passes. use_fused_* size
+// the path with them, and the kernels size their channel blocks with them. An output written with
+// streaming stores takes no room.
 template <class S>
 int fused_forward_cached(const Geometry& g) {
   return stream_output<S>(g) ? 1 : 2;  // x (and y)
