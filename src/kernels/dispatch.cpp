@@ -1,10 +1,9 @@
 // Run-time dispatch of the kernels. stats.cpp, normalize.cpp and backward.cpp are compiled once per
-// row of the ISA table (src/kernels/isas.cmake: generic is baseline x86-64 or whatever the target
-// is, avx2 is AVX2 + FMA + F16C, avx512 is AVX-512 F/BW/VL/DQ, avx512bf16 is avx512 plus
-// AVX512_BF16 for the bfloat16 kernels only). Each build goes into its own namespace, and the
-// compiler vectorizes its loops for that set. The first kernel call picks the best set that the CPU
-// supports; the environment variable BNORM_ISA=<row name> (or set_isa) caps it. Each entry point
-// reads the active set once per call and calls through that set's table of kernels.
+// row of the ISA table (src/kernels/isas.cmake), each build into its own namespace, and the compiler
+// vectorizes their loops for that row's instruction set. The first kernel call picks the best row
+// that this target builds and the CPU supports; the environment variable BNORM_ISA=<row name> (or
+// set_isa) caps it. Each entry point reads the active row once per call and calls through that
+// row's table of kernels.
 #include "kernels/kernels.hpp"
 #include "parallel.hpp"
 
@@ -55,7 +54,7 @@ namespace bnorm::kernels {
 namespace {
 
 // ---- The CPU features that rows of the ISA table may name (FEATURES): BNORM_CPU_HAS(f) is
-// BNORM_CPU_f, true when the CPU (and the OS, for the register state) supports f.
+// BNORM_CPU_f, true when the CPU supports f. A feature with no line here does not compile.
 #if defined(__x86_64__) || defined(__i386__)
 // F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c".
 [[maybe_unused]] bool cpu_has_f16c() {
