@@ -80,18 +80,6 @@ SplitMeans<P> split_means(Scope& scope, std::span<const double> mean) {
   return s;
 }
 
-// The channels-first fast path (one channel at a time, the second pass from cache) applies when the
-// channel's slices of the `cached` tensors that its second pass re-reads fit in L2 (an output written
-// with streaming stores takes no room), and when the channels spread evenly over the threads: it
-// runs a channel per thread, where the unfused passes split rows.
-template <class T>
-bool fuse_channels(const Geometry& g, int cached) {
-  const std::int64_t threads = num_threads();
-  return g.layout == Layout::ChannelsFirst && g.per_channel() > 0 &&
-         g.per_channel() * static_cast<std::int64_t>(sizeof(T)) * cached <= kernels::fuse_budget_bytes() &&
-         (g.C % threads == 0 || g.C >= 8 * threads);
-}
-
 // The workspace of channel_moments and backward_reduce for g (zeros), taken from `scope`.
 std::span<double> reduce_workspace(Scope& scope, const Geometry& g) {
   return scope.take<double>(
@@ -152,7 +140,7 @@ void forward_impl(const T* x, T* y, const Geometry& g, FrozenStats frozen, Runni
                           invstd = scope.take<double>(uC);
   const std::span<const double> gamma = read_channels<T>(scope, affine.weight, C, 1.0),
                                 beta = read_channels<T>(scope, affine.bias, C, 0.0);
-  if (training && fuse_channels<T>(g, kernels::fused_forward_cached<T>(g))) {
+  if (training && kernels::use_fused_forward<T>(g)) {
     kernels::fused_forward_cf(x, y, g, gamma.data(), beta.data(), eps, act, residual, mean.data(), var.data());
     for (std::size_t c = 0; c < uC; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
   } else {
@@ -235,7 +223,7 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
   const std::span<double> sum_dy = scope.take<double>(uC), sum_dy_xmu = scope.take<double>(uC);
   const bool need_sums = grads.weight.present() || grads.bias.present() || (training && dx);
   // x, dy, the ReLU's output, and dx unless it is streamed
-  if ((need_sums || dx) && fuse_channels<T>(g, kernels::fused_backward_cached<T>(g, out != nullptr, dx != nullptr))) {
+  if ((need_sums || dx) && kernels::use_fused_backward<T>(g, out != nullptr, dx != nullptr)) {
     kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
                                sum_dy_xmu.data());
   } else {

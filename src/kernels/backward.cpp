@@ -12,7 +12,7 @@
 
 #include <type_traits>
 
-// Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
+// Compiled once per row of the ISA table (isas.cmake): BNORM_ISA names the namespace.
 namespace bnorm::kernels::BNORM_ISA {
 namespace {
 
@@ -290,25 +290,8 @@ void fused_backward_cf(const S* dy, const S* x, const S* output, S* dx, const Ge
     fused_impl<S, false>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
 }
 
-#if !BNORM_ISA_BF16_ONLY  // the avx512bf16 build has only the bfloat16 kernels (kernels.hpp: Isa)
-template void fused_backward_cf<float>(const float*, const float*, const float*, float*, const Geometry&, const double*,
-                                       const double*, const double*, bool, double*, double*);
-template void fused_backward_cf<double>(const double*, const double*, const double*, double*, const Geometry&,
-                                        const double*, const double*, const double*, bool, double*, double*);
-template void backward_reduce<float>(const float*, const float*, const float*, const Geometry&, const float*,
-                                     const float*, double*, double*, double*);
-template void backward_reduce<double>(const double*, const double*, const double*, const Geometry&, const double*,
-                                      const double*, double*, double*, double*);
-template void backward_apply<float>(const float*, const float*, const float*, float*, const Geometry&,
-                                    BackwardCoeffs<float>);
-template void backward_apply<double>(const double*, const double*, const double*, double*, const Geometry&,
-                                     BackwardCoeffs<double>);
-#endif
-template void fused_backward_cf<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, bfloat16*, const Geometry&,
-                                          const double*, const double*, const double*, bool, double*, double*);
-template void backward_reduce<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, const Geometry&, const float*,
-                                        const float*, double*, double*, double*);
-template void backward_apply<bfloat16>(const bfloat16*, const bfloat16*, const bfloat16*, bfloat16*, const Geometry&,
-                                       BackwardCoeffs<float>);
+BNORM_INSTANTIATE(backward_reduce)
+BNORM_INSTANTIATE(backward_apply)
+BNORM_INSTANTIATE(fused_backward_cf)
 
 }  // namespace bnorm::kernels::BNORM_ISA

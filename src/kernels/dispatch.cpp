@@ -1,96 +1,131 @@
-// Run-time dispatch of the kernel families. stats.cpp, normalize.cpp and backward.cpp are compiled
-// once per instruction set, each build in its own namespace (generic: baseline x86-64 or whatever
-// the target is; avx2: AVX2 + FMA + F16C; avx512: AVX-512 F/BW/VL/DQ), and the compiler vectorizes
-// their loops for that set; avx512bf16 is the avx512 set plus AVX512_BF16 and holds only the
-// bfloat16 kernels (float and double dispatch to avx512 there). The first kernel call picks the
-// best set the CPU supports; the environment variable BNORM_ISA=generic|avx2|avx512|avx512bf16
-// (or set_isa) caps it.
+// Run-time dispatch of the kernels. stats.cpp, normalize.cpp and backward.cpp are compiled once per
+// row of the ISA table (src/kernels/isas.cmake), each build into its own namespace, and the compiler
+// vectorizes their loops for that row's instruction set. The first kernel call picks the best row
+// that this target builds and the CPU supports; the environment variable BNORM_ISA=<row name> (or
+// set_isa) caps it. Each entry point reads the active row once per call and calls through that
+// row's table of kernels.
 #include "kernels/kernels.hpp"
 #include "parallel.hpp"
 
+#include <array>
 #include <atomic>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <type_traits>
 
 #include <unistd.h>
 
-#if BNORM_HAVE_X86_ISAS
+#if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
 
-// Declarations of one per-ISA build of the kernels.
-#define BNORM_DECLARE_KERNELS(ns)                                                                             \
-  namespace bnorm::kernels::ns {                                                                              \
-  template <class T>                                                                                          \
-  void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace);           \
-  template <class T>                                                                                          \
-  void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act,           \
-                 const T* residual);                                                                          \
-  template <class T>                                                                                          \
-  void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const Compute<T>* mean_hi, \
-                       const Compute<T>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);     \
-  template <class T>                                                                                          \
-  void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g,                    \
-                      BackwardCoeffs<Compute<T>> k);                                                          \
-  template <class T>                                                                                          \
-  void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta,         \
-                        double eps, Activation act, const T* residual, double* mean, double* var);            \
-  template <class T>                                                                                          \
-  void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g,                 \
-                         const double* mean, const double* invstd, const double* gamma, bool training,        \
-                         double* sum_dy, double* sum_dy_xmu);                                                 \
-  }
+namespace bnorm::kernels {
 
-BNORM_DECLARE_KERNELS(generic)
-#if BNORM_HAVE_X86_ISAS
-BNORM_DECLARE_KERNELS(avx2)
-BNORM_DECLARE_KERNELS(avx512)
-BNORM_DECLARE_KERNELS(avx512bf16)
-#endif
+// One build's kernels for storage type S: a pointer for each row of BNORM_KERNELS.
+template <class S>
+struct KernelTable {
+#define BNORM_KERNEL_POINTER(name, parameters, arguments) void(*name) parameters;
+  BNORM_KERNELS(BNORM_KERNEL_POINTER)
+#undef BNORM_KERNEL_POINTER
+};
+
+}  // namespace bnorm::kernels
+
+// For each built row of the ISA table: the declarations of its kernels, the storage types it builds
+// and its tables.
+#define BNORM_IS_TYPE(S, T) std::is_same_v<S, T> ||
+#define BNORM_KERNEL_ADDRESS(name, parameters, arguments) .name = &name<S>,
+#define BNORM_ISA_KERNELS(enumerator, ns, base, check)                     \
+  namespace bnorm::kernels::ns {                                           \
+  BNORM_KERNELS(BNORM_DECLARE_KERNEL)                                      \
+  template <class S>                                                       \
+  constexpr bool kBuilds = BNORM_ISA_TYPES_##ns(BNORM_IS_TYPE, S) false;   \
+  template <class S>                                                       \
+  constexpr KernelTable<S> kTable = {BNORM_KERNELS(BNORM_KERNEL_ADDRESS)}; \
+  }
+BNORM_BUILT_ISAS(BNORM_ISA_KERNELS)
+#undef BNORM_ISA_KERNELS
+#undef BNORM_KERNEL_ADDRESS
+#undef BNORM_IS_TYPE
 
 namespace bnorm::kernels {
 namespace {
 
-#if BNORM_HAVE_X86_ISAS
+// ---- The CPU features that rows of the ISA table may name (FEATURES): BNORM_CPU_HAS(f) is
+// BNORM_CPU_f, true when the CPU supports f. A feature with no line here does not compile.
+#if defined(__x86_64__) || defined(__i386__)
 // F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c".
-bool cpu_has_f16c() {
+[[maybe_unused]] bool cpu_has_f16c() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
 }
 // AVX512_BF16 from CPUID leaf 7, sub-leaf 1 (EAX bit 5), for the same reason.
-bool cpu_has_avx512_bf16() {
+[[maybe_unused]] bool cpu_has_avx512_bf16() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   return __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && (a & (1u << 5)) != 0;
 }
+#define BNORM_CPU_INIT() __builtin_cpu_init()
+#define BNORM_CPU_avx2 __builtin_cpu_supports("avx2")
+#define BNORM_CPU_fma __builtin_cpu_supports("fma")
+#define BNORM_CPU_f16c cpu_has_f16c()
+#define BNORM_CPU_avx512f __builtin_cpu_supports("avx512f")
+#define BNORM_CPU_avx512bw __builtin_cpu_supports("avx512bw")
+#define BNORM_CPU_avx512vl __builtin_cpu_supports("avx512vl")
+#define BNORM_CPU_avx512dq __builtin_cpu_supports("avx512dq")
+#define BNORM_CPU_avx512bf16 cpu_has_avx512_bf16()
+#else
+#define BNORM_CPU_INIT() (void)0
 #endif
+#define BNORM_CPU_HAS(feature) BNORM_CPU_##feature
 
 bool cpu_has(Isa isa) {
-#if BNORM_HAVE_X86_ISAS
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  BNORM_CPU_INIT();
   switch (isa) {
-    case Isa::Generic: return true;
-    case Isa::Avx2: return avx2;
-    case Isa::Avx512: return avx512;
-    case Isa::Avx512Bf16: return avx512 && cpu_has_avx512_bf16();
+#define BNORM_CPU_CHECK(enumerator, ns, base, check) \
+  case Isa::enumerator: return check;
+    BNORM_BUILT_ISAS(BNORM_CPU_CHECK)
+#undef BNORM_CPU_CHECK
+    default: return false;  // a row of the table that this target does not build
   }
-  return false;
-#else
-  return isa == Isa::Generic;
-#endif
 }
 
+// The kernels that `isa` runs for S: its own build, or its base's for a storage type it does not
+// build (the avx512bf16 row's float and double); null for a row this target does not build.
+template <class S>
+constexpr const KernelTable<S>* table_of(Isa isa) {
+  switch (isa) {
+#define BNORM_TABLE_OF(enumerator, ns, base, check) \
+  case Isa::enumerator:                             \
+    if constexpr (ns::kBuilds<S>)                   \
+      return &ns::kTable<S>;                        \
+    else                                            \
+      return table_of<S>(Isa::base);
+    BNORM_BUILT_ISAS(BNORM_TABLE_OF)
+#undef BNORM_TABLE_OF
+    default: return nullptr;
+  }
+}
+
+inline constexpr std::size_t kIsaCount = std::size(kAllIsas);
+template <class S>
+constexpr auto kTables = [] {
+  std::array<const KernelTable<S>*, kIsaCount> tables{};
+  for (std::size_t i = 0; i < kIsaCount; ++i) tables[i] = table_of<S>(kAllIsas[i]);
+  return tables;
+}();
+
+// The highest row at or below `cap` that this target builds and the CPU supports; the first row
+// (generic, built everywhere) when there is none.
 Isa best_isa(Isa cap) {
-  for (Isa isa : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2})
-    if (static_cast<int>(isa) <= static_cast<int>(cap) && cpu_has(isa)) return isa;
-  return Isa::Generic;
+  for (std::size_t i = kIsaCount; i-- > 1;)
+    if (static_cast<int>(kAllIsas[i]) <= static_cast<int>(cap) && cpu_has(kAllIsas[i])) return kAllIsas[i];
+  return kAllIsas[0];
 }
 
 Isa initial_isa() {
-  Isa cap = Isa::Avx512Bf16;
+  Isa cap = kAllIsas[kIsaCount - 1];
   if (const char* env = std::getenv("BNORM_ISA")) {
     for (Isa isa : kAllIsas)
       if (std::strcmp(env, isa_name(isa)) == 0) cap = isa;
@@ -117,10 +152,10 @@ void set_isa(Isa isa) { g_isa.store(static_cast<int>(best_isa(isa)), std::memory
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::Generic: return "generic";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx512Bf16: return "avx512bf16";
+#define BNORM_ISA_NAME(enumerator, name) \
+  case Isa::enumerator: return name;
+    BNORM_ISAS(BNORM_ISA_NAME)
+#undef BNORM_ISA_NAME
   }
   return "unknown";
 }
@@ -155,63 +190,39 @@ std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {
   return g.layout == Layout::ChannelsFirst ? 0 : static_cast<std::int64_t>(threads) * 2 * g.C;
 }
 
-#if BNORM_HAVE_X86_ISAS
-// T is the storage type of the dispatching function: only bfloat16 has an avx512bf16 build.
-#define BNORM_DISPATCH(fn, ...)                                         \
-  switch (active_isa()) {                                               \
-    case Isa::Avx512Bf16:                                               \
-      if constexpr (std::is_same_v<T, bfloat16>) return avx512bf16::fn(__VA_ARGS__); \
-      else return avx512::fn(__VA_ARGS__);                              \
-    case Isa::Avx512: return avx512::fn(__VA_ARGS__);                   \
-    case Isa::Avx2: return avx2::fn(__VA_ARGS__);                       \
-    case Isa::Generic: break;                                           \
+namespace {
+
+// The fused paths' conditions (kernels.hpp: use_fused_forward says why), for a pass that keeps the
+// channel's slices of `cached` tensors in cache.
+template <class S>
+bool fuse_channels(const Geometry& g, int cached) {
+  const std::int64_t threads = num_threads();
+  return g.layout == Layout::ChannelsFirst && g.per_channel() > 0 &&
+         g.per_channel() * static_cast<std::int64_t>(sizeof(S)) * cached <= fuse_budget_bytes() &&
+         (g.C % threads == 0 || g.C >= 8 * threads);
+}
+
+}  // namespace
+
+template <class S>
+bool use_fused_forward(const Geometry& g) {
+  return fuse_channels<S>(g, fused_forward_cached<S>(g));
+}
+template <class S>
+bool use_fused_backward(const Geometry& g, bool relu_output, bool writes_dx) {
+  return fuse_channels<S>(g, fused_backward_cached<S>(g, relu_output, writes_dx));
+}
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, use_fused_forward)
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, use_fused_backward)
+
+// The entry points: the active ISA's kernel for S, read once per call.
+#define BNORM_DEFINE_ENTRY(name, parameters, arguments)                 \
+  template <class S>                                                    \
+  void name parameters {                                                \
+    kTables<S>[static_cast<std::size_t>(active_isa())]->name arguments; \
   }                                                                     \
-  return generic::fn(__VA_ARGS__)
-#else
-#define BNORM_DISPATCH(fn, ...) return generic::fn(__VA_ARGS__)
-#endif
-
-template <class T>
-void channel_moments(const T* x, const Geometry& g, double* mean, double* m2, double* workspace) {
-  BNORM_DISPATCH(channel_moments<T>, x, g, mean, m2, workspace);
-}
-template <class T>
-void normalize(const T* x, T* y, const Geometry& g, ChannelCoeffs<Compute<T>> k, Activation act, const T* residual) {
-  BNORM_DISPATCH(normalize<T>, x, y, g, k, act, residual);
-}
-template <class T>
-void backward_reduce(const T* dy, const T* x, const T* output, const Geometry& g, const Compute<T>* mean_hi,
-                     const Compute<T>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace) {
-  BNORM_DISPATCH(backward_reduce<T>, dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace);
-}
-template <class T>
-void backward_apply(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, BackwardCoeffs<Compute<T>> k) {
-  BNORM_DISPATCH(backward_apply<T>, dy, x, output, dx, g, k);
-}
-
-template <class T>
-void fused_forward_cf(const T* x, T* y, const Geometry& g, const double* gamma, const double* beta, double eps,
-                      Activation act, const T* residual, double* mean, double* var) {
-  BNORM_DISPATCH(fused_forward_cf<T>, x, y, g, gamma, beta, eps, act, residual, mean, var);
-}
-template <class T>
-void fused_backward_cf(const T* dy, const T* x, const T* output, T* dx, const Geometry& g, const double* mean,
-                       const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
-  BNORM_DISPATCH(fused_backward_cf<T>, dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
-}
-
-#define BNORM_INSTANTIATE(T)                                                                                   \
-  template void channel_moments<T>(const T*, const Geometry&, double*, double*, double*);                     \
-  template void normalize<T>(const T*, T*, const Geometry&, ChannelCoeffs<Compute<T>>, Activation, const T*); \
-  template void backward_reduce<T>(const T*, const T*, const T*, const Geometry&, const Compute<T>*,          \
-                                   const Compute<T>*, double*, double*, double*);                              \
-  template void backward_apply<T>(const T*, const T*, const T*, T*, const Geometry&, BackwardCoeffs<Compute<T>>); \
-  template void fused_forward_cf<T>(const T*, T*, const Geometry&, const double*, const double*, double, Activation, \
-                                    const T*, double*, double*);                                                \
-  template void fused_backward_cf<T>(const T*, const T*, const T*, T*, const Geometry&, const double*, const double*, \
-                                     const double*, bool, double*, double*);
-BNORM_INSTANTIATE(float)
-BNORM_INSTANTIATE(double)
-BNORM_INSTANTIATE(bfloat16)
+  BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, name)
+BNORM_KERNELS(BNORM_DEFINE_ENTRY)
+#undef BNORM_DEFINE_ENTRY
 
 }  // namespace bnorm::kernels

@@ -7,6 +7,8 @@
 
 #include <bnorm/types.hpp>
 
+#include "kernels/isa_table.hpp"
+
 #include <cstdint>
 #include <type_traits>
 
@@ -55,12 +57,20 @@ bool stream_output(const Geometry& g) {
   return g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
 }
 
-// The instruction sets the kernels are compiled for; dispatch picks the best the CPU has.
-// Avx512Bf16 is the AVX-512 build plus the CPU's float -> bfloat16 conversion (AVX512_BF16); only
-// the bfloat16 kernels differ, so only they are compiled for it, and float/double run the avx512 build.
-enum class Isa { Generic, Avx2, Avx512, Avx512Bf16 };
+// The instruction sets the kernels are compiled for: one enumerator per row of the ISA table
+// (src/kernels/isas.cmake, through the generated kernels/isa_table.hpp), in its order, lowest
+// first. Dispatch picks the best one that this target builds and the CPU supports.
+enum class Isa {
+#define BNORM_ISA_ENUMERATOR(enumerator, name) enumerator,
+  BNORM_ISAS(BNORM_ISA_ENUMERATOR)
+#undef BNORM_ISA_ENUMERATOR
+};
 // Every Isa, lowest first (for tests that run each build).
-inline constexpr Isa kAllIsas[] = {Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16};
+inline constexpr Isa kAllIsas[] = {
+#define BNORM_ISA_LIST_ENTRY(enumerator, name) Isa::enumerator,
+    BNORM_ISAS(BNORM_ISA_LIST_ENTRY)
+#undef BNORM_ISA_LIST_ENTRY
+};
 Isa active_isa();
 const char* isa_name(Isa);
 // For tests and benchmarks: use `isa` (capped at what the CPU supports) from now on.
@@ -74,11 +84,6 @@ int reduce_threads(const Geometry& g);
 // Channels-last reductions take blocks of this many rows (about kBlock values).
 std::int64_t cl_rows_per_block(const Geometry& g);
 
-// Per-channel mean and M2 = sum((x - mean)^2) of the N * S values of each channel: per-block
-// two-pass sums in double, blocks merged with Chan's formula. M2 is never negative.
-template <class S>
-void channel_moments(const S* x, const Geometry& g, double* mean, double* m2, double* workspace);
-
 // Per-channel coefficients of the elementwise passes, in T. The mean is split in two parts of T
 // (hi + lo ~ the double mean) so that x - mean is exact where it matters: a constant channel gives
 // exactly 0, and a large offset costs no accuracy.
@@ -90,20 +95,7 @@ struct ChannelCoeffs {
   const T* shift;  // beta
 };
 
-// y = ((x - mean_hi) - mean_lo) * scale + shift, then max(y, 0) with Activation::Relu.
-// y may equal x.
-// With a residual (same layout as x; null for none): y = act(normalized + residual).
-template <class S>
-void normalize(const S* x, S* y, const Geometry& g, ChannelCoeffs<Compute<S>> k, Activation act,
-               const S* residual = nullptr);
-
-// Per-channel sum(dy') and sum(dy' * (x - mean)) in double, where dy' = dy masked by output > 0
-// when `output` is given (fused ReLU) and dy otherwise.
-template <class S>
-void backward_reduce(const S* dy, const S* x, const S* output, const Geometry& g, const Compute<S>* mean_hi,
-                     const Compute<S>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace);
-
-// dx = dy' * k_dy - (x - mean) * k_x - k_c. dx may equal dy or x.
+// dx = dy' * k_dy - (x - mean) * k_x - k_c (backward_apply).
 template <class T>
 struct BackwardCoeffs {
   const T* mean_hi;
@@ -112,22 +104,83 @@ struct BackwardCoeffs {
   const T* k_x;
   const T* k_c;
 };
-template <class S>
-void backward_apply(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, BackwardCoeffs<Compute<S>> k);
 
-// The channels-first fast paths: one channel at a time, the second pass while the channel is still
-// in L2, so that the tensor crosses memory twice in forward (not three times) and three times in
-// backward (not five). Used when the channel's slices of the tensors that must stay cached fit in
-// fuse_budget_bytes() and the channels spread evenly over the threads (fuse_channels in
-// functional.cpp).
-//
+// ---- The kernel table: each kernel is declared once, here, as a row
+// X(name, (parameters), (arguments)), with S the storage type. Every kernel returns void.
+// Everything else comes from this list:
+//   - the entry points below, kernels::<name><S>(...), which dispatch.cpp defines so that each call
+//     runs the active ISA's build (one function-pointer table per ISA and storage type);
+//   - the declarations in each ISA's namespace (per_isa.hpp for the kernel files, dispatch.cpp for
+//     all built ISAs);
+//   - the instantiations. A kernel file ends with BNORM_INSTANTIATE(<name>) for each kernel that it
+//     defines (per_isa.hpp), which gives the storage types that the ISA table lists for its build.
+#define BNORM_KERNELS(X)                                                                                      \
+  /* Per-channel mean and M2 = sum((x - mean)^2) of the N * S values of each channel: per-block               \
+     two-pass sums in double, blocks merged with Chan's formula. M2 is never negative. */                     \
+  X(channel_moments, (const S* x, const Geometry& g, double* mean, double* m2, double* workspace),            \
+    (x, g, mean, m2, workspace))                                                                              \
+  /* y = ((x - mean_hi) - mean_lo) * scale + shift, then max(y, 0) with Activation::Relu. y may equal x.      \
+     With a residual (same layout as x; null for none): y = act(normalized + residual). */                    \
+  X(normalize, (const S* x, S* y, const Geometry& g, ChannelCoeffs<Compute<S>> k, Activation act,             \
+                const S* residual),                                                                           \
+    (x, y, g, k, act, residual))                                                                              \
+  /* Per-channel sum(dy') and sum(dy' * (x - mean)) in double, where dy' = dy masked by output > 0 when       \
+     `output` is given (fused ReLU) and dy otherwise. */                                                      \
+  X(backward_reduce, (const S* dy, const S* x, const S* output, const Geometry& g, const Compute<S>* mean_hi, \
+                      const Compute<S>* mean_lo, double* sum_dy, double* sum_dy_xmu, double* workspace),      \
+    (dy, x, output, g, mean_hi, mean_lo, sum_dy, sum_dy_xmu, workspace))                                      \
+  /* dx = dy' * k_dy - (x - mean) * k_x - k_c. dx may equal dy or x. */                                       \
+  X(backward_apply, (const S* dy, const S* x, const S* output, S* dx, const Geometry& g,                      \
+                     BackwardCoeffs<Compute<S>> k),                                                           \
+    (dy, x, output, dx, g, k))                                                                                \
+  /* The channels-first fast path of training forward (use_fused_forward): statistics of channel c, then      \
+     y for channel c. gamma/beta may be null (1, 0). Writes mean[c] and var[c] (biased). */                   \
+  X(fused_forward_cf, (const S* x, S* y, const Geometry& g, const double* gamma, const double* beta,          \
+                       double eps, Activation act, const S* residual, double* mean, double* var),             \
+    (x, y, g, gamma, beta, eps, act, residual, mean, var))                                                    \
+  /* The channels-first fast path of backward (use_fused_backward): the two reductions of channel c, then     \
+     dx for channel c (when dx is not null), with mean/invstd the statistics of the forward and training      \
+     selecting the full or frozen form. */                                                                    \
+  X(fused_backward_cf, (const S* dy, const S* x, const S* output, S* dx, const Geometry& g,                   \
+                        const double* mean, const double* invstd, const double* gamma, bool training,         \
+                        double* sum_dy, double* sum_dy_xmu),                                                  \
+    (dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu))
+
+// The storage types of the kernels: X(a, T) for each.
+#define BNORM_STORAGE_TYPES(X, a) X(a, float) X(a, double) X(a, bfloat16)
+
+// A row of BNORM_KERNELS as a declaration, in whatever namespace it is expanded in.
+#define BNORM_DECLARE_KERNEL(name, parameters, arguments) \
+  template <class S>                                      \
+  void name parameters;
+BNORM_KERNELS(BNORM_DECLARE_KERNEL)
+
+// The explicit instantiation of template `name` for T. The function type comes from the template's
+// one declaration, so a definition whose parameters differ from it (a second template) does not
+// compile here.
+#define BNORM_INSTANTIATE_ONE(name, T) template std::remove_pointer_t<decltype(&name<T>)> name<T>;
+
+// ---- Fused or unfused: the one place that decides.
+// The channels-first fast paths (fused_forward_cf, fused_backward_cf) take one channel at a time and
+// make the second pass while the channel is still in L2, so that the tensor crosses memory twice in
+// forward (not three times) and three times in backward (not five). They apply when the channel's
+// slices of the tensors that the second pass re-reads fit in fuse_budget_bytes() (an output written
+// with streaming stores takes no room), and when the channels spread evenly over the threads: the
+// fused path runs a channel per thread, where the unfused passes split rows. Both read
+// num_threads() once per call.
+template <class S>
+bool use_fused_forward(const Geometry& g);
+// relu_output: the ReLU's output is given (dy is masked by it); writes_dx: dx is not null.
+template <class S>
+bool use_fused_backward(const Geometry& g, bool relu_output, bool writes_dx);
+
 // Three quarters of one core's L2 (sysconf; 1 MiB when the system does not say): the room a
 // channel's slices may take between the two passes.
 std::int64_t fuse_budget_bytes();
 
-// The tensors whose slices a fused pass keeps in cache between its two passes (fuse_channels in
-// functional.cpp sizes the path with them, the kernels their channel blocks). An output written
-// with streaming stores takes no room.
+// The tensors whose slices a fused pass keeps in cache between its two passes. use_fused_* size
+// the path with them, and the kernels size their channel blocks with them. An output written with
+// streaming stores takes no room.
 template <class S>
 int fused_forward_cached(const Geometry& g) {
   return stream_output<S>(g) ? 1 : 2;  // x (and y)
@@ -136,18 +189,6 @@ template <class S>
 int fused_backward_cached(const Geometry& g, bool relu_output, bool writes_dx) {
   return (relu_output ? 3 : 2) + (writes_dx && !stream_output<S>(g) ? 1 : 0);  // dy, x (output, dx)
 }
-
-// Training forward: statistics of channel c, then y for channel c. gamma/beta may be null (1, 0).
-// Writes mean[c] and var[c] (biased).
-template <class S>
-void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, const double* beta, double eps,
-                      Activation act, const S* residual, double* mean, double* var);
-
-// Backward: the two reductions of channel c, then dx for channel c (when dx is not null), with
-// mean/invstd the statistics of the forward and training selecting the full or frozen form.
-template <class S>
-void fused_backward_cf(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, const double* mean,
-                       const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu);
 
 // The per-channel constants of the elementwise passes, computed in one place for every path.
 // Static like chan_merge: each per-ISA build keeps its own copy.

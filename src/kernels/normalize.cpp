@@ -11,7 +11,7 @@
 
 #include <type_traits>
 
-// Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
+// Compiled once per row of the ISA table (isas.cmake): BNORM_ISA names the namespace.
 namespace bnorm::kernels::BNORM_ISA {
 namespace {
 
@@ -124,16 +124,7 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
   });
 }
 
-#if !BNORM_ISA_BF16_ONLY  // the avx512bf16 build has only the bfloat16 kernels (kernels.hpp: Isa)
-template void fused_forward_cf<float>(const float*, float*, const Geometry&, const double*, const double*, double,
-                                      Activation, const float*, double*, double*);
-template void normalize<float>(const float*, float*, const Geometry&, ChannelCoeffs<float>, Activation, const float*);
-template void fused_forward_cf<double>(const double*, double*, const Geometry&, const double*, const double*, double,
-                                      Activation, const double*, double*, double*);
-template void normalize<double>(const double*, double*, const Geometry&, ChannelCoeffs<double>, Activation, const double*);
-#endif
-template void fused_forward_cf<bfloat16>(const bfloat16*, bfloat16*, const Geometry&, const double*, const double*, double,
-                                      Activation, const bfloat16*, double*, double*);
-template void normalize<bfloat16>(const bfloat16*, bfloat16*, const Geometry&, ChannelCoeffs<float>, Activation, const bfloat16*);
+BNORM_INSTANTIATE(normalize)
+BNORM_INSTANTIATE(fused_forward_cf)
 
 }  // namespace bnorm::kernels::BNORM_ISA

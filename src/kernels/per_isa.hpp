@@ -116,8 +116,18 @@ void fused_channel_passes(const Geometry& g, int cached, bool stream, std::initi
 
 namespace bnorm::kernels::BNORM_ISA {
 
+// This build's kernels (kernels.hpp: BNORM_KERNELS). A kernel file defines some of them and ends
+// with BNORM_INSTANTIATE(<name>) for each.
+BNORM_KERNELS(BNORM_DECLARE_KERNEL)
+
 // Mean and M2 of channel c of channels-first data (stats.cpp); the fused passes build on it.
 template <class T>
 void channel_moments_cf(const T* x, const Geometry& g, std::int64_t c, double& mean, double& m2);
 
 }  // namespace bnorm::kernels::BNORM_ISA
+
+// The explicit instantiations of this build's template `name`, one for each storage type that the
+// ISA table gives the build (kernels/isa_table.hpp: the avx512bf16 row builds bfloat16 only).
+#define BNORM_ISA_TYPES_OF(isa) BNORM_ISA_TYPES_OF_(isa)
+#define BNORM_ISA_TYPES_OF_(isa) BNORM_ISA_TYPES_##isa
+#define BNORM_INSTANTIATE(name) BNORM_ISA_TYPES_OF(BNORM_ISA)(BNORM_INSTANTIATE_ONE, name)

@@ -21,7 +21,7 @@
 
 #include <type_traits>
 
-// Compiled once per instruction set: BNORM_ISA names the namespace (see dispatch.cpp).
+// Compiled once per row of the ISA table (isas.cmake): BNORM_ISA names the namespace.
 namespace bnorm::kernels::BNORM_ISA {
 namespace {
 
@@ -275,11 +275,7 @@ void channel_moments_cf(const S* x, const Geometry& g, std::int64_t c, double& m
   m2 = M2;
 }
 
-#if !BNORM_ISA_BF16_ONLY  // the avx512bf16 build has only the bfloat16 kernels (kernels.hpp: Isa)
-template void channel_moments_cf<float>(const float*, const Geometry&, std::int64_t, double&, double&);
-template void channel_moments_cf<double>(const double*, const Geometry&, std::int64_t, double&, double&);
-#endif
-template void channel_moments_cf<bfloat16>(const bfloat16*, const Geometry&, std::int64_t, double&, double&);
+BNORM_INSTANTIATE(channel_moments_cf)
 
 template <class S>
 void channel_moments(const S* x, const Geometry& g, double* mean, double* m2, double* workspace) {
@@ -289,10 +285,6 @@ void channel_moments(const S* x, const Geometry& g, double* mean, double* m2, do
     moments_channels_last(x, g, mean, m2, workspace);
 }
 
-#if !BNORM_ISA_BF16_ONLY  // the avx512bf16 build has only the bfloat16 kernels (kernels.hpp: Isa)
-template void channel_moments<float>(const float*, const Geometry&, double*, double*, double*);
-template void channel_moments<double>(const double*, const Geometry&, double*, double*, double*);
-#endif
-template void channel_moments<bfloat16>(const bfloat16*, const Geometry&, double*, double*, double*);
+BNORM_INSTANTIATE(channel_moments)
 
 }  // namespace bnorm::kernels::BNORM_ISA
