@@ -238,7 +238,7 @@ def test_extension_checks_bf16_vectors_itself():
 
     x = torch.randn(4, 3).to(BF16)
     out = torch.empty_like(x)
-    with pytest.raises(ValueError, match="weight: expected dtype float32"):
+    with pytest.raises(TypeError, match="weight: expected dtype float32"):
         _bnorm.forward(x, out, None, None, torch.ones(3, dtype=BF16), None, True, 0.1, 1e-5, None, None)
     _bnorm.forward(x, out, None, None, torch.ones(3), torch.zeros(3), True, 0.1, 1e-5, None, None)
     torch.testing.assert_close(out, F.batch_norm(x, None, None, torch.ones(3), torch.zeros(3), training=True),

@@ -321,7 +321,7 @@ def test_extension_rejects_bad_arrays():
         _bnorm.forward(x.astype(np.int32), y.astype(np.int32), None, None, None, None, True, 0.1, 1e-5, None, None)
     with pytest.raises(ValueError, match="output: expected the shape of input"):
         _bnorm.forward(x, np.empty((4, 3, 6), np.float32), None, None, None, None, True, 0.1, 1e-5, None, None)
-    with pytest.raises(ValueError, match="expected the dtype of input"):
+    with pytest.raises(TypeError, match="expected the dtype of input"):
         _bnorm.forward(x, np.empty((4, 3, 5)), None, None, None, None, True, 0.1, 1e-5, None, None)
     with pytest.raises(ValueError, match=r"bnorm::batch_norm: input: expected a tensor of rank >= 2 .* got rank 1"):
         _bnorm.forward(np.zeros(3, np.float32), np.zeros(3, np.float32), None, None, None, None, True, 0.1, 1e-5,
