@@ -224,8 +224,8 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
   const bool need_sums = grads.weight.present() || grads.bias.present() || (training && dx);
   // x, dy, the ReLU's output, and dx unless it is streamed
   if ((need_sums || dx) && kernels::use_fused_backward<T>(g, out != nullptr, dx != nullptr)) {
-    kernels::fused_backward_cf(dy, x, out, dx, g, mean.data(), invstd.data(), gamma.data(), training, sum_dy.data(),
-                               sum_dy_xmu.data());
+    kernels::fused_backward_cf(dy, x, out, dx, g, {mean.data(), invstd.data(), gamma.data()}, training,
+                               sum_dy.data(), sum_dy_xmu.data());
   } else {
     const SplitMeans<Compute<T>> means = split_means<Compute<T>>(scope, mean);
     if (need_sums) reduce_sums(dy, x, out, g, means, sum_dy.data(), sum_dy_xmu.data());

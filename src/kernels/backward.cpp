@@ -196,10 +196,14 @@ void reduce_impl(const S* dy, const S* x, const S* out, const Geometry& g, const
 
 // dx over `len` contiguous values of one channel (channels-first); with `stream`, non-temporal
 // stores (the caller fences). dx may be dy or x: each vector is read before it is written.
+template <class T>
+struct RowCoeffs {
+  T hi, lo, kdy, kx, kc;  // the mean in two parts, then dx = dy' * kdy - (x - mean) * kx - kc
+};
+
 template <class S, bool Relu, class T = Compute<S>>
-void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, T mh, T ml, T kdy, T kx, T kc,
-               bool stream) {
-  const Vec<T> vh = splat(mh), vl = splat(ml), vdy = splat(kdy), vx = splat(kx), vc = splat(kc);
+void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, const RowCoeffs<T>& k, bool stream) {
+  const Vec<T> vh = splat(k.hi), vl = splat(k.lo), vdy = splat(k.kdy), vx = splat(k.kx), vc = splat(k.kc);
   store_row(dx, 0, len, stream, [&](std::int64_t j, auto ld) {
     return masked_vec<S, Relu>(dy, out, j, ld) * vdy - ((ld(x + j) - vh) - vl) * vx - vc;
   });
@@ -221,8 +225,8 @@ void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
     const bool stream = stream_output<S>(g);
     parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
       const std::int64_t off = nc * g.S;
-      apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.mean_hi[c], k.mean_lo[c],
-                         k.k_dy[c], k.k_x[c], k.k_c[c], stream);
+      apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S,
+                         RowCoeffs<T>{k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]}, stream);
     });
   } else {
     const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.C);
@@ -234,14 +238,13 @@ void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
 }
 
 template <class S, bool Relu>
-void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, const double* mean,
-                const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
+void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, ForwardChannels f, bool training,
+                double* sum_dy, double* sum_dy_xmu) {
   using T = Compute<S>;
+  using Coeffs = RowCoeffs<T>;
   const double m = static_cast<double>(g.per_channel());
   const bool stream = stream_output<S>(g);
-  struct Coeffs {
-    T hi, lo, kdy, kx, kc;
-  };
+  const double *mean = f.mean, *invstd = f.invstd, *gamma = f.gamma;
   fused_channel_passes<S>(
       g, fused_backward_cached<S>(g, Relu, dx != nullptr), stream, {dy, x, out},
       [&](std::int64_t c) {
@@ -257,8 +260,7 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
       [&](std::int64_t n, std::int64_t c, const Coeffs& k) {  // second pass: from L2
         if (!dx) return;
         const std::int64_t off = (n * g.C + c) * g.S;
-        apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k.hi, k.lo, k.kdy, k.kx, k.kc,
-                           stream);
+        apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S, k, stream);
       });
 }
 
@@ -282,12 +284,12 @@ void backward_apply(const S* dy, const S* x, const S* output, S* dx, const Geome
 }
 
 template <class S>
-void fused_backward_cf(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, const double* mean,
-                       const double* invstd, const double* gamma, bool training, double* sum_dy, double* sum_dy_xmu) {
+void fused_backward_cf(const S* dy, const S* x, const S* output, S* dx, const Geometry& g, ForwardChannels f,
+                       bool training, double* sum_dy, double* sum_dy_xmu) {
   if (output)
-    fused_impl<S, true>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
+    fused_impl<S, true>(dy, x, output, dx, g, f, training, sum_dy, sum_dy_xmu);
   else
-    fused_impl<S, false>(dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu);
+    fused_impl<S, false>(dy, x, output, dx, g, f, training, sum_dy, sum_dy_xmu);
 }
 
 BNORM_INSTANTIATE(backward_reduce)

@@ -105,6 +105,14 @@ struct BackwardCoeffs {
   const T* k_c;
 };
 
+// What the fused backward needs per channel from its forward: the mean and invstd it normalized
+// with, and gamma (null: 1).
+struct ForwardChannels {
+  const double* mean;
+  const double* invstd;
+  const double* gamma;
+};
+
 // ---- The kernel table: each kernel is declared once, here, as a row
 // X(name, (parameters), (arguments)), with S the storage type. Every kernel returns void.
 // Everything else comes from this list:
@@ -142,9 +150,8 @@ struct BackwardCoeffs {
      dx for channel c (when dx is not null), with mean/invstd the statistics of the forward and training      \
      selecting the full or frozen form. */                                                                    \
   X(fused_backward_cf, (const S* dy, const S* x, const S* output, S* dx, const Geometry& g,                   \
-                        const double* mean, const double* invstd, const double* gamma, bool training,         \
-                        double* sum_dy, double* sum_dy_xmu),                                                  \
-    (dy, x, output, dx, g, mean, invstd, gamma, training, sum_dy, sum_dy_xmu))
+                        ForwardChannels f, bool training, double* sum_dy, double* sum_dy_xmu),                \
+    (dy, x, output, dx, g, f, training, sum_dy, sum_dy_xmu))
 
 // The storage types of the kernels: X(a, T) for each.
 #define BNORM_STORAGE_TYPES(X, a) X(a, float) X(a, double) X(a, bfloat16)
