@@ -88,6 +88,7 @@ template <class P>
 BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims,
                                   std::shared_ptr<const detail::StatsReducer> reducer)
     : reducer_(std::move(reducer)), num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
+  if (!reducer_) detail::fail("BatchNorm", "reducer: expected a source of batch statistics, got null");
   const char* fn = reducer_->layer_name();
   if (num_features < 1) detail::fail(fn, "num_features: expected >= 1, got " + std::to_string(num_features));
   // Refused before allocating: the layer's own state is ~(6 * sizeof(P) + 16) bytes per channel.
@@ -267,7 +268,8 @@ void BasicBatchNorm<P>::load(const std::string& path, const std::string& prefix)
                                    "] (num_features), got " + s + "]");
     }
     const detail::Checked<std::vector<double>> values = detail::float_values(t);
-    if (values.problem) detail::fail(fn.c_str(), "key '" + prefix + key + "': " + values.problem.what());
+    if (values.problem)
+      detail::fail(fn.c_str(), "key '" + prefix + key + "': " + values.problem.what(), values.problem.kind());
     std::vector<P> out(C);
     for (std::size_t c = 0; c < C; ++c) out[c] = static_cast<P>(values.value[c]);
     return out;

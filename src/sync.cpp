@@ -82,15 +82,17 @@ std::string rank_name(int r, int R) {
   fail(fn, msg, kind);
 }
 
-// The first field where rank r differs from rank 0, as "<field>: expected <rank 0's>, got <r's>".
-std::string first_mismatch(const Descriptor& a, const Descriptor& b) {
-  auto diff = [](const char* field, const std::string& want, const std::string& got) {
+// The first field where rank r differs from rank 0, as "<field>: expected <rank 0's>, got <r's>"
+// (ErrorKind::Type for the dtype); empty when they agree.
+Problem first_mismatch(const Descriptor& a, const Descriptor& b) {
+  auto diff = [](const char* field, const std::string& want, const std::string& got,
+                 ErrorKind kind = ErrorKind::Value) {
     std::string s = field;
     s += ": expected ";
     s += want;
     s += " (rank 0's), got ";
     s += got;
-    return s;
+    return Problem(std::move(s), kind);
   };
   auto flag = [](std::int64_t v) { return std::string(v ? "true" : "false"); };
   auto present = [](std::int64_t v) { return std::string(v ? "present" : "absent"); };
@@ -98,7 +100,8 @@ std::string first_mismatch(const Descriptor& a, const Descriptor& b) {
   if (a.channels != b.channels)
     return diff("input channels (dim 1)", std::to_string(a.channels), std::to_string(b.channels));
   if (a.dtype != b.dtype)
-    return diff("dtype", to_string(static_cast<DType>(a.dtype)), to_string(static_cast<DType>(b.dtype)));
+    return diff("dtype", to_string(static_cast<DType>(a.dtype)), to_string(static_cast<DType>(b.dtype)),
+                ErrorKind::Type);
   if (a.layout != b.layout)
     return diff("layout", to_string(static_cast<Layout>(a.layout)), to_string(static_cast<Layout>(b.layout)));
   if (a.training != b.training) return diff("training", flag(a.training), flag(b.training));
@@ -152,9 +155,8 @@ std::vector<Descriptor> agree(Communicator& comm, const char* fn, Descriptor min
     fail_on_every_rank(fn, first, R, what, static_cast<ErrorKind>(d.failed - 1));
   }
   for (int r = 1; r < R; ++r) {
-    const std::string m = first_mismatch(all[0], all[static_cast<std::size_t>(r)]);
-    const Descriptor& d = all[static_cast<std::size_t>(r)];
-    if (!m.empty()) fail_on_every_rank(fn, r, R, m, all[0].dtype != d.dtype ? ErrorKind::Type : ErrorKind::Value);
+    const Problem m = first_mismatch(all[0], all[static_cast<std::size_t>(r)]);
+    if (m) fail_on_every_rank(fn, r, R, m.what(), m.kind());
   }
   return all;
 }
@@ -193,17 +195,16 @@ double global_count(const std::vector<Descriptor>& all) {
 
 void sync_forward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView input,
                   TensorView output, RunningStats running, Affine affine, const Options& options, SavedStats save) {
-  Problem problem = prior;
-  Checked<TensorInfo> checked = Problem();
+  // The layer's problem, or the outcome of this call's checks: either way a rank that failed still
+  // takes part in agree(), which then throws on every rank.
+  const Checked<TensorInfo> checked =
+      prior ? Checked<TensorInfo>(prior) : check_forward_args(input, output, running, affine, options, save);
+  const Problem& problem = checked.problem;
   Descriptor mine;
-  if (!problem) {
-    checked = check_forward_args(input, output, running, affine, options, save);
-    problem = checked.problem;
-    if (!problem)
-      mine = describe(checked.value, input.dtype(), options,
-                      {running.mean.present(), affine.weight.present(), affine.bias.present()}, options.eps,
-                      options.momentum);
-  }
+  if (!problem)
+    mine = describe(checked.value, input.dtype(), options,
+                    {running.mean.present(), affine.weight.present(), affine.bias.present()}, options.eps,
+                    options.momentum);
   const std::vector<Descriptor> all = agree(comm, fn, mine, problem);
   const TensorInfo& in = checked.value;
   if (!options.training) {
@@ -250,17 +251,14 @@ void sync_forward(Communicator& comm, const char* fn, const Problem& prior, Cons
 
 void sync_backward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView grad_output,
                    const ForwardState& forward, const Options& options, TensorView grad_input, ParamGrads grads) {
-  Problem problem = prior;
-  Checked<TensorInfo> checked = Problem();
+  const Checked<TensorInfo> checked =
+      prior ? Checked<TensorInfo>(prior) : check_backward_args(grad_output, forward, options, grad_input, grads);
+  const Problem& problem = checked.problem;
   Descriptor mine;
-  if (!problem) {
-    checked = check_backward_args(grad_output, forward, options, grad_input, grads);
-    problem = checked.problem;
-    // eps matters only with frozen statistics; momentum not at all.
-    if (!problem)
-      mine = describe(checked.value, forward.input.dtype(), options, {!options.training, forward.weight.present(), false},
-                      options.training ? 0.0 : options.eps, 0.0);
-  }
+  // eps matters only with frozen statistics; momentum not at all.
+  if (!problem)
+    mine = describe(checked.value, forward.input.dtype(), options, {!options.training, forward.weight.present(), false},
+                    options.training ? 0.0 : options.eps, 0.0);
   const std::vector<Descriptor> all = agree(comm, fn, mine, problem);
   const TensorInfo& in = checked.value;
   if (!options.training) {

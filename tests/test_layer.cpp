@@ -46,6 +46,17 @@ TEST(Layer, AcceptedRanksLikeTorch) {
   EXPECT_NE(error_of([&] { fwd(b2, {2, 4, 3, 5}); }).find("expected 3 channels (num_features) in dim 1, got 4"), std::string::npos);
 }
 
+// A subclass that hands the protected constructor no source of batch statistics gets an Error,
+// not a crash.
+struct NoReducerLayer : BasicBatchNorm<float> {
+  NoReducerLayer() : BasicBatchNorm<float>(3, {}, -1, nullptr) {}
+};
+TEST(Layer, NullReducerIsRefused) {
+  const std::string e = error_of([] { NoReducerLayer layer; });
+  EXPECT_NE(e.find("bnorm::BatchNorm: reducer: expected a source of batch statistics, got null"), std::string::npos)
+      << e;
+}
+
 TEST(Layer, ConstructorValidates) {
   EXPECT_NE(error_of([] { BatchNorm2d bn(0); }).find("num_features: expected >= 1, got 0"), std::string::npos);
   EXPECT_NE(error_of([] { BatchNorm2d bn(3, {.eps = -1}); }).find("eps"), std::string::npos);

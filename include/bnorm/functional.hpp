@@ -3,7 +3,8 @@
 //
 // The per-channel vectors travel in small named structs (RunningStats, Affine, SavedStats, ...), so
 // that no two neighbouring parameters have the same type and a swap of, say, running_var and
-// save_invstd does not compile. Designated initializers read well at the call site:
+// save_invstd does not compile. Inside a struct, designated initializers name each vector (a
+// positional {var, mean} would compile), and they read well at the call site:
 //   bnorm::batch_norm(x, y, {.mean = rm, .var = rv}, {.weight = w, .bias = b}, {.training = true},
 //                     {.mean = save_mean, .invstd = save_invstd});
 #pragma once
@@ -12,13 +13,14 @@
 
 namespace bnorm {
 
-// torch's running_mean / running_var buffers: both present or both absent. Read in eval; in
-// training, updated as running = (1 - momentum) * running + momentum * batch, with the unbiased batch
-// variance for var. (The layer turns momentum=None into 1/num_batches.)
-// The same, read-only (inference with a const model, or the statistics an eval forward used).
+// Running statistics, read-only (inference with a const model, or the statistics an eval forward
+// used, for its backward).
 struct FrozenStats {
   ConstVectorView mean, var;
 };
+// torch's running_mean / running_var buffers: both present or both absent. Read in eval; in
+// training, updated as running = (1 - momentum) * running + momentum * batch, with the unbiased batch
+// variance for var. (The layer turns momentum=None into 1/num_batches.)
 struct RunningStats {
   VectorView mean, var;
   operator FrozenStats() const { return {mean, var}; }

@@ -335,7 +335,9 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
     # asks for grad_bias; the running statistics in training) are checked here, with the forward's
     # rules; the library checks grad_output, weight, the statistics it uses and eps in eval.
     if training and (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: running_mean and running_var must either both be None or neither be None")
+        # The library's wording for the same rule in forward.
+        got, want = ("none", "a vector") if running_var is None else ("a vector", "none")
+        raise ValueError(f"{fn}: running_var: expected {want} like running_mean, got {got}")
     unused = (("running_mean", running_mean), ("running_var", running_var)) if training else ()
     for name, v in (*unused, ("bias", bias)):
         if v is not None and len(shape) >= 2 and kind.numel(v) != C:

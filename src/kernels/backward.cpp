@@ -194,12 +194,13 @@ void reduce_impl(const S* dy, const S* x, const S* out, const Geometry& g, const
   }
 }
 
-// dx over `len` contiguous values of one channel (channels-first); with `stream`, non-temporal
-// stores (the caller fences). dx may be dy or x: each vector is read before it is written.
 template <class T>
 struct RowCoeffs {
   T hi, lo, kdy, kx, kc;  // the mean in two parts, then dx = dy' * kdy - (x - mean) * kx - kc
 };
+
+// dx over `len` contiguous values of one channel (channels-first); with `stream`, non-temporal
+// stores (the caller fences). dx may be dy or x: each vector is read before it is written.
 
 template <class S, bool Relu, class T = Compute<S>>
 void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, const RowCoeffs<T>& k, bool stream) {

@@ -238,8 +238,10 @@ def test_backward_errors(arr):
         bnorm.batch_norm_backward(None, x, rm, rv)
     with pytest.raises(ValueError, match="running_mean: expected running_mean and running_var when training=false, got none"):
         bnorm.batch_norm_backward(dy, x, None, None, training=False)
-    with pytest.raises(ValueError, match="running_mean and running_var must either both be None or neither"):
+    with pytest.raises(ValueError, match="running_var: expected a vector like running_mean, got none"):
         bnorm.batch_norm_backward(dy, x, rm, None, training=True)
+    with pytest.raises(ValueError, match="running_var: expected none like running_mean, got a vector"):
+        bnorm.batch_norm_backward(dy, x, None, rv, training=True)
     with pytest.raises(ValueError, match=r"bias: expected 3 values \(one per channel\), got 2"):
         bnorm.batch_norm_backward(dy, x, rm, rv, arr((3,)), arr((2,)))
     with pytest.raises(ValueError, match=r"running_var: expected 3 values \(one per channel\), got 4"):
