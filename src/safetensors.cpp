@@ -410,8 +410,8 @@ mode_t current_umask() {
 // Public (internal) API
 
 Checked<std::vector<double>> float_values(const SafeTensor& t) {
-  const std::size_t size = safetensors_dtype_size(t.dtype);
   if (t.dtype != "F32" && t.dtype != "F64") return Problem("expected dtype F32 or F64, got " + t.dtype, ErrorKind::Type);
+  const std::size_t size = safetensors_dtype_size(t.dtype);
   std::vector<double> out(t.bytes.size() / size);
   for (std::size_t i = 0; i < out.size(); ++i) {
     if (size == 4) {

@@ -3,16 +3,17 @@ torch tensors, backed by bnorm's kernels (bnorm._bnorm).
 
 The argument checks are the library's wherever its rule is torch's: the kernels' call checks shapes,
 ranks, the lengths of the per-channel vectors, running statistics, eps in training, the values per
-channel, and throws before it writes; its errors arrive as ValueError (TypeError for a dtype: ErrorKind::Type)
-with its message, which names the argument, the expected and the actual value (torch's own
-wording differs; bnorm's messages follow one grammar in every binding). What Python checks first, before anything is allocated,
-is what only Python knows or what torch rules differently from the library (each says which):
-the kind of an argument (not an array, NumPy and torch mixed, device, dtype, bool and float
-arguments), running statistics that require grad or are read-only, eps in eval, any momentum and an
-empty batch in training. Running statistics, num_batches_tracked and everything a backward keeps
-are written only after the kernels' call has succeeded. Then the input's memory decides the layout
-(bnorm::layout_of): dense channels-first (contiguous) and channels-last memory go to the kernels as
-they are; any other strides are first copied into one of them.
+channel, and throws before it writes; its errors arrive as ValueError (TypeError for a dtype:
+ErrorKind::Type) with its message, which names the argument, the expected and the actual value
+(torch's own wording differs; bnorm's messages follow one grammar in every binding). What Python
+checks first, before anything is allocated, is what only Python knows or what torch rules
+differently from the library (each says which): the kind of an argument (not an array, NumPy and
+torch mixed, device, dtype, bool and float arguments), running statistics that require grad or are
+read-only, eps in eval, any momentum and an empty batch in training. Running statistics,
+num_batches_tracked and everything a backward keeps are written only after the kernels' call has
+succeeded. Then the input's memory decides the layout (bnorm::layout_of): dense channels-first
+(contiguous) and channels-last memory go to the kernels as they are; any other strides are first
+copied into one of them.
 """
 
 from __future__ import annotations
