@@ -1,0 +1,553 @@
+// bnorm's operators in torch's dispatcher: TORCH_LIBRARY(bnorm), its CPU, Meta and Autograd kernels.
+//
+// The public operators (what users and bnorm.torch's modules call):
+//   bnorm::batch_norm(input, weight, bias, running_mean!, running_var!, training, momentum, eps)
+//   bnorm::batch_norm_relu(...)                    the same, then ReLU, in one pass
+//   bnorm::batch_norm_add_relu(input, residual, ...)   relu(batch_norm(input) + residual), in one pass
+// and the two they are made of, which the Autograd kernel calls and which torch.compile's graphs hold:
+//   bnorm::batch_norm_forward(...) -> (output, stat_a, stat_b)
+//   bnorm::batch_norm_backward(grad_output, input, weight, stat_a, stat_b, output, training, eps, relu)
+//       -> (grad_input, grad_weight, grad_bias)
+// stat_a and stat_b are what backward needs of its forward: in training the batch mean and
+// 1/sqrt(var + eps) in float64; in eval copies of the running mean and variance (frozen: a later
+// training step may update the buffers before this backward runs).
+//
+// Why each piece is where it is (docs/torch-adapter.md):
+//  - The CPU kernel calls the library (bnorm::batch_norm) with no Python in the path; the library
+//    makes its own argument checks and throws before it writes, and its bnorm::Error becomes torch's
+//    ValueError or TypeError (ErrorKind) with the library's message. Here are only the rules the
+//    library cannot see (device, sparse layout, dtypes it has no kernels for) or that torch rules
+//    differently (eps = 0 in eval, any momentum, an empty batch in training).
+//  - The Meta kernel gives the CPU kernel's exact shapes, strides and dtypes without data, for the
+//    meta device and for FakeTensor (torch.compile, torch.export).
+//  - The Autograd kernel is a torch::autograd::Function that calls the forward and backward
+//    operators through the dispatcher below autograd, so that AOTAutograd traces both into its graphs.
+//  - Outputs are allocated by torch in the input's memory format (torch's suggest_memory_format,
+//    which the Meta kernel reads too) and are never views, so in-place ops after BN (ReLU(inplace),
+//    `out += identity`) work in both layouts.
+//  - float16 runs in float32 (torch's CPU BN computes float16 in float32 too); bfloat16 and float16
+//    per-channel vectors are computed in float32 copies that are written back after success.
+#include "ops.hpp"
+
+#include <bnorm/functional.hpp>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace bnorm::torch_ops {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+
+constexpr const char* kForwardName = "bnorm::batch_norm";
+constexpr const char* kBackwardName = "bnorm::batch_norm_backward";
+
+// torch accepts eps = 0 in eval (it divides by sqrt(running_var)); the library wants eps > 0, and the
+// smallest double changes running_var + eps only where running_var is 0 or subnormal.
+constexpr double kSmallestEps = std::numeric_limits<double>::denorm_min();
+
+[[noreturn]] void fail_value(const char* fn, const std::string& what) { TORCH_CHECK_VALUE(false, fn, ": ", what); }
+[[noreturn]] void fail_type(const char* fn, const std::string& what) { TORCH_CHECK_TYPE(false, fn, ": ", what); }
+
+// Runs a library call; its bnorm::Error (already "bnorm::<fn>: <argument>: expected ..., got ...")
+// becomes torch's TypeError or ValueError, which reach Python as TypeError / ValueError.
+template <class F>
+void call_library(F&& f) {
+  try {
+    f();
+  } catch (const bnorm::Error& e) {
+    if (e.kind() == ErrorKind::Type) TORCH_CHECK_TYPE(false, e.what());
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// The library's storage type of a tensor (float16 is computed as float32 and never reaches it).
+DType library_dtype(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kBFloat16: return DType::BFloat16;
+    default: TORCH_CHECK(false, "bnorm: internal: no library dtype for ", t.scalar_type());
+  }
+}
+
+// The rules of a tensor argument that only torch knows: a CPU, dense, floating tensor of a dtype
+// bnorm computes (float32, float64, bfloat16; float16 in float32). `vector`: a per-channel vector,
+// which may also be reduced when the input is not (torch's CPU BN takes them).
+void check_tensor_kind(const char* fn, const char* name, const Tensor& t) {
+  if (t.layout() != at::kStrided)
+    fail_type(fn, std::string(name) + ": expected a dense (strided) tensor, got layout " + c10::str(t.layout()));
+  if (!t.device().is_cpu() && !t.device().is_meta())
+    fail_type(fn, std::string(name) + ": expected a CPU tensor, got one on " + t.device().str() +
+                      " (bnorm's kernels run on the CPU)");
+  const auto s = t.scalar_type();
+  if (s != at::kFloat && s != at::kDouble && s != at::kBFloat16 && s != at::kHalf)
+    fail_type(fn, std::string(name) + ": expected float32, float64, bfloat16 or float16, got " + c10::toString(s));
+}
+
+void check_optional_kind(const char* fn, const char* name, const OptTensor& t) {
+  if (t.has_value() && t->defined()) check_tensor_kind(fn, name, *t);
+}
+
+const Tensor* present(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+
+// How the kernels see the input: its memory format (torch's choice, which the Meta kernel repeats),
+// the dtype computed in, and the dtype of the per-channel vectors the library takes with it.
+struct Plan {
+  at::MemoryFormat format;
+  Layout layout;
+  at::ScalarType compute;  // the input's, float32 for float16
+  at::ScalarType vectors;  // compute's, float32 for bfloat16
+};
+
+Plan plan_for(const Tensor& input) {
+  Plan p{};
+  p.format = input.dim() >= 4 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  p.layout = p.format == at::MemoryFormat::Contiguous ? Layout::ChannelsFirst : Layout::ChannelsLast;
+  p.compute = input.scalar_type() == at::kHalf ? at::kFloat : input.scalar_type();
+  p.vectors = p.compute == at::kBFloat16 ? at::kFloat : p.compute;
+  return p;
+}
+
+// A dense tensor in the plan's format and compute dtype (the tensor itself when it already is).
+Tensor dense(const Tensor& t, const Plan& p) {
+  Tensor c = t.scalar_type() == at::kHalf ? t.to(at::kFloat) : t;
+  return c.contiguous(p.format);
+}
+
+// A per-channel vector as the library takes it: contiguous, in the plan's vector dtype when it is
+// reduced (bfloat16 or float16); any other dtype goes as it is, for the library to judge.
+Tensor vector_for(const Tensor& v, const Plan& p) {
+  Tensor c = is_reduced(v.scalar_type()) ? v.to(p.vectors) : v;
+  return c.contiguous();
+}
+
+TensorView view(const Tensor& t, Layout layout) {
+  return {t.data_ptr(), library_dtype(t), Shape(std::span<const std::int64_t>(t.sizes().data(), t.sizes().size())),
+          layout};
+}
+VectorView vview(const Tensor* t) { return t == nullptr ? VectorView{} : VectorView{t->data_ptr(), library_dtype(*t), t->numel()}; }
+
+std::int64_t channels(const Tensor& input) { return input.dim() >= 2 ? input.size(1) : 0; }
+
+// ----------------------------------------------------------------------------------------------
+// Forward
+
+struct ForwardArgs {
+  const Tensor& input;
+  const OptTensor& weight;
+  const OptTensor& bias;
+  const OptTensor& running_mean;
+  const OptTensor& running_var;
+  const OptTensor& residual;
+  bool training;
+  double momentum;
+  double eps;
+  bool relu;
+};
+
+void check_forward_kinds(const char* fn, const ForwardArgs& a) {
+  check_tensor_kind(fn, "input", a.input);
+  check_optional_kind(fn, "weight", a.weight);
+  check_optional_kind(fn, "bias", a.bias);
+  check_optional_kind(fn, "running_mean", a.running_mean);
+  check_optional_kind(fn, "running_var", a.running_var);
+  check_optional_kind(fn, "residual", a.residual);
+  for (const auto& [name, t] : {std::pair{"running_mean", present(a.running_mean)}, {"running_var", present(a.running_var)}})
+    if (t != nullptr && t->requires_grad())
+      fail_value(fn, std::string(name) +
+                         ": expected a tensor that does not require grad (batch_norm is not differentiable with "
+                         "respect to the running statistics), got one that does");
+  if (!std::isfinite(a.eps)) fail_value(fn, "eps: expected a finite value, got " + std::to_string(a.eps));
+  if (!std::isfinite(a.momentum)) fail_value(fn, "momentum: expected a finite value, got " + std::to_string(a.momentum));
+}
+
+// The shapes and dtypes of the forward's results, computed from metadata alone: the CPU kernel
+// allocates with this and the Meta kernel returns it, so the two cannot disagree.
+Triple forward_results(const Tensor& input, const ForwardArgs& a, const Plan& p) {
+  auto out_opts = input.options().dtype(input.scalar_type());
+  Tensor out = at::empty_symint(input.sym_sizes(), out_opts.memory_format(p.format));
+  const auto stat_dtype = a.training ? at::kDouble : p.vectors;
+  const auto C = input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
+  Tensor sa = at::empty_symint({C}, input.options().dtype(stat_dtype));
+  Tensor sb = at::empty_symint({C}, input.options().dtype(stat_dtype));
+  return {out, sa, sb};
+}
+
+// torch takes any momentum; the library's running update takes [0, 1]. Outside it the library runs
+// with momentum 0 and this applies torch's update from the saved float64 statistics.
+void update_running_outside_range(const Tensor& rm, const Tensor& rv, const Tensor& mean, const Tensor& invstd,
+                                  double momentum, double eps, std::int64_t m) {
+  at::NoGradGuard no_grad;
+  const Tensor var = (invstd.pow(-2) - eps).clamp_min(0) * (static_cast<double>(m) / static_cast<double>(m - 1));
+  rm.copy_(rm.to(at::kDouble) * (1.0 - momentum) + mean * momentum);
+  rv.copy_(rv.to(at::kDouble) * (1.0 - momentum) + var * momentum);
+}
+
+Triple forward_cpu(const ForwardArgs& a) {
+  const char* fn = kForwardName;
+  check_forward_kinds(fn, a);
+  const Plan p = plan_for(a.input);
+  const Tensor x = dense(a.input, p);
+  auto [out_t, sa, sb] = forward_results(a.input, a, p);
+  // The library writes the compute dtype; a float16 output is converted once it is done.
+  Tensor out = a.input.scalar_type() == at::kHalf ? at::empty_like(x) : out_t;
+  Tensor w = present(a.weight) ? vector_for(*a.weight, p) : Tensor();
+  Tensor b = present(a.bias) ? vector_for(*a.bias, p) : Tensor();
+  Tensor res = present(a.residual) ? dense(*a.residual, p) : Tensor();
+  // The running statistics: the buffers themselves when the library can update them in place, else
+  // work copies written back after the call has succeeded.
+  const Tensor* rm0 = present(a.running_mean);
+  const Tensor* rv0 = present(a.running_var);
+  Tensor rm = rm0 ? vector_for(*rm0, p) : Tensor();
+  Tensor rv = rv0 ? vector_for(*rv0, p) : Tensor();
+  const bool in_range = a.momentum >= 0.0 && a.momentum <= 1.0;
+  const bool update_here = a.training && !in_range && rm0 && rv0;
+  if (update_here) {  // the library updates copies with momentum 0; the buffers are updated below
+    rm = rm.clone();
+    rv = rv.clone();
+  }
+  const double eps = !a.training && a.eps == 0.0 ? kSmallestEps : a.eps;
+  const Options options{.training = a.training,
+                        .momentum = in_range ? a.momentum : 0.0,
+                        .eps = eps,
+                        .activation = a.relu ? Activation::Relu : Activation::None};
+  const Affine affine{vview(w.defined() ? &w : nullptr), vview(b.defined() ? &b : nullptr)};
+  const RunningStats running{vview(rm.defined() ? &rm : nullptr), vview(rv.defined() ? &rv : nullptr)};
+  const bool empty_batch = a.training && x.dim() >= 2 && channels(x) > 0 && x.numel() == 0;
+  call_library([&] {
+    if (empty_batch) {
+      // torch returns an empty output and changes nothing; the library refuses a training batch of
+      // no values (its more-than-one-value rule). Its eval form makes every other check, with
+      // stand-ins for running statistics that training may go without, and has nothing to compute.
+      Tensor zm = rm.defined() ? rm : at::zeros({channels(x)}, x.options().dtype(p.vectors));
+      Tensor zv = rv.defined() ? rv : at::ones({channels(x)}, x.options().dtype(p.vectors));
+      bnorm::batch_norm(view(x, p.layout), view(out, p.layout), RunningStats{vview(&zm), vview(&zv)}, affine,
+                        Options{.training = false, .eps = eps, .activation = options.activation},
+                        SavedStats{}, res.defined() ? ConstTensorView(view(res, p.layout)) : ConstTensorView{});
+      return;
+    }
+    const SavedStats save = a.training ? SavedStats{vview(&sa), vview(&sb)} : SavedStats{};
+    bnorm::batch_norm(view(x, p.layout), view(out, p.layout), running, affine, options, save,
+                      res.defined() ? ConstTensorView(view(res, p.layout)) : ConstTensorView{});
+  });
+  // Past this point the call has succeeded: now the buffers may change.
+  if (empty_batch) {
+    sa.zero_();
+    sb.zero_();
+  } else if (!a.training) {
+    sa.copy_(rm);
+    sb.copy_(rv);
+  }
+  if (update_here) {
+    std::int64_t m = x.size(0);
+    for (std::int64_t d = 2; d < x.dim(); ++d) m *= x.size(d);
+    update_running_outside_range(*rm0, *rv0, sa, sb, a.momentum, eps, m);
+  } else if (a.training) {
+    if (rm0 && !rm.is_same(*rm0)) rm0->copy_(rm);
+    if (rv0 && !rv.is_same(*rv0)) rv0->copy_(rv);
+  }
+  if (a.input.scalar_type() == at::kHalf) out_t.copy_(out);
+  return {out_t, sa, sb};
+}
+
+Triple forward_meta(const ForwardArgs& a) {
+  check_forward_kinds(kForwardName, a);
+  return forward_results(a.input, a, plan_for(a.input));
+}
+
+Triple batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                              const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                              bool training, double momentum, double eps, bool relu) {
+  return forward_cpu({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu});
+}
+
+Triple batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                               const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                               bool training, double momentum, double eps, bool relu) {
+  return forward_meta({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu});
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward
+
+Triple backward_results(const Tensor& input, const OptTensor& weight, const Plan& p) {
+  Tensor gi = at::empty_symint(input.sym_sizes(), input.options().memory_format(p.format));
+  const Tensor* w = present(weight);
+  auto wopts = w ? w->options() : input.options().dtype(p.vectors);
+  const auto C = w ? w->sym_numel() : c10::SymInt(0);
+  return {gi, at::empty_symint({C}, wopts), at::empty_symint({C}, wopts)};
+}
+
+void check_backward_kinds(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                          const OptTensor& output) {
+  const char* fn = kBackwardName;
+  check_tensor_kind(fn, "grad_output", grad_output);
+  check_tensor_kind(fn, "input", input);
+  check_optional_kind(fn, "weight", weight);
+  check_optional_kind(fn, "output", output);
+}
+
+Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                               const Tensor& stat_a, const Tensor& stat_b, const OptTensor& output, bool training,
+                               double eps, bool relu) {
+  check_backward_kinds(grad_output, input, weight, output);
+  const Plan p = plan_for(input);
+  const Tensor x = dense(input, p);
+  // grad_output in the input's layout: the library reads both with one geometry.
+  const Tensor dy = dense(grad_output.scalar_type() == input.scalar_type() ? grad_output : grad_output.to(input.scalar_type()), p);
+  const Tensor y = present(output) && relu ? dense(*output, p) : Tensor();
+  auto [gi_t, gw_t, gb_t] = backward_results(input, weight, p);
+  Tensor gi = input.scalar_type() == at::kHalf ? at::empty_like(x) : gi_t;
+  Tensor w = present(weight) ? vector_for(*weight, p) : Tensor();
+  // Gradients of the parameters in the library's vector dtype, converted to weight's when it differs.
+  Tensor gw = w.defined() ? (gw_t.scalar_type() == w.scalar_type() ? gw_t : at::empty_like(w)) : Tensor();
+  Tensor gb = w.defined() ? (gb_t.scalar_type() == w.scalar_type() ? gb_t : at::empty_like(w)) : Tensor();
+  const Tensor sa = stat_a.contiguous(), sb = stat_b.contiguous();
+  const double kernel_eps = !training && eps == 0.0 ? kSmallestEps : eps;
+  ForwardState state{.input = view(x, p.layout),
+                     .output = y.defined() ? ConstTensorView(view(y, p.layout)) : ConstTensorView{},
+                     .weight = vview(w.defined() ? &w : nullptr)};
+  if (training)
+    state.saved = {vview(&sa), vview(&sb)};
+  else
+    state.running = {vview(&sa), vview(&sb)};
+  if (x.numel() == 0) {  // torch's zeros, where the library's would be 0 * invstd
+    if (gw.defined()) gw.zero_();
+    if (gb.defined()) gb.zero_();
+  }
+  call_library([&] {
+    bnorm::batch_norm_backward(view(dy, p.layout), state,
+                               Options{.training = training, .eps = kernel_eps,
+                                       .activation = relu ? Activation::Relu : Activation::None},
+                               view(gi, p.layout), {vview(gw.defined() ? &gw : nullptr), vview(gb.defined() ? &gb : nullptr)});
+  });
+  if (x.numel() == 0) {
+    if (gw.defined()) gw.zero_();
+    if (gb.defined()) gb.zero_();
+  }
+  if (!gi.is_same(gi_t)) gi_t.copy_(gi);
+  if (gw.defined() && !gw.is_same(gw_t)) gw_t.copy_(gw);
+  if (gb.defined() && !gb.is_same(gb_t)) gb_t.copy_(gb);
+  return {gi_t, gw_t, gb_t};
+}
+
+Triple batch_norm_backward_meta(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                const Tensor&, const Tensor&, const OptTensor& output, bool, double, bool) {
+  check_backward_kinds(grad_output, input, weight, output);
+  return backward_results(input, weight, plan_for(input));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Autograd
+
+const auto& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::batch_norm_forward", "")
+                             .typed<Triple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                           const OptTensor&, const OptTensor&, bool, double, double, bool)>();
+  return op;
+}
+
+const auto& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::batch_norm_backward", "")
+                             .typed<Triple(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                           const Tensor&, const OptTensor&, bool, double, bool)>();
+  return op;
+}
+
+// Double backward: bnorm computes first derivatives. A backward run with create_graph=True gives
+// gradients whose own backward raises this message when it is reached (torch's once_differentiable
+// behaviour), instead of torch's unclear "element 0 of tensors does not require grad".
+constexpr const char* kDoubleBackward =
+    "bnorm::batch_norm: double backward is not supported (bnorm computes first derivatives only); "
+    "for higher-order gradients use torch.nn.functional.batch_norm";
+
+void attach_double_backward_error(torch::autograd::variable_list& grads, const Tensor& grad_output,
+                                  const Tensor& input, const Tensor& weight) {
+  using namespace torch::autograd;
+  if (!GradMode::is_enabled() || !compute_requires_grad(grad_output, input, weight)) return;
+  auto node = c10::make_intrusive<torch::autograd::Error>(kDoubleBackward);
+  node->set_next_edges(collect_next_edges(grad_output, input, weight));
+  for (auto& g : grads)
+    if (g.defined()) set_history(g, node);
+}
+
+struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                        const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                        const OptTensor& residual, bool training, double momentum, double eps, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, sa, sb] = forward_op().call(input, weight, bias, running_mean, running_var, residual, training,
+                                           momentum, eps, relu);
+    // The output is saved only where backward reads it (ReLU's mask): an unsaved output may be
+    // changed in place afterwards, as `out += identity` does.
+    ctx->save_for_backward({input, weight.value_or(Tensor()), sa, sb, relu ? out : Tensor()});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["residual"] = present(residual) != nullptr;
+    ctx->saved_data["affine"] = present(weight) != nullptr;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& input = saved[0];
+    const Tensor& weight = saved[1];
+    const Tensor& out = saved[4];
+    const bool relu = ctx->saved_data["relu"].toBool();
+    const bool affine = ctx->saved_data["affine"].toBool();
+    const Tensor& g = grads[0];
+    torch::autograd::variable_list result(10);
+    if (!g.defined()) return result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gi, gw, gb] = backward_op().call(g, input, affine ? OptTensor(weight) : std::nullopt, saved[2], saved[3],
+                                             relu ? OptTensor(out) : std::nullopt, ctx->saved_data["training"].toBool(),
+                                             ctx->saved_data["eps"].toDouble(), relu);
+      result[0] = gi;
+      if (affine) {
+        result[1] = gw;
+        result[2] = gb;
+      }
+      // The residual enters before the ReLU: its gradient is grad_output where the output is > 0.
+      if (ctx->saved_data["residual"].toBool()) result[5] = at::threshold_backward(g, out, 0);
+    }
+    attach_double_backward_error(result, g, input, weight);
+    return result;
+  }
+};
+
+bool wants_graph(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual) {
+  if (!torch::autograd::GradMode::is_enabled()) return false;
+  auto req = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  return input.requires_grad() || req(weight) || req(bias) || req(residual);
+}
+
+Tensor fused_autograd(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+                      const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                      double eps, bool relu) {
+  if (!wants_graph(input, weight, bias, residual)) {  // no graph to record: straight to the kernels
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return std::get<0>(
+        forward_op().call(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu));
+  }
+  return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+                                  relu);
+}
+
+Tensor fused_composite(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                       double eps, bool relu) {
+  return std::get<0>(
+      forward_op().call(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu));
+}
+
+// The three public operators, for each kernel (autograd or below it).
+template <bool Autograd>
+Tensor batch_norm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                     const OptTensor& running_var, bool training, double momentum, double eps) {
+  return (Autograd ? fused_autograd : fused_composite)(input, std::nullopt, weight, bias, running_mean, running_var,
+                                                       training, momentum, eps, false);
+}
+template <bool Autograd>
+Tensor batch_norm_relu_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                          const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                          double eps) {
+  return (Autograd ? fused_autograd : fused_composite)(input, std::nullopt, weight, bias, running_mean, running_var,
+                                                       training, momentum, eps, true);
+}
+template <bool Autograd>
+Tensor batch_norm_add_relu_op(const Tensor& input, const Tensor& residual, const OptTensor& weight,
+                              const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                              bool training, double momentum, double eps) {
+  return (Autograd ? fused_autograd : fused_composite)(input, residual, weight, bias, running_mean, running_var,
+                                                       training, momentum, eps, true);
+}
+
+}  // namespace
+
+Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                  const OptTensor& running_var, bool training, double momentum, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::batch_norm", "")
+                             .typed<Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                           const OptTensor&, bool, double, double)>();
+  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+}  // namespace bnorm::torch_ops
+
+// The schemas. The running statistics are declared mutated ((a!), (b!)), which torch.compile and
+// torch.export functionalize; every result is a new tensor (no aliasing of inputs).
+TORCH_LIBRARY(bnorm, m) {
+#define BNORM_COMMON_ARGS \
+  "Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps"
+  m.def("batch_norm(Tensor input, " BNORM_COMMON_ARGS ") -> Tensor");
+  m.def("batch_norm_relu(Tensor input, " BNORM_COMMON_ARGS ") -> Tensor");
+  m.def("batch_norm_add_relu(Tensor input, Tensor residual, " BNORM_COMMON_ARGS ") -> Tensor");
+#undef BNORM_COMMON_ARGS
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor? residual, bool training, float momentum, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor stat_a, Tensor stat_b, "
+      "Tensor? output, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace ops = bnorm::torch_ops;
+
+TORCH_LIBRARY_IMPL(bnorm, CPU, m) {
+  m.impl("batch_norm_forward", &ops::batch_norm_forward_cpu);
+  m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);
+}
+
+// Tensors that are not dense CPU ones reach the CPU kernel's first check, which names them (instead
+// of torch's "Could not run ... with arguments from the 'CUDA' backend").
+#define BNORM_REFUSE_ON(Key)                                        \
+  TORCH_LIBRARY_IMPL(bnorm, Key, m) {                               \
+    m.impl("batch_norm_forward", &ops::batch_norm_forward_cpu);     \
+    m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);   \
+  }
+BNORM_REFUSE_ON(CUDA)
+BNORM_REFUSE_ON(SparseCPU)
+BNORM_REFUSE_ON(SparseCUDA)
+#undef BNORM_REFUSE_ON
+
+TORCH_LIBRARY_IMPL(bnorm, Meta, m) {
+  m.impl("batch_norm_forward", &ops::batch_norm_forward_meta);
+  m.impl("batch_norm_backward", &ops::batch_norm_backward_meta);
+}
+
+// Below autograd (inference mode, or inside the autograd kernel's redispatch), the public operators
+// are their forward's first result, for any backend the forward has a kernel for.
+TORCH_LIBRARY_IMPL(bnorm, CompositeExplicitAutograd, m) {
+  m.impl("batch_norm", &ops::batch_norm_op<false>);
+  m.impl("batch_norm_relu", &ops::batch_norm_relu_op<false>);
+  m.impl("batch_norm_add_relu", &ops::batch_norm_add_relu_op<false>);
+}
+
+TORCH_LIBRARY_IMPL(bnorm, Autograd, m) {
+  m.impl("batch_norm", &ops::batch_norm_op<true>);
+  m.impl("batch_norm_relu", &ops::batch_norm_relu_op<true>);
+  m.impl("batch_norm_add_relu", &ops::batch_norm_add_relu_op<true>);
+}
