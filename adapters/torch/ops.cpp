@@ -89,6 +89,25 @@ DType library_dtype(const Tensor& t) {
 // The rules of a tensor argument that only torch knows: a CPU, dense, floating tensor of a dtype
 // bnorm computes (float32, float64, bfloat16; float16 in float32). `vector`: a per-channel vector,
 // which may also be reduced when the input is not (torch's CPU BN takes them).
+// torch's Python name of a dtype (float32, int64, ...), which users read in their code.
+std::string dtype_name(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    default: return c10::toString(s);
+  }
+}
+
 void check_tensor_kind(const char* fn, const char* name, const Tensor& t) {
   if (t.layout() != at::kStrided)
     fail_type(fn, std::string(name) + ": expected a dense (strided) tensor, got layout " + c10::str(t.layout()));
@@ -97,11 +116,17 @@ void check_tensor_kind(const char* fn, const char* name, const Tensor& t) {
                       " (bnorm's kernels run on the CPU)");
   const auto s = t.scalar_type();
   if (s != at::kFloat && s != at::kDouble && s != at::kBFloat16 && s != at::kHalf)
-    fail_type(fn, std::string(name) + ": expected float32, float64, bfloat16 or float16, got " + c10::toString(s));
+    fail_type(fn, std::string(name) + ": expected float32, float64, bfloat16 or float16, got " + dtype_name(s));
 }
 
-void check_optional_kind(const char* fn, const char* name, const OptTensor& t) {
-  if (t.has_value() && t->defined()) check_tensor_kind(fn, name, *t);
+// A tensor argument besides the input: its kind, and the input's device (a CPU input with a meta or
+// CUDA weight would otherwise be dispatched by the weight's device).
+void check_optional_kind(const char* fn, const char* name, const OptTensor& t, const Tensor& input) {
+  if (!t.has_value() || !t->defined()) return;
+  check_tensor_kind(fn, name, *t);
+  if (t->device() != input.device())
+    fail_type(fn, std::string(name) + ": expected a tensor on " + input.device().str() + " like input, got one on " +
+                      t->device().str());
 }
 
 const Tensor* present(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
@@ -137,11 +162,18 @@ Tensor vector_for(const Tensor& v, const Plan& p) {
   return c.contiguous();
 }
 
+// The memory of a tensor as the library reads it. An empty tensor's data_ptr() may be null, which
+// the library reads as "absent"; a present empty one gets a valid address that is never read.
+void* address(const Tensor& t) {
+  alignas(64) static double nothing[8];
+  return t.numel() == 0 ? static_cast<void*>(nothing) : t.data_ptr();
+}
+
 TensorView view(const Tensor& t, Layout layout) {
-  return {t.data_ptr(), library_dtype(t), Shape(std::span<const std::int64_t>(t.sizes().data(), t.sizes().size())),
+  return {address(t), library_dtype(t), Shape(std::span<const std::int64_t>(t.sizes().data(), t.sizes().size())),
           layout};
 }
-VectorView vview(const Tensor* t) { return t == nullptr ? VectorView{} : VectorView{t->data_ptr(), library_dtype(*t), t->numel()}; }
+VectorView vview(const Tensor* t) { return t == nullptr || !t->defined() ? VectorView{} : VectorView{address(*t), library_dtype(*t), t->numel()}; }
 
 std::int64_t channels(const Tensor& input) { return input.dim() >= 2 ? input.size(1) : 0; }
 
@@ -163,18 +195,20 @@ struct ForwardArgs {
 
 void check_forward_kinds(const char* fn, const ForwardArgs& a) {
   check_tensor_kind(fn, "input", a.input);
-  check_optional_kind(fn, "weight", a.weight);
-  check_optional_kind(fn, "bias", a.bias);
-  check_optional_kind(fn, "running_mean", a.running_mean);
-  check_optional_kind(fn, "running_var", a.running_var);
-  check_optional_kind(fn, "residual", a.residual);
+  check_optional_kind(fn, "weight", a.weight, a.input);
+  check_optional_kind(fn, "bias", a.bias, a.input);
+  check_optional_kind(fn, "running_mean", a.running_mean, a.input);
+  check_optional_kind(fn, "running_var", a.running_var, a.input);
+  check_optional_kind(fn, "residual", a.residual, a.input);
   for (const auto& [name, t] : {std::pair{"running_mean", present(a.running_mean)}, {"running_var", present(a.running_var)}})
     if (t != nullptr && t->requires_grad())
       fail_value(fn, std::string(name) +
                          ": expected a tensor that does not require grad (batch_norm is not differentiable with "
                          "respect to the running statistics), got one that does");
-  if (!std::isfinite(a.eps)) fail_value(fn, "eps: expected a finite value, got " + std::to_string(a.eps));
-  if (!std::isfinite(a.momentum)) fail_value(fn, "momentum: expected a finite value, got " + std::to_string(a.momentum));
+  // torch's rule in eval is eps >= 0 (0 reaches the library, whose rule is eps > 0, as kSmallestEps);
+  // in training the two agree and the library checks.
+  if (!a.training && !(std::isfinite(a.eps) && a.eps >= 0.0))
+    fail_value(fn, "eps: expected a finite value >= 0 in eval, got " + c10::str(a.eps));
 }
 
 // The shapes and dtypes of the forward's results, computed from metadata alone: the CPU kernel
@@ -235,8 +269,9 @@ Triple forward_cpu(const ForwardArgs& a) {
       // torch returns an empty output and changes nothing; the library refuses a training batch of
       // no values (its more-than-one-value rule). Its eval form makes every other check, with
       // stand-ins for running statistics that training may go without, and has nothing to compute.
-      Tensor zm = rm.defined() ? rm : at::zeros({channels(x)}, x.options().dtype(p.vectors));
-      Tensor zv = rv.defined() ? rv : at::ones({channels(x)}, x.options().dtype(p.vectors));
+      const bool stand_ins = !rm.defined() && !rv.defined();
+      Tensor zm = stand_ins ? at::zeros({channels(x)}, x.options().dtype(p.vectors)) : rm;
+      Tensor zv = stand_ins ? at::ones({channels(x)}, x.options().dtype(p.vectors)) : rv;
       bnorm::batch_norm(view(x, p.layout), view(out, p.layout), RunningStats{vview(&zm), vview(&zv)}, affine,
                         Options{.training = false, .eps = eps, .activation = options.activation},
                         SavedStats{}, res.defined() ? ConstTensorView(view(res, p.layout)) : ConstTensorView{});
@@ -286,11 +321,13 @@ Triple batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, con
 // ----------------------------------------------------------------------------------------------
 // Backward
 
+// grad_weight and grad_bias are computed whether or not the forward had weight or bias (they are
+// per-channel sums the library makes anyway); autograd hands on those that were inputs.
 Triple backward_results(const Tensor& input, const OptTensor& weight, const Plan& p) {
   Tensor gi = at::empty_symint(input.sym_sizes(), input.options().memory_format(p.format));
   const Tensor* w = present(weight);
   auto wopts = w ? w->options() : input.options().dtype(p.vectors);
-  const auto C = w ? w->sym_numel() : c10::SymInt(0);
+  const auto C = input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
   return {gi, at::empty_symint({C}, wopts), at::empty_symint({C}, wopts)};
 }
 
@@ -299,8 +336,11 @@ void check_backward_kinds(const Tensor& grad_output, const Tensor& input, const 
   const char* fn = kBackwardName;
   check_tensor_kind(fn, "grad_output", grad_output);
   check_tensor_kind(fn, "input", input);
-  check_optional_kind(fn, "weight", weight);
-  check_optional_kind(fn, "output", output);
+  check_optional_kind(fn, "weight", weight, input);
+  check_optional_kind(fn, "output", output, input);
+  if (grad_output.device() != input.device())
+    fail_type(fn, "grad_output: expected a tensor on " + input.device().str() + " like input, got one on " +
+                      grad_output.device().str());
 }
 
 Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
@@ -316,8 +356,8 @@ Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, c
   Tensor gi = input.scalar_type() == at::kHalf ? at::empty_like(x) : gi_t;
   Tensor w = present(weight) ? vector_for(*weight, p) : Tensor();
   // Gradients of the parameters in the library's vector dtype, converted to weight's when it differs.
-  Tensor gw = w.defined() ? (gw_t.scalar_type() == w.scalar_type() ? gw_t : at::empty_like(w)) : Tensor();
-  Tensor gb = w.defined() ? (gb_t.scalar_type() == w.scalar_type() ? gb_t : at::empty_like(w)) : Tensor();
+  Tensor gw = gw_t.scalar_type() == p.vectors ? gw_t : at::empty_like(gw_t, gw_t.options().dtype(p.vectors));
+  Tensor gb = gb_t.scalar_type() == p.vectors ? gb_t : at::empty_like(gb_t, gb_t.options().dtype(p.vectors));
   const Tensor sa = stat_a.contiguous(), sb = stat_b.contiguous();
   const double kernel_eps = !training && eps == 0.0 ? kSmallestEps : eps;
   ForwardState state{.input = view(x, p.layout),
@@ -327,23 +367,19 @@ Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, c
     state.saved = {vview(&sa), vview(&sb)};
   else
     state.running = {vview(&sa), vview(&sb)};
-  if (x.numel() == 0) {  // torch's zeros, where the library's would be 0 * invstd
-    if (gw.defined()) gw.zero_();
-    if (gb.defined()) gb.zero_();
-  }
   call_library([&] {
     bnorm::batch_norm_backward(view(dy, p.layout), state,
                                Options{.training = training, .eps = kernel_eps,
                                        .activation = relu ? Activation::Relu : Activation::None},
-                               view(gi, p.layout), {vview(gw.defined() ? &gw : nullptr), vview(gb.defined() ? &gb : nullptr)});
+                               view(gi, p.layout), {vview(&gw), vview(&gb)});
   });
-  if (x.numel() == 0) {
-    if (gw.defined()) gw.zero_();
-    if (gb.defined()) gb.zero_();
+  if (x.numel() == 0) {  // torch's zeros, where the library's would be 0 * invstd
+    gw.zero_();
+    gb.zero_();
   }
   if (!gi.is_same(gi_t)) gi_t.copy_(gi);
-  if (gw.defined() && !gw.is_same(gw_t)) gw_t.copy_(gw);
-  if (gb.defined() && !gb.is_same(gb_t)) gb_t.copy_(gb);
+  if (!gw.is_same(gw_t)) gw_t.copy_(gw);
+  if (!gb.is_same(gb_t)) gb_t.copy_(gb);
   return {gi_t, gw_t, gb_t};
 }
 
@@ -403,7 +439,8 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["residual"] = present(residual) != nullptr;
-    ctx->saved_data["affine"] = present(weight) != nullptr;
+    ctx->saved_data["weight"] = present(weight) != nullptr;
+    ctx->saved_data["bias"] = present(bias) != nullptr;
     return out;
   }
 
@@ -414,20 +451,17 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const Tensor& weight = saved[1];
     const Tensor& out = saved[4];
     const bool relu = ctx->saved_data["relu"].toBool();
-    const bool affine = ctx->saved_data["affine"].toBool();
     const Tensor& g = grads[0];
     torch::autograd::variable_list result(10);
     if (!g.defined()) return result;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      auto [gi, gw, gb] = backward_op().call(g, input, affine ? OptTensor(weight) : std::nullopt, saved[2], saved[3],
+      auto [gi, gw, gb] = backward_op().call(g, input, weight.defined() ? OptTensor(weight) : std::nullopt, saved[2], saved[3],
                                              relu ? OptTensor(out) : std::nullopt, ctx->saved_data["training"].toBool(),
                                              ctx->saved_data["eps"].toDouble(), relu);
       result[0] = gi;
-      if (affine) {
-        result[1] = gw;
-        result[2] = gb;
-      }
+      if (ctx->saved_data["weight"].toBool()) result[1] = gw;
+      if (ctx->saved_data["bias"].toBool()) result[2] = gb;
       // The residual enters before the ReLU: its gradient is grad_output where the output is > 0.
       if (ctx->saved_data["residual"].toBool()) result[5] = at::threshold_backward(g, out, 0);
     }

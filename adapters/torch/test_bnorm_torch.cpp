@@ -227,8 +227,8 @@ TEST(TorchAdapter, Errors) {
   expect_invalid([&] { bn->forward(torch::randn({1, 3, 1, 1})); }, "Expected more than 1 value per channel when training");
   expect_invalid([&] { bn->forward(torch::randn({2, 5, 2, 2})); },
                  "bnorm::batch_norm: running_mean: expected 5 values (one per channel), got 3");
-  expect_invalid([&] { bn->forward(torch::randn({2, 3, 2, 2}, torch::kHalf)); },
-                 "input: expected float32, float64 or bfloat16, got Half");
+  expect_invalid([&] { bn->forward(torch::zeros({2, 3, 2, 2}, torch::kInt)); },
+                 "input: expected float32, float64, bfloat16 or float16, got int32");
   // Nothing counted or updated by the failed calls (torch counts the batch before it checks it).
   EXPECT_EQ(bn->num_batches_tracked.item<std::int64_t>(), 0);
   EXPECT_TRUE(torch::equal(bn->running_mean, torch::zeros({3})));
@@ -245,16 +245,27 @@ TEST(TorchAdapter, Errors) {
   expect_invalid([&] {
     bnorm::torch::batch_norm(torch::randn({2, 3, 2, 2}), {}, {}, torch::ones({3}), {}, true, 0.1, 1e-5);
   }, "weight and bias: give both or neither");
-  bnorm::torch::BatchNorm2d bn16(3);
-  bn16->to(torch::kBFloat16);
-  expect_invalid([&] { bn16->forward(torch::randn({2, 3, 2, 2}).to(torch::kBFloat16)); },
-                 "bnorm::batch_norm: running_mean: expected dtype float32, got bfloat16");
   at::Tensor x = torch::randn({2, 3, 2, 2}).to(torch::kBFloat16);
   expect_invalid([&] {
     bnorm::torch::batch_norm(x, torch::zeros({3}, torch::kDouble), torch::ones({3}, torch::kDouble), {}, {}, true, 0.1,
                              1e-5);
   }, "bnorm::batch_norm: running_mean: expected dtype float32, got float64");
-  EXPECT_EQ(bn16->num_batches_tracked.item<std::int64_t>(), 0);
+}
+
+// float16, and bfloat16 parameters and buffers, as torch's CPU BatchNorm takes them (computed in float32).
+TEST(TorchAdapter, ReducedPrecisionLikeTorch) {
+  for (auto dtype : {torch::kHalf, torch::kBFloat16}) {
+    bnorm::torch::BatchNorm2d bn(3);
+    torch::nn::BatchNorm2d ref(3);
+    bn->to(dtype);
+    ref->to(dtype);
+    at::Tensor x = (torch::randn({4, 3, 5, 5}) * 2 + 1).to(dtype);
+    at::Tensor y = bn->forward(x), t = ref->forward(x);
+    EXPECT_EQ(y.scalar_type(), dtype);
+    EXPECT_TRUE(torch::allclose(y.to(torch::kFloat), t.to(torch::kFloat), 2e-2, 2e-2));
+    EXPECT_TRUE(torch::allclose(bn->running_var.to(torch::kFloat), ref->running_var.to(torch::kFloat), 1e-2, 1e-2));
+    EXPECT_EQ(bn->running_mean.scalar_type(), dtype);
+  }
 }
 
 }  // namespace

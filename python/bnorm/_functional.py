@@ -118,11 +118,11 @@ def _channels(shape) -> int:
     return shape[1] if len(shape) >= 2 else 0
 
 
-def check_forward(fn, input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """batch_norm's checks that are not the library's (see the module's docstring), run before
-    anything is allocated; returns the adapter of the arguments' kind. The library's run in
-    apply_forward."""
-    kind = _input_kind(fn, input)
+def _check_kinds(fn, kind, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """The arguments are of input's kind (or None), bool and floats."""
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if v is not None and kind_of(v) is not kind:
+            raise TypeError(f"{fn}: {name} must be a {kind.name} like input (or None), not {_type_name(v)}")
     _check_bool(fn, "training", training)
     _check_real(
         fn,
@@ -133,6 +133,14 @@ def check_forward(fn, input, running_mean, running_var, weight, bias, training, 
         else "",
     )
     _check_real(fn, "eps", eps)
+
+
+def check_forward(fn, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """batch_norm's checks that are not the library's (see the module's docstring), run before
+    anything is allocated; returns the adapter of the arguments' kind. The library's run in
+    apply_forward."""
+    kind = _input_kind(fn, input)
+    _check_kinds(fn, kind, input, running_mean, running_var, weight, bias, training, momentum, eps)
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_array(fn, kind, name, v, input, vector=True)
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
@@ -291,11 +299,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     TypeError for a wrong kind, dtype or device of argument and ValueError for wrong sizes or values.
     """
     fn = "bnorm.batch_norm"
-    kind = check_forward(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if kind is TorchTensors:
+    if kind_of(input) is TorchTensors:
+        # torch.ops.bnorm.batch_norm makes every check of torch tensors (the library's and torch's
+        # rules, float16 and reduced-precision vectors included); here only what its schema cannot
+        # say: the kinds of the arguments.
+        _check_kinds(fn, TorchTensors, input, running_mean, running_var, weight, bias, training, momentum, eps)
         from . import torch as bnorm_torch
 
         return bnorm_torch._batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    kind = check_forward(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
     out, _ = apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps)
     return out
 

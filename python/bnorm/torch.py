@@ -1,89 +1,115 @@
-"""bnorm.torch: drop-ins for torch.nn.BatchNorm1d/2d/3d backed by bnorm's kernels.
+"""bnorm.torch: bnorm's operators in torch's dispatcher, and drop-ins for torch.nn.BatchNorm1d/2d/3d.
 
     import torch, bnorm.torch
     bn = bnorm.torch.BatchNorm2d(64)                 # torch.nn.BatchNorm2d's arguments, parameters, buffers
     model = bnorm.torch.convert(torchvision_model)   # every torch BatchNorm*d swapped, state shared
+    y = torch.ops.bnorm.batch_norm(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5)
+
+Importing it loads the operators (libbnorm_torch_ops.so, built in C++ against the installed torch:
+adapters/torch/ops.cpp): torch.ops.bnorm.batch_norm, batch_norm_relu, batch_norm_add_relu and the
+batch_norm_forward / batch_norm_backward they are made of. They have CPU, Meta and Autograd kernels,
+so they work with autograd, torch.compile(fullgraph=True), torch.export, torch.jit.trace, the meta
+device and FakeTensor; their outputs are new tensors in the input's memory format.
 
 The modules subclass torch.nn.BatchNorm1d/2d/3d (isinstance checks, state_dict keys and versions,
-load_state_dict, reset_parameters, repr are torch's own) and replace only forward: the same rules
-(momentum=None as a cumulative average over num_batches_tracked, batch statistics in eval when
-track_running_stats=False) computed by bnorm's kernels, with gradients through BatchNormFunction.
-CPU tensors of float32 and float64, and bfloat16 inputs with float32 parameters and buffers (torch's
-mixed precision: bfloat16 output and input gradient, float32 running statistics and parameter
-gradients); anything else raises TypeError.
+load_state_dict, reset_parameters, repr are torch's own) and replace only forward: torch's module
+rules (momentum=None as a cumulative average over num_batches_tracked, batch statistics in eval when
+track_running_stats=False) around one operator call. CPU tensors of float32, float64, bfloat16 and
+float16 (computed in float32, like torch's CPU BN), with per-channel vectors of the input's dtype or
+float32. During ONNX export (either exporter) they call torch's batch_norm, which the exporters
+write as the standard BatchNormalization.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _functional as _F
-from ._arrays import TorchTensors as _T
 from ._functional import batch_norm, batch_norm_backward, batch_stats
+
+
+def _load_operators():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libbnorm_torch_ops.so")
+    if not os.path.exists(path):
+        raise ImportError(
+            "bnorm.torch: bnorm's torch operators (libbnorm_torch_ops.so) were not built with this package: "
+            "build it where torch is installed (scripts/build_python, or pip install --no-build-isolation .)"
+        )
+    torch.ops.load_library(path)
+
+
+_load_operators()
 
 __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_stats",
-    "BatchNormFunction",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
     "convert",
 ]
 
+_ops = torch.ops.bnorm
 
-class BatchNormFunction(torch.autograd.Function):
-    """batch_norm as a torch.autograd.Function (first derivatives; double backward raises).
 
-    apply(input, weight, bias, running_mean, running_var, training, momentum, eps), arguments
-    already checked (bnorm.batch_norm checks them, then calls this when a gradient is needed).
-    Forward keeps the input as the kernels saw it and the statistics it used: the batch mean and
-    1/sqrt(var + eps) in float64 in training, copies of the running statistics in eval.
-    """
+def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """torch.func.vmap of torch.ops.bnorm.batch_norm in eval: the examples of a batched input are
+    independent there, so B batches of N become one of B*N; batched per-channel vectors run one call
+    per example. Training is refused, as torch's vmap of BatchNorm refuses it: the batch statistics
+    would mix the examples, and every example would update the same running statistics."""
+    if training:
+        raise ValueError(
+            "bnorm::batch_norm: vmap: expected training=False (in training the batch statistics mix the "
+            "vmapped examples and all of them update one running_mean), got training=True")
+    vectors = (weight, bias, running_mean, running_var)
+    input_dim, *vector_dims = in_dims
+    x = input if input_dim is None else input.movedim(input_dim, 0)
+    if all(d is None for d in vector_dims):
+        if input_dim is None:
+            return _ops.batch_norm(input, *vectors, training, momentum, eps), None
+        out = _ops.batch_norm(x.flatten(0, 1), *vectors, training, momentum, eps)
+        return out.unflatten(0, x.shape[:2]), 0
+    size = info.batch_size
+    take = lambda t, d, i: t if t is None or d is None else t.select(d, i)
+    outs = [_ops.batch_norm(take(input, input_dim, i), *(take(v, d, i) for v, d in zip(vectors, vector_dims)),
+                            training, momentum, eps) for i in range(size)]
+    return torch.stack(outs), 0
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        out, saved = _F.apply_forward(_T, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                      keep=True)
-        # saved.x shares input's version counter (a detached view) unless it is a copy, so autograd
-        # detects an in-place change of the input (or of weight) between forward and backward.
-        ctx.save_for_backward(saved.x, weight, saved.mean, saved.invstd, saved.running_mean, saved.running_var)
-        ctx.bnorm_layout, ctx.bnorm_training, ctx.bnorm_eps = saved.layout, saved.training, saved.eps
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        x, weight, mean, invstd, running_mean, running_var = ctx.saved_tensors
-        saved = _F.Saved(x.detach(), ctx.bnorm_layout, ctx.bnorm_training, ctx.bnorm_eps)
-        saved.mean, saved.invstd = mean, invstd
-        saved.running_mean, saved.running_var = running_mean, running_var
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = _F.apply_backward(_T, grad_output, saved, weight, need_input, need_weight, need_bias)
-        return (*grads, None, None, None, None, None)
+torch.library.register_vmap("bnorm::batch_norm", _batch_norm_vmap)
 
 
 def _batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """batch_norm on torch tensors that have passed _functional.check_forward (the library checks
-    the rest in the kernels' call): through autograd when a gradient is wanted, straight to the
-    kernels otherwise."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    out, _ = _F.apply_forward(_T, input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return out
+    """bnorm.batch_norm on torch tensors that have passed _functional.check_forward: the operator."""
+    return _ops.batch_norm(input, weight, bias, running_mean, running_var, bool(training), float(momentum),
+                           float(eps))
+
+
+def _torch_composition(input, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu):
+    """What the operators compute, in torch's own ops: used during ONNX export, whose exporters know
+    torch's batch_norm (as BatchNormalization) and not bnorm's operators."""
+    out = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
 
 
 class _BnormForward:
     """forward() for the subclasses of torch.nn.BatchNorm*d below: torch's module rules, bnorm's
-    kernels. num_batches_tracked and the running statistics change only once every check (the
-    binding's and the library's) has passed."""
+    operators. num_batches_tracked and the running statistics change only once the operator has
+    accepted the batch (torch counts it before it checks it)."""
 
     def forward(self, input):
-        name = f"bnorm.torch.{type(self).__name__}"
+        return self._bnorm_call(input)
+
+    def _bnorm_call(self, input, residual=None, relu=False):
+        """relu(bn(input) + residual), with residual and relu optional, through one operator
+        (bnorm.torch.convert(model, fuse=True) installs the fused calls)."""
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{name}: input must be a torch.Tensor, not {type(input).__name__}")
+            raise TypeError(f"bnorm.torch.{type(self).__name__}: input must be a torch.Tensor, not {type(input).__name__}")
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
         # Batch statistics in training, and in eval when there are no running statistics.
@@ -92,15 +118,22 @@ class _BnormForward:
         keep_stats = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_stats else None
         running_var = self.running_var if keep_stats else None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        _F.check_forward(name, input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
-                         self.eps)
         counting = tracking and self.num_batches_tracked is not None
+        momentum = 0.0 if self.momentum is None else self.momentum
         if counting and self.momentum is None:  # cumulative moving average, this batch included
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        out = _batch_norm_checked(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
-                                  self.eps)
-        if counting:  # after the library's checks, which the kernels' call makes
+        args = (self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps)
+        if torch.onnx.is_in_onnx_export():
+            out = _torch_composition(input, *args, residual, relu)
+        elif residual is not None and relu:
+            out = _ops.batch_norm_add_relu(input, residual, *args)
+        elif relu:
+            out = _ops.batch_norm_relu(input, *args)
+        else:
+            out = _ops.batch_norm(input, *args)
+            if residual is not None:
+                out = out + residual
+        if counting:  # after the operator has accepted the batch
             self.num_batches_tracked.add_(1)
         return out
 

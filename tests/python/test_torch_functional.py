@@ -48,8 +48,7 @@ def test_outputs_statistics_and_gradients_match_torch(dtype, layout, training, a
         y = bnorm.batch_norm(x, rm, rv, w, b, training=training, momentum=momentum, eps=1e-4)
         ty = F.batch_norm(tx, trm, trv, tw, tb, training=training, momentum=momentum, eps=1e-4)
         assert y.dtype == t_dt and y.shape == x.shape and y.requires_grad
-        if layout == "channels_last" and rank > 2:
-            assert is_channels_last(y)
+        assert y.stride() == ty.stride()  # torch's memory format: channels-last for ranks 4 and 5
         close(y, ty, t_dt)
         close(rm, trm, t_dt)
         close(rv, trv, t_dt)
@@ -162,10 +161,11 @@ def test_other_strides_are_copied_and_correct(training):
         C = x.shape[1]
         rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
         trm, trv = rm.clone(), rv.clone()
-        before = _arrays.copies_made
         y = bnorm.batch_norm(x, rm, rv, training=training)
-        assert _arrays.copies_made == before + 1
         ty = F.batch_norm(tx, trm, trv, training=training)
+        # a dense copy in one of torch's memory formats, and a new tensor
+        assert y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)
+        assert y.data_ptr() != x.data_ptr()
         close(y, ty, torch.float64)
         close(rm, trm, torch.float64)
         g = torch.randn_like(ty)
