@@ -9,7 +9,9 @@
 //   bnorm::batch_norm_backward(grad_output, input, weight, stat_a, stat_b, output, training, eps, relu)
 //       -> (grad_input, grad_weight, grad_bias)
 // stat_a and stat_b are what backward needs of its forward: in training the batch mean and
-// 1/sqrt(var + eps) in float64; in eval copies of the running mean and variance (frozen: a later
+// 1/sqrt(var + eps) in float64, which the forward computes. In eval they are the running mean and
+// variance, and the forward returns empty tensors for them (an inference call then pays for no
+// copies); the Autograd kernel saves copies of the running statistics instead (frozen: a later
 // training step may update the buffers before this backward runs).
 //
 // Why each piece is where it is (docs/torch-adapter.md):
@@ -217,7 +219,7 @@ Triple forward_results(const Tensor& input, const ForwardArgs& a, const Plan& p)
   auto out_opts = input.options().dtype(input.scalar_type());
   Tensor out = at::empty_symint(input.sym_sizes(), out_opts.memory_format(p.format));
   const auto stat_dtype = a.training ? at::kDouble : p.vectors;
-  const auto C = input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
+  const auto C = a.training && input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
   Tensor sa = at::empty_symint({C}, input.options().dtype(stat_dtype));
   Tensor sb = at::empty_symint({C}, input.options().dtype(stat_dtype));
   return {out, sa, sb};
@@ -285,9 +287,6 @@ Triple forward_cpu(const ForwardArgs& a) {
   if (empty_batch) {
     sa.zero_();
     sb.zero_();
-  } else if (!a.training) {
-    sa.copy_(rm);
-    sb.copy_(rv);
   }
   if (update_here) {
     std::int64_t m = x.size(0);
@@ -358,7 +357,7 @@ Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, c
   // Gradients of the parameters in the library's vector dtype, converted to weight's when it differs.
   Tensor gw = gw_t.scalar_type() == p.vectors ? gw_t : at::empty_like(gw_t, gw_t.options().dtype(p.vectors));
   Tensor gb = gb_t.scalar_type() == p.vectors ? gb_t : at::empty_like(gb_t, gb_t.options().dtype(p.vectors));
-  const Tensor sa = stat_a.contiguous(), sb = stat_b.contiguous();
+  const Tensor sa = vector_for(stat_a, p), sb = vector_for(stat_b, p);
   const double kernel_eps = !training && eps == 0.0 ? kSmallestEps : eps;
   ForwardState state{.input = view(x, p.layout),
                      .output = y.defined() ? ConstTensorView(view(y, p.layout)) : ConstTensorView{},
@@ -432,6 +431,11 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, sa, sb] = forward_op().call(input, weight, bias, running_mean, running_var, residual, training,
                                            momentum, eps, relu);
+    // In eval, backward reads the running statistics as they are now (see the top of the file).
+    if (!training) {
+      sa = running_mean.value().clone();
+      sb = running_var.value().clone();
+    }
     // The output is saved only where backward reads it (ReLU's mask): an unsaved output may be
     // changed in place afterwards, as `out += identity` does.
     ctx->save_for_backward({input, weight.value_or(Tensor()), sa, sb, relu ? out : Tensor()});
