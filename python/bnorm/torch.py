@@ -22,6 +22,7 @@ write as the standard BatchNormalization.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -50,9 +51,11 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "convert",
+    "fuse",
 ]
 
 _ops = torch.ops.bnorm
+_log = logging.getLogger("bnorm.torch")
 
 
 def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -176,7 +179,7 @@ def _replacement(module):
     return new
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
+def convert(module: torch.nn.Module, fuse: bool = False) -> torch.nn.Module:
     """Swaps every torch.nn.BatchNorm1d/2d/3d in `module` (itself included) for bnorm's.
 
     The new modules share the old ones' parameters and buffers (the same tensors: state, device,
@@ -185,6 +188,12 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     itself. Only exact torch.nn.BatchNorm*d instances are converted: subclasses (which may change
     forward), SyncBatchNorm and uninitialized LazyBatchNorm*d are left alone. Hooks registered on a
     converted module are not carried over.
+
+    fuse=True then rewrites BN -> ReLU and BN -> add -> ReLU (torchvision's BasicBlock and Bottleneck)
+    into the fused operators, with torch.fx (bnorm.torch.fuse, which also returns its report: one
+    line per BN, fused or not and why; convert logs it to the logger "bnorm.torch" at INFO). A traced
+    module becomes a torch.fx.GraphModule with the same state_dict keys; anything it cannot trace is
+    left unchanged, with a warning.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"bnorm.torch.convert: expected a torch.nn.Module, not {type(module).__name__}")
@@ -203,4 +212,19 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
                 new.add_module(child_name, converted)
         return new
 
-    return visit(module)
+    converted = visit(module)
+    if not fuse:
+        return converted
+    fused, report = fuse(converted)
+    for line in report:
+        _log.info("bnorm.torch.convert(fuse=True): %s", line)
+    return fused
+
+
+def fuse(module: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
+    """Rewrites a converted model's BN -> ReLU and BN -> add -> ReLU into the fused operators
+    (torch.ops.bnorm.batch_norm_relu, batch_norm_add_relu) with torch.fx; returns the model and a
+    report, one line per BN: fused, or not fused and why (bnorm/_fuse.py)."""
+    from . import _fuse  # it builds on this module's classes
+
+    return _fuse.fuse(module)
