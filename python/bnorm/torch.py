@@ -55,6 +55,20 @@ __all__ = [
 ]
 
 _ops = torch.ops.bnorm
+# What torch.onnx.is_in_onnx_export() reads (both exporters), read here without its per-call imports.
+try:
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
+except ImportError:  # another torch's layout: the public function, at its cost
+
+    class _OnnxExport:
+        @property
+        def _is_onnx_exporting(self):
+            return torch.onnx.is_in_onnx_export()
+
+        in_onnx_export = False
+
+    _onnx_flags = _onnx_globals = _OnnxExport()
 _log = logging.getLogger("bnorm.torch")
 
 
@@ -110,28 +124,26 @@ class _BnormForward:
 
     def _bnorm_call(self, input, residual=None, relu=False):
         """relu(bn(input) + residual), with residual and relu optional, through one operator
-        (bnorm.torch.convert(model, fuse=True) installs the fused calls)."""
+        (bnorm.torch.convert(model, fuse=True) installs the fused calls). Written for a small
+        per-call cost: every attribute is read once."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"bnorm.torch.{type(self).__name__}: input must be a torch.Tensor, not {type(input).__name__}")
         self._check_input_dim(input)
-        tracking = self.training and self.track_running_stats
+        training, track = self.training, self.track_running_stats
+        running_mean, running_var, momentum = self.running_mean, self.running_var, self.momentum
         # Batch statistics in training, and in eval when there are no running statistics.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # The buffers are read in eval, and read and updated in training only when tracking.
-        keep_stats = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_stats else None
-        running_var = self.running_var if keep_stats else None
-        counting = tracking and self.num_batches_tracked is not None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if counting and self.momentum is None:  # cumulative moving average, this batch included
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not track:  # the buffers are read in eval, and updated in training only when tracking
+            running_mean = running_var = None
+        counting = training and track and self.num_batches_tracked is not None
+        if momentum is None:  # a cumulative moving average, this batch included
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0) if counting else 0.0
         args = (self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps)
-        if torch.onnx.is_in_onnx_export():
+        if _onnx_flags._is_onnx_exporting or _onnx_globals.in_onnx_export:  # torch.onnx.is_in_onnx_export()
             out = _torch_composition(input, *args, residual, relu)
-        elif residual is not None and relu:
-            out = _ops.batch_norm_add_relu(input, residual, *args)
         elif relu:
-            out = _ops.batch_norm_relu(input, *args)
+            out = (_ops.batch_norm_relu(input, *args) if residual is None
+                   else _ops.batch_norm_add_relu(input, residual, *args))
         else:
             out = _ops.batch_norm(input, *args)
             if residual is not None:
