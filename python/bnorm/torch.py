@@ -69,6 +69,14 @@ except ImportError:  # another torch's layout: the public function, at its cost
         in_onnx_export = False
 
     _onnx_flags = _onnx_globals = _OnnxExport()
+
+
+def _exporting_onnx():
+    """torch.onnx.is_in_onnx_export() without its per-call imports. Under torch.compile the public
+    function, which dynamo knows (it does not trace the TorchScript exporter's property)."""
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    return _onnx_flags._is_onnx_exporting or _onnx_globals.in_onnx_export
 _log = logging.getLogger("bnorm.torch")
 
 
@@ -139,7 +147,7 @@ class _BnormForward:
         if momentum is None:  # a cumulative moving average, this batch included
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0) if counting else 0.0
         args = (self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps)
-        if _onnx_flags._is_onnx_exporting or _onnx_globals.in_onnx_export:  # torch.onnx.is_in_onnx_export()
+        if _exporting_onnx():
             out = _torch_composition(input, *args, residual, relu)
         elif relu:
             out = (_ops.batch_norm_relu(input, *args) if residual is None
@@ -227,7 +235,9 @@ def convert(module: torch.nn.Module, fuse: bool = False) -> torch.nn.Module:
     converted = visit(module)
     if not fuse:
         return converted
-    fused, report = fuse(converted)
+    from . import _fuse as fx_pass  # it builds on this module's classes
+
+    fused, report = fx_pass.fuse(converted)
     for line in report:
         _log.info("bnorm.torch.convert(fuse=True): %s", line)
     return fused
