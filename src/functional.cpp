@@ -281,12 +281,20 @@ Problem check_residual(ConstTensorView residual, ConstTensorView input, TensorVi
   return check_alias("output", output.data(), in.bytes, "residual", residual.data(), in.bytes);
 }
 
+// The input's geometry with the kernels' store policy for these outputs (Options::outputs).
+Geometry output_geometry(const TensorInfo& in, const Options& options) {
+  Geometry g = in.geometry;
+  g.may_stream = options.outputs == OutputMemory::Reused;
+  return g;
+}
+
 void run_forward(const TensorInfo& in, ConstTensorView input, TensorView output, FrozenStats frozen,
                  RunningStats update, Affine affine, const Options& options, SavedStats save,
                  ConstTensorView residual) {
+  const Geometry g = output_geometry(in, options);
   with_storage(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), in.geometry, frozen, update,
+    forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, frozen, update,
                  affine, options, save, data_or_null<T>(residual));
   });
 }
@@ -341,7 +349,8 @@ void run_backward(const TensorInfo& in, ConstTensorView grad_output, const Forwa
     using T = decltype(tag);
     backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
                   relu ? static_cast<const T*>(forward.output.data()) : nullptr,
-                  grad_input.empty() ? nullptr : static_cast<T*>(grad_input.data()), in.geometry, forward, options,
+                  grad_input.empty() ? nullptr : static_cast<T*>(grad_input.data()), output_geometry(in, options),
+                  forward, options,
                   grads);
   });
 }
@@ -470,7 +479,8 @@ void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, do
 void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, BatchMoments stats,
                         RunningStats running, Affine affine, const Options& options, SavedStats save) {
   with_storage(input.dtype(), [&](auto tag) {
-    forward_with_stats_t<decltype(tag)>(input, output, in.geometry, stats, running, affine, options, save);
+    forward_with_stats_t<decltype(tag)>(input, output, output_geometry(in, options), stats, running, affine, options,
+                                        save);
   });
 }
 

@@ -262,7 +262,9 @@ Triple forward_cpu(const ForwardArgs& a) {
   const Options options{.training = a.training,
                         .momentum = in_range ? a.momentum : 0.0,
                         .eps = eps,
-                        .activation = a.relu ? Activation::Relu : Activation::None};
+                        .activation = a.relu ? Activation::Relu : Activation::None,
+                        // torch allocated the output just now (forward_results)
+                        .outputs = OutputMemory::Fresh};
   const Affine affine{vview(w.defined() ? &w : nullptr), vview(b.defined() ? &b : nullptr)};
   const RunningStats running{vview(rm.defined() ? &rm : nullptr), vview(rv.defined() ? &rv : nullptr)};
   const bool empty_batch = a.training && x.dim() >= 2 && channels(x) > 0 && x.numel() == 0;
@@ -369,7 +371,8 @@ Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, c
   call_library([&] {
     bnorm::batch_norm_backward(view(dy, p.layout), state,
                                Options{.training = training, .eps = kernel_eps,
-                                       .activation = relu ? Activation::Relu : Activation::None},
+                                       .activation = relu ? Activation::Relu : Activation::None,
+                                       .outputs = OutputMemory::Fresh},
                                view(gi, p.layout), {vview(&gw), vview(&gb)});
   });
   if (x.numel() == 0) {  // torch's zeros, where the library's would be 0 * invstd

@@ -41,15 +41,26 @@ struct SavedStats {
   operator ConstSavedStats() const { return {mean, invstd}; }  // a forward's output feeds backward
 };
 
+// What the output tensors' memory is, which decides how the kernels store into it.
+//   Reused: memory written before (a buffer kept between calls): outputs of 32 MiB or more are written
+//           with non-temporal stores, which save the read of every destination line.
+//   Fresh : memory just allocated and not yet touched (torch's at::empty, a new NumPy array): each
+//           first write page-faults and the kernel zeroes the page through the cache, where ordinary
+//           stores then find it; non-temporal stores measured 25-30% slower there (BENCHMARKS.md,
+//           "Through PyTorch"). The bindings that allocate their outputs say Fresh.
+enum class OutputMemory : std::uint8_t { Reused, Fresh };
+
 // How to normalize; backward takes the forward's Options unchanged (momentum is unused there).
 //   training   : true normalizes with the batch statistics (m = N * prod(spatial) values per
 //                channel, biased variance); false with the running statistics.
 //   activation : Relu fuses y = max(y, 0); backward then needs the output.
+//   outputs    : the output's (backward: grad_input's) memory, above.
 struct Options {
   bool training = false;
   double momentum = 0.1;
   double eps = 1e-5;
   Activation activation = Activation::None;
+  OutputMemory outputs = OutputMemory::Reused;
 };
 
 // Gradients of the parameters: either may be absent (not computed); overwritten, not accumulated.

@@ -142,7 +142,9 @@ void forward(const InArray& input, const OutArray& output, const OptOut& running
   const bnorm::ConstVectorView w = in_vector(weight, "weight"), b = in_vector(bias, "bias");
   const bnorm::VectorView sm = out_vector(save_mean, "save_mean"), si = out_vector(save_invstd, "save_invstd");
   nb::gil_scoped_release release;
-  bnorm::batch_norm(x, y, {rm, rv}, {w, b}, {.training = training, .momentum = momentum, .eps = eps}, {sm, si});
+  bnorm::batch_norm(x, y, {rm, rv}, {w, b},               // the package allocates every output just before the call
+              {.training = training, .momentum = momentum, .eps = eps, .outputs = bnorm::OutputMemory::Fresh},
+              {sm, si});
 }
 
 // Eval: the running statistics are only read (bnorm::batch_norm writes them in training only), so
@@ -171,7 +173,7 @@ void backward(const InArray& grad_output, const InArray& input, const OptIn& wei
   const bnorm::VectorView gw = out_vector(grad_weight, "grad_weight"), gb = out_vector(grad_bias, "grad_bias");
   nb::gil_scoped_release release;
   bnorm::batch_norm_backward(dy, {.input = x, .weight = w, .saved = {sm, si}, .running = {rm, rv}},
-                             {.training = training, .eps = eps}, dx, {gw, gb});
+                             {.training = training, .eps = eps, .outputs = bnorm::OutputMemory::Fresh}, dx, {gw, gb});
 }
 
 void batch_stats(const InArray& input, const OutArray& mean, const OutArray& var) {

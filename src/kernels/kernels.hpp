@@ -33,6 +33,9 @@ struct Geometry {
   // Threads of the channels-last reductions, fixed once per call (check_tensor does it) so that the
   // workspace sized for them stays right while another thread calls set_num_threads; 0: not fixed.
   int reduce_threads = 0;
+  // False when the outputs are fresh memory (Options::outputs): large outputs then take ordinary
+  // stores, not non-temporal ones (stream_output).
+  bool may_stream = true;
   std::int64_t per_channel() const { return N * S; }  // m, the values per channel
   std::int64_t rows() const { return N * S; }         // channels-last: rows of C values
 };
@@ -54,7 +57,7 @@ bool stream_output(const Geometry& g) {
   // 32x64x112x112, inference 9.1-11.3 ms against 4.5-5.3 with ordinary stores, backward 13.7-16.3
   // against 11.1-12.2 (three alternating runs each), training forward no better.
   if constexpr (std::is_same_v<T, bfloat16>) return false;
-  return g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
+  return g.may_stream && g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
 }
 
 // The instruction sets the kernels are compiled for: one enumerator per row of the ISA table
