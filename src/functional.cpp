@@ -98,10 +98,9 @@ void normalize_with(const T* x, T* y, const Geometry& g, std::span<const double>
   const std::span<P> scale = scope.take<P>(uC), shift = scope.take<P>(uC);
   for (std::size_t c = 0; c < uC; ++c) {
     scale[c] = static_cast<P>(gamma[c] * invstd[c]);
-    shift[c] = static_cast<P>(beta[c]);
+    shift[c] = kernels::normalize_shift<P>(beta[c], means.lo[c], scale[c]);
   }
-  if (g.per_channel() > 0)
-    kernels::normalize(x, y, g, {means.hi.data(), means.lo.data(), scale.data(), shift.data()}, act, residual);
+  if (g.per_channel() > 0) kernels::normalize(x, y, g, {means.hi.data(), scale.data(), shift.data()}, act, residual);
 }
 
 // Training only: the saved statistics, and the running update with the unbiased variance of m values.

@@ -144,7 +144,7 @@ TEST(BFloat16, KernelStoresRoundLikeFromFloatOnEveryIsa) {
           std::copy_n(pattern.begin(), std::min(pattern.size(), x.size() - i), x.begin() + static_cast<std::ptrdiff_t>(i));
         const float zero[4] = {}, *scale = scales;
         const kernels::Geometry g{N, C, S, layout};
-        kernels::normalize<bfloat16>(x.data(), y.data(), g, {zero, zero, scale, zero}, Activation::None, nullptr);
+        kernels::normalize<bfloat16>(x.data(), y.data(), g, {zero, scale, zero}, Activation::None, nullptr);
         std::int64_t wrong = 0, subnormal = 0;
         const bool cl = layout == Layout::ChannelsLast;
         for (std::int64_t i = 0, c = 0, s_left = S; i < n; ++i) {  // c: the channel of element i

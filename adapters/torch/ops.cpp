@@ -34,6 +34,7 @@
 #include <bnorm/functional.hpp>
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
@@ -213,15 +214,23 @@ void check_forward_kinds(const char* fn, const ForwardArgs& a) {
     fail_value(fn, "eps: expected a finite value >= 0 in eval, got " + c10::str(a.eps));
 }
 
+// A new tensor: on the CPU straight from its allocator (at::detail::empty_cpu: the dispatcher's
+// at::empty costs some 0.3 us a call, measurable at small shapes), elsewhere (meta, FakeTensor,
+// symbolic sizes) through at::empty.
+Tensor new_tensor(c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
+  if (options.device().is_cpu()) return at::detail::empty_cpu(C10_AS_INTARRAYREF_SLOW(sizes), options);
+  return at::empty_symint(sizes, options);
+}
+
 // The shapes and dtypes of the forward's results, computed from metadata alone: the CPU kernel
 // allocates with this and the Meta kernel returns it, so the two cannot disagree.
 Triple forward_results(const Tensor& input, const ForwardArgs& a, const Plan& p) {
   auto out_opts = input.options().dtype(input.scalar_type());
-  Tensor out = at::empty_symint(input.sym_sizes(), out_opts.memory_format(p.format));
+  Tensor out = new_tensor(input.sym_sizes(), out_opts.memory_format(p.format));
   const auto stat_dtype = a.training ? at::kDouble : p.vectors;
   const auto C = a.training && input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
-  Tensor sa = at::empty_symint({C}, input.options().dtype(stat_dtype));
-  Tensor sb = at::empty_symint({C}, input.options().dtype(stat_dtype));
+  Tensor sa = new_tensor({C}, input.options().dtype(stat_dtype));
+  Tensor sb = new_tensor({C}, input.options().dtype(stat_dtype));
   return {out, sa, sb};
 }
 
@@ -325,11 +334,11 @@ Triple batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, con
 // grad_weight and grad_bias are computed whether or not the forward had weight or bias (they are
 // per-channel sums the library makes anyway); autograd hands on those that were inputs.
 Triple backward_results(const Tensor& input, const OptTensor& weight, const Plan& p) {
-  Tensor gi = at::empty_symint(input.sym_sizes(), input.options().memory_format(p.format));
+  Tensor gi = new_tensor(input.sym_sizes(), input.options().memory_format(p.format));
   const Tensor* w = present(weight);
   auto wopts = w ? w->options() : input.options().dtype(p.vectors);
   const auto C = input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
-  return {gi, at::empty_symint({C}, wopts), at::empty_symint({C}, wopts)};
+  return {gi, new_tensor({C}, wopts), new_tensor({C}, wopts)};
 }
 
 void check_backward_kinds(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
@@ -524,6 +533,17 @@ Tensor batch_norm_add_relu_op(const Tensor& input, const Tensor& residual, const
                                                        training, momentum, eps, true);
 }
 
+// The thread count of this copy of the library. The Python package holds two (the extension's and
+// this one's), so bnorm.set_num_threads sets both through these.
+void set_threads(std::int64_t n) {
+  call_library([&] {
+    if (n < 1 || n > std::numeric_limits<int>::max())
+      throw bnorm::Error("bnorm::set_num_threads: n: expected >= 1, got " + std::to_string(n));
+    bnorm::set_num_threads(static_cast<int>(n));
+  });
+}
+std::int64_t threads() { return bnorm::num_threads(); }
+
 }  // namespace
 
 Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
@@ -553,6 +573,8 @@ TORCH_LIBRARY(bnorm, m) {
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor stat_a, Tensor stat_b, "
       "Tensor? output, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def("_set_num_threads(int n) -> ()", &bnorm::torch_ops::set_threads);
+  m.def("_num_threads() -> int", &bnorm::torch_ops::threads);
 }
 
 namespace ops = bnorm::torch_ops;

@@ -43,6 +43,17 @@ def _load_operators():
 
 _load_operators()
 
+
+def _sync_threads():
+    """The operators' library copy takes bnorm.set_num_threads's count (bnorm/__init__.py)."""
+    from . import _threads_set
+
+    if _threads_set is not None:
+        torch.ops.bnorm._set_num_threads(_threads_set)
+
+
+_sync_threads()
+
 __all__ = [
     "batch_norm",
     "batch_norm_backward",

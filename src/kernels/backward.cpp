@@ -166,7 +166,7 @@ void reduce_impl(const S* dy, const S* x, const S* out, const Geometry& g, const
                  double* sum_dy_xmu, double* ws) {
   const std::int64_t C = g.C;
   if (g.layout == Layout::ChannelsFirst) {
-    detail::parallel_for(C, [&](std::int64_t c) {
+    detail::parallel_for(C, g.numel(), [&](std::int64_t c) {
       channel_sums_cf<S, Relu>(dy, x, out, g, c, mh[c], ml[c], sum_dy[c], sum_dy_xmu[c]);
     });
     return;
@@ -231,7 +231,7 @@ void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
     });
   } else {
     const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.C);
-    parallel_for_streamed(g.rows(), stream, [&](std::int64_t r) {
+    parallel_for_streamed(g.rows(), g.numel(), stream, [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
       apply_channels_last_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k, stream);
     });

@@ -162,9 +162,9 @@ const char* isa_name(Isa isa) {
 
 int reduce_threads(const Geometry& g) {
   if (g.reduce_threads > 0) return g.reduce_threads;
-  if (g.layout == Layout::ChannelsFirst) return detail::threads_for(g.C);
+  if (g.layout == Layout::ChannelsFirst) return detail::threads_for(g.C, g.numel());
   const std::int64_t R = cl_rows_per_block(g);
-  return detail::threads_for((g.rows() + R - 1) / R);
+  return detail::threads_for((g.rows() + R - 1) / R, g.numel());
 }
 
 std::int64_t cl_rows_per_block(const Geometry& g) {

@@ -37,6 +37,7 @@ struct Geometry {
   // stores, not non-temporal ones (stream_output).
   bool may_stream = true;
   std::int64_t per_channel() const { return N * S; }  // m, the values per channel
+  std::int64_t numel() const { return N * C * S; }
   std::int64_t rows() const { return N * S; }         // channels-last: rows of C values
 };
 
@@ -87,16 +88,21 @@ int reduce_threads(const Geometry& g);
 // Channels-last reductions take blocks of this many rows (about kBlock values).
 std::int64_t cl_rows_per_block(const Geometry& g);
 
-// Per-channel coefficients of the elementwise passes, in T. The mean is split in two parts of T
-// (hi + lo ~ the double mean) so that x - mean is exact where it matters: a constant channel gives
-// exactly 0, and a large offset costs no accuracy.
+// Per-channel coefficients of the normalize pass, in T: y = (x - mean_hi) * scale + shift. The
+// double mean is split in two parts of T (hi + lo), so that x - mean_hi is exact where it matters (a
+// constant channel gives exactly 0, and a large offset costs no accuracy); the small part goes into
+// the shift, computed in double: shift = beta - mean_lo * scale (normalize_shift). Its rounding is
+// that of a value of the output's size, so the pass needs one subtraction and one fused multiply-add.
 template <class T>
 struct ChannelCoeffs {
   const T* mean_hi;
-  const T* mean_lo;
   const T* scale;  // gamma * invstd
-  const T* shift;  // beta
+  const T* shift;  // beta - mean_lo * scale
 };
+template <class T>
+inline T normalize_shift(double beta, T mean_lo, T scale) {
+  return static_cast<T>(beta - static_cast<double>(mean_lo) * static_cast<double>(scale));
+}
 
 // dx = dy' * k_dy - (x - mean) * k_x - k_c (backward_apply).
 template <class T>
@@ -130,7 +136,7 @@ struct ForwardChannels {
      two-pass sums in double, blocks merged with Chan's formula. M2 is never negative. */                     \
   X(channel_moments, (const S* x, const Geometry& g, double* mean, double* m2, double* workspace),            \
     (x, g, mean, m2, workspace))                                                                              \
-  /* y = ((x - mean_hi) - mean_lo) * scale + shift, then max(y, 0) with Activation::Relu. y may equal x.      \
+  /* y = (x - mean_hi) * scale + shift, then max(y, 0) with Activation::Relu. y may equal x.                 \
      With a residual (same layout as x; null for none): y = act(normalized + residual). */                    \
   X(normalize, (const S* x, S* y, const Geometry& g, ChannelCoeffs<Compute<S>> k, Activation act,             \
                 const S* residual),                                                                           \

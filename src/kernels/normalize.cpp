@@ -1,4 +1,4 @@
-// Normalize kernel family: y = ((x - mean_hi) - mean_lo) * scale + shift, optionally ReLU'd.
+// Normalize kernel family: y = (x - mean_hi) * scale + shift, optionally ReLU'd (ChannelCoeffs).
 //
 // Why subtract the mean before scaling (not y = x * a + b with b = beta - mean * a): with a large
 // offset, x * a and b are both huge and their sum cancels, losing the digits of y; and a constant
@@ -16,11 +16,11 @@ namespace bnorm::kernels::BNORM_ISA {
 namespace {
 
 
-// y = ((x - mean_hi) - mean_lo) * scale + shift [+ z]; then max(y, 0) with Relu. z is the fused
-// residual (ResNet's BN + add + ReLU): added before the activation, as torch's relu(bn(x) + z).
+// y = (x - mean_hi) * scale + shift [+ z]; then max(y, 0) with Relu. z is the fused residual
+// (ResNet's BN + add + ReLU): added before the activation, as torch's relu(bn(x) + z).
 template <class T, bool Relu, bool Add>
-inline Vec<T> normalize_vec(Vec<T> x, Vec<T> z, Vec<T> mh, Vec<T> ml, Vec<T> sc, Vec<T> sh) {
-  Vec<T> v = ((x - mh) - ml) * sc + sh;
+inline Vec<T> normalize_vec(Vec<T> x, Vec<T> z, Vec<T> mh, Vec<T> sc, Vec<T> sh) {
+  Vec<T> v = (x - mh) * sc + sh;
   if constexpr (Add) v += z;
   if constexpr (Relu) return relu<T>(v);
   else return v;
@@ -36,10 +36,10 @@ inline Vec<Compute<S>> residual_vec(const S* z, std::int64_t i, Load ld) {
 // `len` contiguous values of one channel (channels-first); with `stream`, y is written with
 // non-temporal stores (the caller fences).
 template <class S, bool Relu, bool Add, class T = Compute<S>>
-void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T ml, T sc, T sh, bool stream) {
-  const Vec<T> vh = splat(mh), vl = splat(ml), vsc = splat(sc), vsh = splat(sh);
+void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T sc, T sh, bool stream) {
+  const Vec<T> vh = splat(mh), vsc = splat(sc), vsh = splat(sh);
   store_row(y, 0, len, stream, [&](std::int64_t j, auto ld) {
-    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), vh, vl, vsc, vsh);
+    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), vh, vsc, vsh);
   });
 }
 
@@ -47,8 +47,8 @@ void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T ml, T
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_channels_last_row(const S* x, const S* z, S* y, std::int64_t C, const ChannelCoeffs<T>& k, bool stream) {
   store_row(y, 0, C, stream, [&](std::int64_t j, auto ld) {
-    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), ld(k.mean_hi + j), ld(k.mean_lo + j),
-                                       ld(k.scale + j), ld(k.shift + j));
+    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), ld(k.mean_hi + j), ld(k.scale + j),
+                                       ld(k.shift + j));
   });
 }
 
@@ -58,12 +58,12 @@ void normalize_impl(const S* x, const S* z, S* y, const Geometry& g, const Chann
     const bool stream = stream_output<S>(g);
     parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
       const std::int64_t off = nc * g.S;
-      normalize_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.S, k.mean_hi[c], k.mean_lo[c],
-                                  k.scale[c], k.shift[c], stream);
+      normalize_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.S, k.mean_hi[c], k.scale[c],
+                                  k.shift[c], stream);
     });
   } else {
     const bool stream = stream_output<S>(g) && rows_stay_aligned(y, g.C);
-    parallel_for_streamed(g.rows(), stream, [&](std::int64_t r) {
+    parallel_for_streamed(g.rows(), g.numel(), stream, [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
       normalize_channels_last_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.C, k, stream);
     });
@@ -100,7 +100,7 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
   with_epilogue(act, residual != nullptr, [&](auto relu, auto add) {
     constexpr bool Relu = decltype(relu)::value, Add = decltype(add)::value;
     struct Coeffs {
-      T hi, lo, scale, shift;
+      T hi, scale, shift;
     };
     fused_channel_passes<S>(
         g, fused_forward_cached<S>(g), stream, {x},
@@ -111,15 +111,16 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
           mean[c] = mu;
           var[c] = v;
           Coeffs k;
-          split_mean(mu, k.hi, k.lo);
+          T lo;
+          split_mean(mu, k.hi, lo);
           k.scale = static_cast<T>((gamma ? gamma[c] : 1.0) * invstd);
-          k.shift = static_cast<T>(beta ? beta[c] : 0.0);
+          k.shift = normalize_shift<T>(beta ? beta[c] : 0.0, lo, k.scale);
           return k;
         },
         [&](std::int64_t n, std::int64_t c, const Coeffs& k) {  // second pass: from L2
           const std::int64_t off = (n * g.C + c) * g.S;
-          normalize_row<S, Relu, Add>(x + off, Add ? residual + off : nullptr, y + off, g.S, k.hi, k.lo, k.scale,
-                                      k.shift, stream);
+          normalize_row<S, Relu, Add>(x + off, Add ? residual + off : nullptr, y + off, g.S, k.hi, k.scale, k.shift,
+                                      stream);
         });
   });
 }

@@ -95,7 +95,7 @@ void fused_channel_passes(const Geometry& g, int cached, bool stream, std::initi
   using K = decltype(first(std::int64_t{0}));
   const std::int64_t cb = cf_channels_per_block<S>(g, cached);
   const std::int64_t blocks = (g.C + cb - 1) / cb;
-  parallel_for_streamed(blocks, stream, [&](std::int64_t b) {
+  parallel_for_streamed(blocks, g.numel(), stream, [&](std::int64_t b) {
     const std::int64_t c0 = b * cb, c1 = lesser(g.C, c0 + cb);
     if (cb == 1) {
       const K k = first(c0);

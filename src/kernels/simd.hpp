@@ -204,11 +204,12 @@ inline void stream_fence() {
   _mm_sfence();
 #endif
 }
-// f(i) for i in [0, n) over the library's threads (each a contiguous range); with `stream`, each
+// f(i) for i in [0, n) over the library's threads (each a contiguous range; `values`: the tensor's
+// size, which caps the threads: parallel.hpp); with `stream`, each
 // thread then fences its non-temporal stores, so that they are visible before the region's barrier.
 template <class F>
-void parallel_for_streamed(std::int64_t n, bool stream, F&& f) {
-  detail::parallel_for_then(n, f, [stream] {
+void parallel_for_streamed(std::int64_t n, std::int64_t values, bool stream, F&& f) {
+  detail::parallel_for_then(n, values, f, [stream] {
     if (stream) stream_fence();
   });
 }
@@ -219,7 +220,7 @@ void parallel_for_streamed(std::int64_t n, bool stream, F&& f) {
 template <class F>
 void parallel_for_cf_rows(const Geometry& g, bool stream, F&& f) {
   const std::int64_t rows = g.N * g.C;
-  detail::parallel_ranges(rows, 1, detail::threads_for(rows), [&](int, std::int64_t b, std::int64_t e) {
+  detail::parallel_ranges(rows, 1, detail::threads_for(rows, g.numel()), [&](int, std::int64_t b, std::int64_t e) {
     std::int64_t c = g.C > 0 ? b % g.C : 0;
     for (std::int64_t r = b; r < e; ++r) {
       f(r, c);

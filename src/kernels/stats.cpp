@@ -124,7 +124,7 @@ void segments_moments(const S* p, std::int64_t rows, std::int64_t stride, std::i
 
 template <class S>
 void moments_channels_first(const S* x, const Geometry& g, double* mean, double* m2) {
-  detail::parallel_for(g.C, [&](std::int64_t c) { channel_moments_cf(x, g, c, mean[c], m2[c]); });
+  detail::parallel_for(g.C, g.numel(), [&](std::int64_t c) { channel_moments_cf(x, g, c, mean[c], m2[c]); });
 }
 
 // ---- Channels-last: rows of C values. A block is cl_rows_per_block rows; within it, tiles of at

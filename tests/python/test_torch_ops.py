@@ -447,3 +447,17 @@ def test_ddp_two_processes_match_torch(tmp_path):
         states[use_bnorm] = torch.load(out)
     for k, v in states[False].items():
         torch.testing.assert_close(states[True][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_set_num_threads_reaches_the_operators():
+    # The operators' library is a copy of its own (libbnorm_torch_ops.so): bnorm.set_num_threads sets both.
+    before = bnorm.num_threads()
+    try:
+        bnorm.set_num_threads(1)
+        assert ops._num_threads() == 1
+        bnorm.set_num_threads(2)
+        assert ops._num_threads() == 2 == bnorm.num_threads()
+    finally:
+        bnorm.set_num_threads(before)
+    with pytest.raises(ValueError, match="n: expected >= 1, got 0"):
+        ops._set_num_threads(0)
