@@ -184,10 +184,9 @@ void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, c
   Scope scope;
   const std::span<P> k_dy = scope.take<P>(uC), k_x = scope.take<P>(uC), k_c = scope.take<P>(uC);
   for (std::size_t c = 0; c < uC; ++c)
-    kernels::backward_coeffs(in.gamma[c], in.invstd[c], in.sum_dy[c], in.sum_dy_xmu[c], in.m, training, k_dy[c],
-                             k_x[c], k_c[c]);
-  kernels::backward_apply(dy, x, out, dx, g,
-                          {means.hi.data(), means.lo.data(), k_dy.data(), k_x.data(), k_c.data()});
+    kernels::backward_coeffs(in.gamma[c], in.invstd[c], in.sum_dy[c], in.sum_dy_xmu[c], in.m, training, means.lo[c],
+                             k_dy[c], k_x[c], k_c[c]);
+  kernels::backward_apply(dy, x, out, dx, g, {means.hi.data(), k_dy.data(), k_x.data(), k_c.data()});
 }
 
 // dgamma = sum(dy' * (x - mean)) * invstd, dbeta = sum(dy').

@@ -196,7 +196,7 @@ void reduce_impl(const S* dy, const S* x, const S* out, const Geometry& g, const
 
 template <class T>
 struct RowCoeffs {
-  T hi, lo, kdy, kx, kc;  // the mean in two parts, then dx = dy' * kdy - (x - mean) * kx - kc
+  T hi, kdy, kx, kc;  // the mean's high part, then dx = dy' * kdy - (x - hi) * kx - kc (backward_coeffs)
 };
 
 // dx over `len` contiguous values of one channel (channels-first); with `stream`, non-temporal
@@ -204,9 +204,9 @@ struct RowCoeffs {
 
 template <class S, bool Relu, class T = Compute<S>>
 void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, const RowCoeffs<T>& k, bool stream) {
-  const Vec<T> vh = splat(k.hi), vl = splat(k.lo), vdy = splat(k.kdy), vx = splat(k.kx), vc = splat(k.kc);
+  const Vec<T> vh = splat(k.hi), vdy = splat(k.kdy), vx = splat(k.kx), vc = splat(k.kc);
   store_row(dx, 0, len, stream, [&](std::int64_t j, auto ld) {
-    return masked_vec<S, Relu>(dy, out, j, ld) * vdy - ((ld(x + j) - vh) - vl) * vx - vc;
+    return masked_vec<S, Relu>(dy, out, j, ld) * vdy - (ld(x + j) - vh) * vx - vc;
   });
 }
 
@@ -216,7 +216,7 @@ void apply_channels_last_row(const S* dy, const S* x, const S* out, S* dx, std::
                              bool stream) {
   store_row(dx, 0, C, stream, [&](std::int64_t j, auto ld) {
     return masked_vec<S, Relu>(dy, out, j, ld) * ld(k.k_dy + j) -
-           ((ld(x + j) - ld(k.mean_hi + j)) - ld(k.mean_lo + j)) * ld(k.k_x + j) - ld(k.k_c + j);
+           (ld(x + j) - ld(k.mean_hi + j)) * ld(k.k_x + j) - ld(k.k_c + j);
   });
 }
 
@@ -227,7 +227,7 @@ void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
     parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
       const std::int64_t off = nc * g.S;
       apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S,
-                         RowCoeffs<T>{k.mean_hi[c], k.mean_lo[c], k.k_dy[c], k.k_x[c], k.k_c[c]}, stream);
+                         RowCoeffs<T>{k.mean_hi[c], k.k_dy[c], k.k_x[c], k.k_c[c]}, stream);
     });
   } else {
     const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.C);
@@ -250,12 +250,13 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
       g, fused_backward_cached<S>(g, Relu, dx != nullptr), stream, {dy, x, out},
       [&](std::int64_t c) {
         Coeffs k{};
-        split_mean(mean[c], k.hi, k.lo);
+        T lo;
+        split_mean(mean[c], k.hi, lo);
         double sdy, sdx;
-        channel_sums_cf<S, Relu>(dy, x, out, g, c, k.hi, k.lo, sdy, sdx);  // first pass: from memory (or L2)
+        channel_sums_cf<S, Relu>(dy, x, out, g, c, k.hi, lo, sdy, sdx);  // first pass: from memory (or L2)
         sum_dy[c] = sdy;
         sum_dy_xmu[c] = sdx;
-        if (dx) backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, k.kdy, k.kx, k.kc);
+        if (dx) backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, lo, k.kdy, k.kx, k.kc);
         return k;
       },
       [&](std::int64_t n, std::int64_t c, const Coeffs& k) {  // second pass: from L2

@@ -104,11 +104,11 @@ inline T normalize_shift(double beta, T mean_lo, T scale) {
   return static_cast<T>(beta - static_cast<double>(mean_lo) * static_cast<double>(scale));
 }
 
-// dx = dy' * k_dy - (x - mean) * k_x - k_c (backward_apply).
+// dx = dy' * k_dy - (x - mean_hi) * k_x - k_c (backward_apply), where k_c holds the mean's low part
+// (backward_coeffs).
 template <class T>
 struct BackwardCoeffs {
   const T* mean_hi;
-  const T* mean_lo;
   const T* k_dy;
   const T* k_x;
   const T* k_c;
@@ -224,11 +224,13 @@ static inline void split_mean(double mean, T& hi, T& lo) {
 // eval (frozen statistics): dx = gamma * invstd * dy.
 template <class T>
 static inline void backward_coeffs(double gamma, double invstd, double sum_dy, double sum_dy_xmu, double m,
-                                   bool training, T& k_dy, T& k_x, T& k_c) {
+                                   bool training, T mean_lo, T& k_dy, T& k_x, T& k_c) {
   const double a = gamma * invstd;
   k_dy = static_cast<T>(a);
   k_x = training ? static_cast<T>(a * invstd * invstd * sum_dy_xmu / m) : T(0);
-  k_c = training ? static_cast<T>(a * sum_dy / m) : T(0);
+  // The mean's low part folded in, as in the normalize pass's shift: (x - mean_hi - mean_lo) * k_x +
+  // k_c = (x - mean_hi) * k_x + (k_c - mean_lo * k_x), the latter in double, rounded once.
+  k_c = training ? static_cast<T>(a * sum_dy / m - static_cast<double>(mean_lo) * static_cast<double>(k_x)) : T(0);
 }
 
 // The mean of n values of mean `mean` and nb values of mean mb (total = n + nb). Chan's update
