@@ -328,6 +328,18 @@ Triple batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, con
   return forward_meta({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu});
 }
 
+// The eval forward: the same kernel with training=false, under a schema that mutates nothing.
+Tensor batch_norm_eval_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                           const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                           double eps, bool relu) {
+  return std::get<0>(forward_cpu({input, weight, bias, running_mean, running_var, residual, false, 0.0, eps, relu}));
+}
+Tensor batch_norm_eval_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                            const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                            double eps, bool relu) {
+  return std::get<0>(forward_meta({input, weight, bias, running_mean, running_var, residual, false, 0.0, eps, relu}));
+}
+
 // ----------------------------------------------------------------------------------------------
 // Backward
 
@@ -411,6 +423,26 @@ const auto& forward_op() {
   return op;
 }
 
+const auto& eval_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::batch_norm_eval", "")
+                             .typed<Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                           const OptTensor&, const OptTensor&, double, bool)>();
+  return op;
+}
+
+// The forward through the dispatcher: in training the operator that updates the running statistics,
+// in eval the one that mutates nothing (whose statistics results are then undefined). Keeping eval
+// free of mutation keeps torch.compile's graphs free of functionalization there, and lets inductor
+// hand the kernel its own memory layout instead of copying to the traced one.
+Triple call_forward(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                    const OptTensor& running_var, const OptTensor& residual, bool training, double momentum,
+                    double eps, bool relu) {
+  if (training)
+    return forward_op().call(input, weight, bias, running_mean, running_var, residual, true, momentum, eps, relu);
+  return {eval_op().call(input, weight, bias, running_mean, running_var, residual, eps, relu), Tensor(), Tensor()};
+}
+
 const auto& backward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bnorm::batch_norm_backward", "")
@@ -441,8 +473,8 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                         const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
                         const OptTensor& residual, bool training, double momentum, double eps, bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, sa, sb] = forward_op().call(input, weight, bias, running_mean, running_var, residual, training,
-                                           momentum, eps, relu);
+    auto [out, sa, sb] = call_forward(input, weight, bias, running_mean, running_var, residual, training, momentum,
+                                      eps, relu);
     // In eval, backward reads the running statistics as they are now (see the top of the file).
     if (!training) {
       sa = running_mean.value().clone();
@@ -498,7 +530,7 @@ Tensor fused_autograd(const Tensor& input, const OptTensor& residual, const OptT
   if (!wants_graph(input, weight, bias, residual)) {  // no graph to record: straight to the kernels
     at::AutoDispatchBelowADInplaceOrView guard;
     return std::get<0>(
-        forward_op().call(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu));
+        call_forward(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu));
   }
   return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                                   relu);
@@ -508,7 +540,7 @@ Tensor fused_composite(const Tensor& input, const OptTensor& residual, const Opt
                        const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                        double eps, bool relu) {
   return std::get<0>(
-      forward_op().call(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu));
+      call_forward(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu));
 }
 
 // The three public operators, for each kernel (autograd or below it).
@@ -560,19 +592,28 @@ Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor&
 // The schemas. The running statistics are declared mutated ((a!), (b!)), which torch.compile and
 // torch.export functionalize; every result is a new tensor (no aliasing of inputs).
 TORCH_LIBRARY(bnorm, m) {
+  // flexible_layout: the kernels take either dense layout, so inductor may hand them its own choice
+  // (channels_last after its convolutions) instead of copying to the eager strides around every call.
+  const std::vector<at::Tag> kLayout{at::Tag::flexible_layout};
 #define BNORM_COMMON_ARGS \
   "Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps"
-  m.def("batch_norm(Tensor input, " BNORM_COMMON_ARGS ") -> Tensor");
-  m.def("batch_norm_relu(Tensor input, " BNORM_COMMON_ARGS ") -> Tensor");
-  m.def("batch_norm_add_relu(Tensor input, Tensor residual, " BNORM_COMMON_ARGS ") -> Tensor");
+  m.def("batch_norm(Tensor input, " BNORM_COMMON_ARGS ") -> Tensor", kLayout);
+  m.def("batch_norm_relu(Tensor input, " BNORM_COMMON_ARGS ") -> Tensor", kLayout);
+  m.def("batch_norm_add_relu(Tensor input, Tensor residual, " BNORM_COMMON_ARGS ") -> Tensor", kLayout);
 #undef BNORM_COMMON_ARGS
   m.def(
       "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor? residual, bool training, float momentum, float eps, bool relu) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor)",
+      kLayout);
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "Tensor? residual, float eps, bool relu) -> Tensor",
+      kLayout);
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor stat_a, Tensor stat_b, "
-      "Tensor? output, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+      "Tensor? output, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
+      kLayout);
   m.def("_set_num_threads(int n) -> ()", &bnorm::torch_ops::set_threads);
   m.def("_num_threads() -> int", &bnorm::torch_ops::threads);
 }
@@ -581,6 +622,7 @@ namespace ops = bnorm::torch_ops;
 
 TORCH_LIBRARY_IMPL(bnorm, CPU, m) {
   m.impl("batch_norm_forward", &ops::batch_norm_forward_cpu);
+  m.impl("batch_norm_eval", &ops::batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);
 }
 
@@ -589,6 +631,7 @@ TORCH_LIBRARY_IMPL(bnorm, CPU, m) {
 #define BNORM_REFUSE_ON(Key)                                        \
   TORCH_LIBRARY_IMPL(bnorm, Key, m) {                               \
     m.impl("batch_norm_forward", &ops::batch_norm_forward_cpu);     \
+    m.impl("batch_norm_eval", &ops::batch_norm_eval_cpu);           \
     m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);   \
   }
 BNORM_REFUSE_ON(CUDA)
@@ -598,6 +641,7 @@ BNORM_REFUSE_ON(SparseCUDA)
 
 TORCH_LIBRARY_IMPL(bnorm, Meta, m) {
   m.impl("batch_norm_forward", &ops::batch_norm_forward_meta);
+  m.impl("batch_norm_eval", &ops::batch_norm_eval_meta);
   m.impl("batch_norm_backward", &ops::batch_norm_backward_meta);
 }
 

@@ -55,6 +55,7 @@ def test_opcheck_every_operator(fmt, training):
         (ops.batch_norm_forward, (x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(), None, training, 0.1,
                                   1e-5, False)),
     ]
+    cases.append((ops.batch_norm_eval, (x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(), res, 1e-5, True)))
     out, sa, sb = ops.batch_norm_forward(x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(), None, training,
                                          0.1, 1e-5, False)
     if not training:  # eval's backward reads the running statistics (its forward returns no statistics)
