@@ -4,8 +4,10 @@
 //   bnorm::batch_norm(input, weight, bias, running_mean!, running_var!, training, momentum, eps)
 //   bnorm::batch_norm_relu(...)                    the same, then ReLU, in one pass
 //   bnorm::batch_norm_add_relu(input, residual, ...)   relu(batch_norm(input) + residual), in one pass
-// and the two they are made of, which the Autograd kernel calls and which torch.compile's graphs hold:
-//   bnorm::batch_norm_forward(...) -> (output, stat_a, stat_b)
+// and the ones they are made of, which the Autograd kernel calls and which torch.compile's graphs hold
+// (none of them mutates an argument: ForwardResults):
+//   bnorm::batch_norm_forward(...) -> (output, stat_a, stat_b, new_running_mean, new_running_var)
+//   bnorm::batch_norm_eval(input, weight, bias, running_mean, running_var, residual, eps, relu) -> output
 //   bnorm::batch_norm_backward(grad_output, input, weight, stat_a, stat_b, output, training, eps, relu)
 //       -> (grad_input, grad_weight, grad_bias)
 // stat_a and stat_b are what backward needs of its forward: in training the batch mean and
@@ -222,16 +224,37 @@ Tensor new_tensor(c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
   return at::empty_symint(sizes, options);
 }
 
+// What the forward returns: the output, the statistics backward needs (stat_a, stat_b), and in
+// training the updated running statistics as new tensors (each of its buffer's shape and dtype;
+// empty without running statistics, and in eval). The operator mutates none of its arguments: the
+// Autograd kernel copies the new statistics into the buffers (call_forward), an aten copy_ that
+// torch.compile's functionalization handles as it handles torch's own BatchNorm, where a mutating
+// custom operator would make inductor copy its input to the traced layout around every call.
+struct ForwardResults {
+  Tensor out, stat_a, stat_b, running_mean, running_var;
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tuple() const {
+    return {out, stat_a, stat_b, running_mean, running_var};
+  }
+};
+
 // The shapes and dtypes of the forward's results, computed from metadata alone: the CPU kernel
 // allocates with this and the Meta kernel returns it, so the two cannot disagree.
-Triple forward_results(const Tensor& input, const ForwardArgs& a, const Plan& p) {
+ForwardResults forward_results(const Tensor& input, const ForwardArgs& a, const Plan& p) {
+  ForwardResults r;
   auto out_opts = input.options().dtype(input.scalar_type());
-  Tensor out = new_tensor(input.sym_sizes(), out_opts.memory_format(p.format));
+  r.out = new_tensor(input.sym_sizes(), out_opts.memory_format(p.format));
   const auto stat_dtype = a.training ? at::kDouble : p.vectors;
   const auto C = a.training && input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
-  Tensor sa = new_tensor({C}, input.options().dtype(stat_dtype));
-  Tensor sb = new_tensor({C}, input.options().dtype(stat_dtype));
-  return {out, sa, sb};
+  r.stat_a = new_tensor({C}, input.options().dtype(stat_dtype));
+  r.stat_b = new_tensor({C}, input.options().dtype(stat_dtype));
+  auto updated = [&](const OptTensor& t) {
+    const Tensor* v = present(t);
+    if (a.training && v != nullptr) return new_tensor(v->sym_sizes(), v->options().memory_format(at::MemoryFormat::Contiguous));
+    return new_tensor({c10::SymInt(0)}, input.options().dtype(p.vectors));
+  };
+  r.running_mean = updated(a.running_mean);
+  r.running_var = updated(a.running_var);
+  return r;
 }
 
 // torch takes any momentum; the library's running update takes [0, 1]. Outside it the library runs
@@ -244,29 +267,35 @@ void update_running_outside_range(const Tensor& rm, const Tensor& rv, const Tens
   rv.copy_(rv.to(at::kDouble) * (1.0 - momentum) + var * momentum);
 }
 
-Triple forward_cpu(const ForwardArgs& a) {
+ForwardResults forward_cpu(const ForwardArgs& a) {
   const char* fn = kForwardName;
   check_forward_kinds(fn, a);
   const Plan p = plan_for(a.input);
   const Tensor x = dense(a.input, p);
-  auto [out_t, sa, sb] = forward_results(a.input, a, p);
+  ForwardResults r = forward_results(a.input, a, p);
+  Tensor &sa = r.stat_a, &sb = r.stat_b;
   // The library writes the compute dtype; a float16 output is converted once it is done.
-  Tensor out = a.input.scalar_type() == at::kHalf ? at::empty_like(x) : out_t;
+  Tensor out = a.input.scalar_type() == at::kHalf ? at::empty_like(x) : r.out;
   Tensor w = present(a.weight) ? vector_for(*a.weight, p) : Tensor();
   Tensor b = present(a.bias) ? vector_for(*a.bias, p) : Tensor();
   Tensor res = present(a.residual) ? dense(*a.residual, p) : Tensor();
-  // The running statistics: the buffers themselves when the library can update them in place, else
-  // work copies written back after the call has succeeded.
+  // The running statistics the library reads (eval) or updates in place (training: the new tensors
+  // of the results, holding the old values first, or float32 work copies of reduced-precision ones).
   const Tensor* rm0 = present(a.running_mean);
   const Tensor* rv0 = present(a.running_var);
-  Tensor rm = rm0 ? vector_for(*rm0, p) : Tensor();
-  Tensor rv = rv0 ? vector_for(*rv0, p) : Tensor();
+  auto working = [&](const Tensor* old, Tensor& updated) {
+    if (old == nullptr) return Tensor();
+    if (!a.training) return vector_for(*old, p);
+    // As vector_for: reduced precision computed in float32, any other dtype as it is, for the library to judge.
+    const auto dtype = is_reduced(old->scalar_type()) ? p.vectors : old->scalar_type();
+    Tensor t = updated.scalar_type() == dtype ? updated : at::empty_like(updated, updated.options().dtype(dtype));
+    t.copy_(*old);
+    return t;
+  };
+  Tensor rm = working(rm0, r.running_mean);
+  Tensor rv = working(rv0, r.running_var);
   const bool in_range = a.momentum >= 0.0 && a.momentum <= 1.0;
-  const bool update_here = a.training && !in_range && rm0 && rv0;
-  if (update_here) {  // the library updates copies with momentum 0; the buffers are updated below
-    rm = rm.clone();
-    rv = rv.clone();
-  }
+  const bool update_here = a.training && !in_range && rm0 && rv0;  // the library runs momentum 0
   const double eps = !a.training && a.eps == 0.0 ? kSmallestEps : a.eps;
   const Options options{.training = a.training,
                         .momentum = in_range ? a.momentum : 0.0,
@@ -294,7 +323,6 @@ Triple forward_cpu(const ForwardArgs& a) {
     bnorm::batch_norm(view(x, p.layout), view(out, p.layout), running, affine, options, save,
                       res.defined() ? ConstTensorView(view(res, p.layout)) : ConstTensorView{});
   });
-  // Past this point the call has succeeded: now the buffers may change.
   if (empty_batch) {
     sa.zero_();
     sb.zero_();
@@ -302,42 +330,46 @@ Triple forward_cpu(const ForwardArgs& a) {
   if (update_here) {
     std::int64_t m = x.size(0);
     for (std::int64_t d = 2; d < x.dim(); ++d) m *= x.size(d);
-    update_running_outside_range(*rm0, *rv0, sa, sb, a.momentum, eps, m);
-  } else if (a.training) {
-    if (rm0 && !rm.is_same(*rm0)) rm0->copy_(rm);
-    if (rv0 && !rv.is_same(*rv0)) rv0->copy_(rv);
+    update_running_outside_range(rm, rv, sa, sb, a.momentum, eps, m);
   }
-  if (a.input.scalar_type() == at::kHalf) out_t.copy_(out);
-  return {out_t, sa, sb};
+  if (a.training) {  // the work copies into the results
+    if (rm0 && !rm.is_same(r.running_mean)) r.running_mean.copy_(rm);
+    if (rv0 && !rv.is_same(r.running_var)) r.running_var.copy_(rv);
+  }
+  if (a.input.scalar_type() == at::kHalf) r.out.copy_(out);
+  return r;
 }
 
-Triple forward_meta(const ForwardArgs& a) {
+ForwardResults forward_meta(const ForwardArgs& a) {
   check_forward_kinds(kForwardName, a);
   return forward_results(a.input, a, plan_for(a.input));
 }
 
-Triple batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                              const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
-                              bool training, double momentum, double eps, bool relu) {
-  return forward_cpu({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu});
+using Quint = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Quint batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                             const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                             bool training, double momentum, double eps, bool relu) {
+  return forward_cpu({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu}).tuple();
 }
 
-Triple batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                               const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
-                               bool training, double momentum, double eps, bool relu) {
-  return forward_meta({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu});
+Quint batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                              const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                              bool training, double momentum, double eps, bool relu) {
+  return forward_meta({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu})
+      .tuple();
 }
 
 // The eval forward: the same kernel with training=false, under a schema that mutates nothing.
 Tensor batch_norm_eval_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
                            double eps, bool relu) {
-  return std::get<0>(forward_cpu({input, weight, bias, running_mean, running_var, residual, false, 0.0, eps, relu}));
+  return forward_cpu({input, weight, bias, running_mean, running_var, residual, false, 0.0, eps, relu}).out;
 }
 Tensor batch_norm_eval_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                             const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
                             double eps, bool relu) {
-  return std::get<0>(forward_meta({input, weight, bias, running_mean, running_var, residual, false, 0.0, eps, relu}));
+  return forward_meta({input, weight, bias, running_mean, running_var, residual, false, 0.0, eps, relu}).out;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -418,8 +450,8 @@ Triple batch_norm_backward_meta(const Tensor& grad_output, const Tensor& input, 
 const auto& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bnorm::batch_norm_forward", "")
-                             .typed<Triple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                           const OptTensor&, const OptTensor&, bool, double, double, bool)>();
+                             .typed<Quint(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                          const OptTensor&, const OptTensor&, bool, double, double, bool)>();
   return op;
 }
 
@@ -431,16 +463,20 @@ const auto& eval_op() {
   return op;
 }
 
-// The forward through the dispatcher: in training the operator that updates the running statistics,
-// in eval the one that mutates nothing (whose statistics results are then undefined). Keeping eval
-// free of mutation keeps torch.compile's graphs free of functionalization there, and lets inductor
-// hand the kernel its own memory layout instead of copying to the traced one.
+// The forward through the dispatcher, then the running statistics' update in training (the operators
+// mutate nothing: ForwardResults). In eval the operator with one result (the statistics results are
+// then undefined).
 Triple call_forward(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                     const OptTensor& running_var, const OptTensor& residual, bool training, double momentum,
                     double eps, bool relu) {
-  if (training)
-    return forward_op().call(input, weight, bias, running_mean, running_var, residual, true, momentum, eps, relu);
-  return {eval_op().call(input, weight, bias, running_mean, running_var, residual, eps, relu), Tensor(), Tensor()};
+  if (!training)
+    return {eval_op().call(input, weight, bias, running_mean, running_var, residual, eps, relu), Tensor(), Tensor()};
+  auto [out, sa, sb, rm, rv] =
+      forward_op().call(input, weight, bias, running_mean, running_var, residual, true, momentum, eps, relu);
+  // The operator has succeeded: now the buffers change.
+  if (const Tensor* t = present(running_mean)) t->copy_(rm);
+  if (const Tensor* t = present(running_var)) t->copy_(rv);
+  return {out, sa, sb};
 }
 
 const auto& backward_op() {
@@ -602,9 +638,9 @@ TORCH_LIBRARY(bnorm, m) {
   m.def("batch_norm_add_relu(Tensor input, Tensor residual, " BNORM_COMMON_ARGS ") -> Tensor", kLayout);
 #undef BNORM_COMMON_ARGS
   m.def(
-      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, Tensor? residual, bool training, float momentum, float eps, bool relu) "
-      "-> (Tensor, Tensor, Tensor)",
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "Tensor? residual, bool training, float momentum, float eps, bool relu) "
+      "-> (Tensor output, Tensor stat_a, Tensor stat_b, Tensor new_running_mean, Tensor new_running_var)",
       kLayout);
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "

@@ -56,8 +56,12 @@ def test_opcheck_every_operator(fmt, training):
                                   1e-5, False)),
     ]
     cases.append((ops.batch_norm_eval, (x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(), res, 1e-5, True)))
-    out, sa, sb = ops.batch_norm_forward(x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(), None, training,
-                                         0.1, 1e-5, False)
+    out, sa, sb, new_rm, new_rv = ops.batch_norm_forward(x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(),
+                                                         None, training, 0.1, 1e-5, False)
+    if training:  # the updated statistics as new tensors; the arguments are not changed
+        torch.testing.assert_close(new_rm, 0.9 * rm + 0.1 * x.detach().mean(dim=(0, 2, 3)))
+    else:
+        assert new_rm.numel() == 0 and new_rv.numel() == 0
     if not training:  # eval's backward reads the running statistics (its forward returns no statistics)
         assert sa.numel() == 0 and sb.numel() == 0
         sa, sb = rm, rv
