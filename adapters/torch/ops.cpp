@@ -45,6 +45,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -289,7 +290,10 @@ ForwardResults forward_cpu(const ForwardArgs& a) {
     // As vector_for: reduced precision computed in float32, any other dtype as it is, for the library to judge.
     const auto dtype = is_reduced(old->scalar_type()) ? p.vectors : old->scalar_type();
     Tensor t = updated.scalar_type() == dtype ? updated : at::empty_like(updated, updated.options().dtype(dtype));
-    t.copy_(*old);
+    if (old->scalar_type() == dtype && old->is_contiguous())  // the common case, without a dispatched copy_
+      std::memcpy(t.data_ptr(), old->data_ptr(), static_cast<std::size_t>(old->nbytes()));
+    else
+      t.copy_(*old);
     return t;
   };
   Tensor rm = working(rm0, r.running_mean);
