@@ -206,6 +206,11 @@ void check_forward_kinds(const char* fn, const ForwardArgs& a) {
   check_optional_kind(fn, "running_mean", a.running_mean, a.input);
   check_optional_kind(fn, "running_var", a.running_var, a.input);
   check_optional_kind(fn, "residual", a.residual, a.input);
+  // The residual is added in the input's dtype: another dtype would be promoted by torch's eager
+  // `bn(x) + t`, which one pass in one dtype cannot match, so it is refused.
+  if (const Tensor* r = present(a.residual); r != nullptr && r->scalar_type() != a.input.scalar_type())
+    fail_type(fn, "residual: expected dtype " + dtype_name(a.input.scalar_type()) + " (the input's), got " +
+                      dtype_name(r->scalar_type()));
   for (const auto& [name, t] : {std::pair{"running_mean", present(a.running_mean)}, {"running_var", present(a.running_var)}})
     if (t != nullptr && t->requires_grad())
       fail_value(fn, std::string(name) +
@@ -299,7 +304,10 @@ ForwardResults forward_cpu(const ForwardArgs& a) {
   Tensor rm = working(rm0, r.running_mean);
   Tensor rv = working(rv0, r.running_var);
   const bool in_range = a.momentum >= 0.0 && a.momentum <= 1.0;
-  const bool update_here = a.training && !in_range && rm0 && rv0;  // the library runs momentum 0
+  const bool empty_batch = a.training && x.dim() >= 2 && channels(x) > 0 && x.numel() == 0;
+  // Outside [0, 1] the library runs momentum 0 and the update is made below; a batch of no values
+  // changes nothing whatever the momentum (torch's behaviour).
+  const bool update_here = a.training && !in_range && rm0 && rv0 && !empty_batch;
   const double eps = !a.training && a.eps == 0.0 ? kSmallestEps : a.eps;
   const Options options{.training = a.training,
                         .momentum = in_range ? a.momentum : 0.0,
@@ -309,7 +317,6 @@ ForwardResults forward_cpu(const ForwardArgs& a) {
                         .outputs = OutputMemory::Fresh};
   const Affine affine{vview(w.defined() ? &w : nullptr), vview(b.defined() ? &b : nullptr)};
   const RunningStats running{vview(rm.defined() ? &rm : nullptr), vview(rv.defined() ? &rv : nullptr)};
-  const bool empty_batch = a.training && x.dim() >= 2 && channels(x) > 0 && x.numel() == 0;
   call_library([&] {
     if (empty_batch) {
       // torch returns an empty output and changes nothing; the library refuses a training batch of
@@ -384,6 +391,8 @@ Tensor batch_norm_eval_meta(const Tensor& input, const OptTensor& weight, const 
 Triple backward_results(const Tensor& input, const OptTensor& weight, const Plan& p) {
   Tensor gi = new_tensor(input.sym_sizes(), input.options().memory_format(p.format));
   const Tensor* w = present(weight);
+  // Both in weight's dtype (or the vectors' without weight); autograd casts grad_bias to bias's dtype
+  // where it differs, as it casts every gradient to its input's.
   auto wopts = w ? w->options() : input.options().dtype(p.vectors);
   const auto C = input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
   return {gi, new_tensor({C}, wopts), new_tensor({C}, wopts)};

@@ -7,7 +7,7 @@
 
 Importing it loads the operators (libbnorm_torch_ops.so, built in C++ against the installed torch:
 adapters/torch/ops.cpp): torch.ops.bnorm.batch_norm, batch_norm_relu, batch_norm_add_relu and the
-batch_norm_forward / batch_norm_backward they are made of. They have CPU, Meta and Autograd kernels,
+batch_norm_forward / batch_norm_eval / batch_norm_backward they are made of. They have CPU, Meta and Autograd kernels,
 so they work with autograd, torch.compile(fullgraph=True), torch.export, torch.jit.trace, the meta
 device and FakeTensor; their outputs are new tensors in the input's memory format.
 
@@ -94,8 +94,9 @@ _log = logging.getLogger("bnorm.torch")
 def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps):
     """torch.func.vmap of torch.ops.bnorm.batch_norm in eval: the examples of a batched input are
     independent there, so B batches of N become one of B*N; batched per-channel vectors run one call
-    per example. Training is refused, as torch's vmap of BatchNorm refuses it: the batch statistics
-    would mix the examples, and every example would update the same running statistics."""
+    per example. Training is refused (torch refuses it with running statistics, which every example
+    would update; without them torch computes per-example statistics, which bnorm does not offer
+    under vmap)."""
     if training:
         raise ValueError(
             "bnorm::batch_norm: vmap: expected training=False (in training the batch statistics mix the "
@@ -164,6 +165,8 @@ class _BnormForward:
             out = (_ops.batch_norm_relu(input, *args) if residual is None
                    else _ops.batch_norm_add_relu(input, residual, *args))
         else:
+            if residual is not None:  # a residual that cannot be added raises before anything changes
+                torch.broadcast_shapes(input.shape, residual.shape)
             out = _ops.batch_norm(input, *args)
             if residual is not None:
                 out = out + residual

@@ -466,3 +466,24 @@ def test_set_num_threads_reaches_the_operators():
         bnorm.set_num_threads(before)
     with pytest.raises(ValueError, match="n: expected >= 1, got 0"):
         ops._set_num_threads(0)
+
+
+def test_empty_batch_changes_nothing_whatever_the_momentum():
+    # torch returns an empty output and leaves the running statistics alone, also for momentum
+    # outside [0, 1] (which bnorm applies itself).
+    for momentum in (0.1, 2.0, -1.0):
+        rm, rv = torch.randn(3), torch.rand(3) + 0.5
+        before = rm.clone(), rv.clone()
+        y = ops.batch_norm(torch.zeros(0, 3, 4), None, None, rm, rv, True, momentum, 1e-5)
+        assert y.shape == (0, 3, 4)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_residual_of_another_dtype_is_refused():
+    x = _x(dtype=torch.float16)
+    with pytest.raises(TypeError, match="residual: expected dtype float16 .the input's., got float32"):
+        ops.batch_norm_add_relu(x, x.float(), None, None, None, None, True, 0.1, 1e-5)
+    bn = bt.BatchNorm2d(3)
+    with pytest.raises(RuntimeError):  # a residual that cannot be added: nothing changes
+        bn._bnorm_call(_x(), residual=torch.ones(2, 2))
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
