@@ -37,6 +37,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
@@ -216,6 +217,19 @@ void check_forward_kinds(const char* fn, const ForwardArgs& a) {
       fail_value(fn, std::string(name) +
                          ": expected a tensor that does not require grad (batch_norm is not differentiable with "
                          "respect to the running statistics), got one that does");
+  // The buffers a training call writes (call_forward copies into both once the operator has
+  // succeeded): checked here, so that the second copy cannot fail after the first has written.
+  if (a.training)
+    for (const auto& [name, t] : {std::pair{"running_mean", present(a.running_mean)}, {"running_var", present(a.running_var)}}) {
+      if (t == nullptr) continue;
+      if (t->is_inference() && !c10::InferenceMode::is_enabled())
+        fail_value(fn, std::string(name) +
+                           ": expected a tensor that can be updated in place, got an inference tensor outside "
+                           "InferenceMode");
+      if (at::has_internal_overlap(*t) == at::MemOverlap::Yes)
+        fail_value(fn, std::string(name) +
+                           ": expected a tensor that can be updated in place, got one whose elements share memory");
+    }
   // torch's rule in eval is eps >= 0 (0 reaches the library, whose rule is eps > 0, as kSmallestEps);
   // in training the two agree and the library checks.
   if (!a.training && !(std::isfinite(a.eps) && a.eps >= 0.0))

@@ -94,17 +94,17 @@ _log = logging.getLogger("bnorm.torch")
 def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps):
     """torch.func.vmap of torch.ops.bnorm.batch_norm in eval: the examples of a batched input are
     independent there, so B batches of N become one of B*N; batched per-channel vectors run one call
-    per example. Training is refused (torch refuses it with running statistics, which every example
-    would update; without them torch computes per-example statistics, which bnorm does not offer
-    under vmap)."""
-    if training:
+    per example. In training each example has its own batch statistics (one call per example), as
+    in torch; with running statistics it is refused, as torch refuses it: every example would update
+    the same running_mean."""
+    if training and (running_mean is not None or running_var is not None):
         raise ValueError(
-            "bnorm::batch_norm: vmap: expected training=False (in training the batch statistics mix the "
-            "vmapped examples and all of them update one running_mean), got training=True")
+            "bnorm::batch_norm: vmap: expected no running statistics in training (every vmapped example "
+            "would update the same running_mean; torch refuses it too), got running_mean and running_var")
     vectors = (weight, bias, running_mean, running_var)
     input_dim, *vector_dims = in_dims
     x = input if input_dim is None else input.movedim(input_dim, 0)
-    if all(d is None for d in vector_dims):
+    if not training and all(d is None for d in vector_dims):
         if input_dim is None:
             return _ops.batch_norm(input, *vectors, training, momentum, eps), None
         out = _ops.batch_norm(x.flatten(0, 1), *vectors, training, momentum, eps)

@@ -353,10 +353,14 @@ def test_jit_trace_functional_call_vmap_deepcopy_pickle_in_eval():
         torch.testing.assert_close(fresh(x2), expected)
 
 
-def test_vmap_in_training_is_refused_clearly():
+def test_vmap_in_training():
+    # with running statistics refused, as torch refuses it; without them per-example statistics, as torch
     bn = bt.BatchNorm2d(3)
-    with pytest.raises(ValueError, match="vmap: expected training=False"):
+    with pytest.raises(ValueError, match="vmap: expected no running statistics in training"):
         torch.func.vmap(bn)(_x((2, 4, 3, 5, 5)))
+    ours, theirs = bt.BatchNorm2d(3, track_running_stats=False), torch.nn.BatchNorm2d(3, track_running_stats=False)
+    x = _x((2, 4, 3, 5, 5))
+    torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bnorm_batch_norm_on_torch_uses_the_operator():
@@ -487,3 +491,14 @@ def test_residual_of_another_dtype_is_refused():
     with pytest.raises(RuntimeError):  # a residual that cannot be added: nothing changes
         bn._bnorm_call(_x(), residual=torch.ones(2, 2))
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
+
+
+def test_buffers_that_cannot_be_written_are_refused_before_anything_changes():
+    rm = torch.zeros(3)
+    with torch.inference_mode():
+        rv = torch.ones(3)  # an inference tensor, written outside inference mode below
+    with pytest.raises(ValueError, match="running_var: expected a tensor that can be updated in place"):
+        ops.batch_norm(_x(), None, None, rm, rv, True, 0.1, 1e-5)
+    assert torch.equal(rm, torch.zeros(3))
+    with pytest.raises(ValueError, match="running_mean: expected a tensor that can be updated in place, got one whose"):
+        ops.batch_norm(_x(), None, None, torch.zeros(1).expand(3), torch.ones(3), True, 0.1, 1e-5)
