@@ -415,13 +415,10 @@ Triple backward_results(const Tensor& input, const OptTensor& weight, const Plan
 void check_backward_kinds(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                           const OptTensor& output) {
   const char* fn = kBackwardName;
-  check_tensor_kind(fn, "grad_output", grad_output);
   check_tensor_kind(fn, "input", input);
   check_optional_kind(fn, "weight", weight, input);
   check_optional_kind(fn, "output", output, input);
-  if (grad_output.device() != input.device())
-    fail_type(fn, "grad_output: expected a tensor on " + input.device().str() + " like input, got one on " +
-                      grad_output.device().str());
+  check_optional_kind(fn, "grad_output", grad_output, input);
 }
 
 Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,

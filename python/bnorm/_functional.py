@@ -200,47 +200,40 @@ def _update_running_stats(kind, running_mean, running_var, mean, invstd, momentu
         view[...] = ((1.0 - momentum) * view.astype(np.float64).reshape(-1) + momentum * batch).reshape(view.shape)
 
 
-def apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps, keep=False):
+def apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps):
     """Runs the forward, whose call of the kernels makes the library's checks (check_forward has
-    made the others) before it writes; what is written here comes after it. Returns the output and,
-    with keep=True, a Saved for backward."""
+    made the others) before it writes; what is written here comes after it. Returns the output."""
     training, momentum, eps = bool(training), float(momentum), float(eps)
     x, layout = _dense_input(kind, input)
     shape = kind.shape(x)
     C = _channels(shape)
     out = kind.empty(shape, x, layout)
     kernel_eps = eps if training or eps != 0 else _SMALLEST_EPS
-    saved = Saved(x, layout, training, kernel_eps) if keep else None
     w, b = _contiguous(kind, weight), _contiguous(kind, bias)
     in_range = 0.0 <= momentum <= 1.0
     kernel_momentum = momentum if in_range else 0.0
     if not training:
         rm, rv = _contiguous(kind, running_mean), _contiguous(kind, running_var)
         _C.forward_eval(x, out, rm, rv, w, b, kernel_eps)
-        if keep:  # frozen now: a later training step may update the buffers before backward runs
-            saved.running_mean, saved.running_var = kind.clone_vector(rm), kind.clone_vector(rv)
-        return out, saved
+        return out
     if C > 0 and kind.numel(x) == 0:
         # A batch without values: torch returns an empty output and changes nothing, the library
         # refuses it in training (its more-than-1-value rule). Its eval form makes every other
         # check (with stand-ins for running statistics that training may go without) and has
-        # nothing to compute. The saved statistics of no values are never read.
+        # nothing to compute.
         rm, rv = _contiguous(kind, running_mean), _contiguous(kind, running_var)
         if rm is None and rv is None:
             rm, rv = kind.zeros_vector(C, x), kind.zeros_vector(C, x)
         _C.forward(x, out, rm, rv, w, b, False, kernel_momentum, kernel_eps, None, None)
-        if keep:
-            saved.mean, saved.invstd = kind.zeros_vector(C, x), kind.zeros_vector(C, x)
-        return out, saved
+        return out
     # Outside [0, 1] (torch takes any momentum) the library checks copies of the running
     # statistics, which it updates with momentum 0, and the given ones are updated below.
     take = kind.contiguous_vector if in_range else kind.clone_vector
     rm = None if running_mean is None else take(running_mean)
     rv = None if running_var is None else take(running_var)
     update_here = not in_range and rm is not None
-    need_stats = keep or update_here
-    mean = kind.empty_vector(C, float64=True) if need_stats else None
-    invstd = kind.empty_vector(C, float64=True) if need_stats else None
+    mean = kind.empty_vector(C, float64=True) if update_here else None
+    invstd = kind.empty_vector(C, float64=True) if update_here else None
     _C.forward(x, out, rm, rv, w, b, True, kernel_momentum, kernel_eps, mean, invstd)
     if update_here:
         _update_running_stats(kind, running_mean, running_var, mean, invstd, momentum, kernel_eps,
@@ -248,9 +241,7 @@ def apply_forward(kind, input, running_mean, running_var, weight, bias, training
     elif rm is not None:
         kind.write_back(running_mean, rm)
         kind.write_back(running_var, rv)
-    if keep:
-        saved.mean, saved.invstd = mean, invstd
-    return out, saved
+    return out
 
 
 def apply_backward(kind, grad_output, saved, weight, need_input=True, need_weight=True, need_bias=True):
@@ -308,7 +299,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
         return bnorm_torch._batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps)
     kind = check_forward(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
-    out, _ = apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    out = apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps)
     return out
 
 
