@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import bnorm
 import bnorm.torch as bt
+from _dist import run_ranks
 
 ops = torch.ops.bnorm
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -421,41 +422,27 @@ def test_torchvision_with_in_place_ops_matches_torch(name, fmt, fuse):
 # ---- DDP: two processes on loopback -------------------------------------------------------------
 
 
-def _ddp_worker(rank, world, init, use_bnorm, out_path):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        model = _net()
-        if use_bnorm:
-            model = bt.convert(model)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        for step in range(3):
-            x = _x((4, 3, 8, 8), seed=100 + 10 * step + rank)  # each rank its own batch
-            opt.zero_grad()
-            ddp(x).square().mean().backward()
-            opt.step()
-        if rank == 0:
-            torch.save(model.state_dict(), out_path)
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, use_bnorm):
+    model = _net()
+    if use_bnorm:
+        model = bt.convert(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(3):
+        x = _x((4, 3, 8, 8), seed=100 + 10 * step + rank)  # each rank its own batch
+        opt.zero_grad()
+        ddp(x).square().mean().backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_ddp_two_processes_match_torch(tmp_path):
+def test_ddp_two_processes_match_torch():
     """DDP with gloo over 2 processes: the converted model's state after 3 SGD steps equals that of
     torch's model under the same DDP run (BN statistics are per-rank in both: plain BatchNorm)."""
-    import torch.multiprocessing as mp
-
-    states = {}
-    for use_bnorm in (False, True):
-        out = str(tmp_path / f"state_{use_bnorm}.pt")
-        init = f"file://{tmp_path}/rendezvous_{use_bnorm}"
-        mp.spawn(_ddp_worker, args=(2, init, use_bnorm, out), nprocs=2, join=True)
-        states[use_bnorm] = torch.load(out)
-    for k, v in states[False].items():
-        torch.testing.assert_close(states[True][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    states = {use_bnorm: run_ranks(_ddp_worker, 2, use_bnorm) for use_bnorm in (False, True)}
+    for rank in range(2):
+        for k, v in states[False][rank].items():
+            torch.testing.assert_close(states[True][rank][k], v, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {k}")
 
 
 def test_set_num_threads_reaches_the_operators():
