@@ -40,12 +40,13 @@ namespace {
 
 // What every rank must agree on, and the outcome of its own validation. All fields are 8 bytes,
 // so the struct has no padding and crosses the wire as raw bytes (every rank runs the same build).
+// The memory layout is each rank's own: the exchanged per-channel statistics do not depend on it,
+// and a framework may see one rank's batch of 1 or 0 samples in another layout than the others'.
 struct Descriptor {
   std::int64_t failed = 0;         // 1 + its ErrorKind: this rank's validation failed (its message follows separately)
   std::int64_t message_bytes = 0;  // length of that message
   std::int64_t channels = 0;
   std::int64_t dtype = 0;
-  std::int64_t layout = 0;
   std::int64_t training = 0;
   std::int64_t activation = 0;
   std::int64_t has_running = 0;
@@ -55,7 +56,7 @@ struct Descriptor {
   double momentum = 0;
   double count = 0;  // values per channel on this rank (N * spatial)
 };
-static_assert(sizeof(Descriptor) == 13 * 8, "Descriptor must have no padding");
+static_assert(sizeof(Descriptor) == 12 * 8, "Descriptor must have no padding");
 
 // A failing rank's message is cut to this length, which bounds the second exchange.
 constexpr std::size_t kMaxMessage = 2048;
@@ -102,8 +103,6 @@ Problem first_mismatch(const Descriptor& a, const Descriptor& b) {
   if (a.dtype != b.dtype)
     return diff("dtype", to_string(static_cast<DType>(a.dtype)), to_string(static_cast<DType>(b.dtype)),
                 ErrorKind::Type);
-  if (a.layout != b.layout)
-    return diff("layout", to_string(static_cast<Layout>(a.layout)), to_string(static_cast<Layout>(b.layout)));
   if (a.training != b.training) return diff("training", flag(a.training), flag(b.training));
   if (a.activation != b.activation) return diff("activation", act(a.activation), act(b.activation));
   if (a.has_running != b.has_running)
@@ -172,7 +171,6 @@ Descriptor describe(const TensorInfo& in, DType dtype, const Options& o, Present
   Descriptor d;
   d.channels = in.geometry.C;
   d.dtype = static_cast<std::int64_t>(dtype);
-  d.layout = static_cast<std::int64_t>(in.geometry.layout);
   d.training = o.training ? 1 : 0;
   d.activation = static_cast<std::int64_t>(o.activation);
   d.has_running = present.running ? 1 : 0;
@@ -319,6 +317,16 @@ void sync_batch_norm(Communicator& comm, ConstTensorView input, TensorView outpu
 void sync_batch_norm_backward(Communicator& comm, ConstTensorView grad_output, const ForwardState& forward,
                               Options options, TensorView grad_input, ParamGrads grads) {
   detail::sync_backward(comm, "sync_batch_norm_backward", {}, grad_output, forward, options, grad_input, grads);
+}
+
+void sync_batch_norm_refuse(Communicator& comm, bool backward, const std::string& what, ErrorKind kind) {
+  const detail::Problem problem(what, kind);
+  if (backward)
+    detail::sync_backward(comm, "sync_batch_norm_backward", problem, {}, {}, {}, {}, {});
+  else
+    detail::sync_forward(comm, "sync_batch_norm", problem, {}, {}, {}, {}, {}, {});
+  // agree() has thrown on every rank; this is never reached.
+  detail::raise(backward ? "sync_batch_norm_backward" : "sync_batch_norm", problem);
 }
 
 }  // namespace bnorm

@@ -33,6 +33,7 @@
 //    per-channel vectors are computed in float32 copies that are written back after success.
 #include "ops.hpp"
 
+#include <bnorm/distributed.hpp>
 #include <bnorm/functional.hpp>
 
 #include <ATen/ATen.h>
@@ -43,6 +44,8 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/library.h>
 
 #include <cmath>
@@ -66,8 +69,16 @@ constexpr const char* kBackwardName = "bnorm::batch_norm_backward";
 // smallest double changes running_var + eps only where running_var is 0 or subnormal.
 constexpr double kSmallestEps = std::numeric_limits<double>::denorm_min();
 
-[[noreturn]] void fail_value(const char* fn, const std::string& what) { TORCH_CHECK_VALUE(false, fn, ": ", what); }
-[[noreturn]] void fail_type(const char* fn, const std::string& what) { TORCH_CHECK_TYPE(false, fn, ": ", what); }
+// fn is the operator's name, or empty for a collective operator's checks, whose message is handed
+// to the library's collective check (local_problem) and gets its prefix and rank there.
+[[noreturn]] void fail_value(const char* fn, const std::string& what) {
+  if (*fn == '\0') TORCH_CHECK_VALUE(false, what);
+  TORCH_CHECK_VALUE(false, fn, ": ", what);
+}
+[[noreturn]] void fail_type(const char* fn, const std::string& what) {
+  if (*fn == '\0') TORCH_CHECK_TYPE(false, what);
+  TORCH_CHECK_TYPE(false, fn, ": ", what);
+}
 
 // Runs a library call; its bnorm::Error (already "bnorm::<fn>: <argument>: expected ..., got ...")
 // becomes torch's TypeError or ValueError, which reach Python as TypeError / ValueError.
@@ -185,6 +196,54 @@ VectorView vview(const Tensor* t) { return t == nullptr || !t->defined() ? Vecto
 std::int64_t channels(const Tensor& input) { return input.dim() >= 2 ? input.size(1) : 0; }
 
 // ----------------------------------------------------------------------------------------------
+// Collectives (SyncBatchNorm)
+
+// bnorm's Communicator over a torch.distributed process group, found by its name (what Python's
+// ProcessGroup.group_name gives, as torch's functional collectives take it). Gloo, and any backend
+// whose allgather takes CPU tensors. Each exchange waits for its result: a rank that died, or a
+// collective that outlives the group's timeout, raises here (torch's DistBackendError) instead of
+// waiting forever.
+class ProcessGroupCommunicator final : public bnorm::Communicator {
+ public:
+  explicit ProcessGroupCommunicator(const std::string& group_name) : pg_(c10d::resolve_process_group(group_name)) {}
+  int rank() const override { return pg_->getRank(); }
+  int size() const override { return pg_->getSize(); }
+  void all_gather(const void* in, std::size_t bytes, void* out) override {
+    const auto n = static_cast<std::int64_t>(bytes);
+    const auto opts = at::TensorOptions().dtype(at::kByte);
+    // Gloo reads the input and writes the outputs where they are: no copies.
+    std::vector<Tensor> input{at::from_blob(const_cast<void*>(in), {n}, opts)};
+    std::vector<std::vector<Tensor>> output(1);
+    for (int r = 0; r < size(); ++r)
+      output[0].push_back(at::from_blob(static_cast<char*>(out) + static_cast<std::size_t>(r) * bytes, {n}, opts));
+    pg_->allgather(output, input)->wait();
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+};
+
+// Runs torch-side checks (made with fn = "", so their messages are bare "<argument>: ..."). For a
+// collective operator a failure must not raise here: the other ranks would wait for this one in the
+// library's collective check. It is handed to that check instead (sync_batch_norm_refuse), which
+// raises it on every rank.
+template <class F>
+void check_collectively(bnorm::Communicator& comm, bool backward, F&& checks) {
+  std::string what;
+  ErrorKind kind = ErrorKind::Value;
+  try {
+    checks();
+    return;
+  } catch (const c10::TypeError& e) {
+    what = e.what_without_backtrace();
+    kind = ErrorKind::Type;
+  } catch (const c10::Error& e) {
+    what = e.what_without_backtrace();
+  }
+  call_library([&] { bnorm::sync_batch_norm_refuse(comm, backward, what, kind); });
+}
+
+// ----------------------------------------------------------------------------------------------
 // Forward
 
 struct ForwardArgs {
@@ -287,9 +346,14 @@ void update_running_outside_range(const Tensor& rm, const Tensor& rv, const Tens
   rv.copy_(rv.to(at::kDouble) * (1.0 - momentum) + var * momentum);
 }
 
-ForwardResults forward_cpu(const ForwardArgs& a) {
-  const char* fn = kForwardName;
-  check_forward_kinds(fn, a);
+// The CPU forward; with a communicator, SyncBatchNorm's (training, batch statistics of every rank's
+// batch together: bnorm::sync_batch_norm, which also takes each rank's empty batch and momentum as
+// they come, with the same rules on every rank).
+ForwardResults forward_cpu(const ForwardArgs& a, bnorm::Communicator* comm = nullptr) {
+  if (comm != nullptr)
+    check_collectively(*comm, false, [&] { check_forward_kinds("", a); });
+  else
+    check_forward_kinds(kForwardName, a);
   const Plan p = plan_for(a.input);
   const Tensor x = dense(a.input, p);
   ForwardResults r = forward_results(a.input, a, p);
@@ -317,8 +381,8 @@ ForwardResults forward_cpu(const ForwardArgs& a) {
   };
   Tensor rm = working(rm0, r.running_mean);
   Tensor rv = working(rv0, r.running_var);
-  const bool in_range = a.momentum >= 0.0 && a.momentum <= 1.0;
-  const bool empty_batch = a.training && x.dim() >= 2 && channels(x) > 0 && x.numel() == 0;
+  const bool in_range = comm != nullptr || (a.momentum >= 0.0 && a.momentum <= 1.0);
+  const bool empty_batch = comm == nullptr && a.training && x.dim() >= 2 && channels(x) > 0 && x.numel() == 0;
   // Outside [0, 1] the library runs momentum 0 and the update is made below; a batch of no values
   // changes nothing whatever the momentum (torch's behaviour).
   const bool update_here = a.training && !in_range && rm0 && rv0 && !empty_batch;
@@ -345,6 +409,10 @@ ForwardResults forward_cpu(const ForwardArgs& a) {
       return;
     }
     const SavedStats save = a.training ? SavedStats{vview(&sa), vview(&sb)} : SavedStats{};
+    if (comm != nullptr) {
+      bnorm::sync_batch_norm(*comm, view(x, p.layout), view(out, p.layout), running, affine, options, save);
+      return;
+    }
     bnorm::batch_norm(view(x, p.layout), view(out, p.layout), running, affine, options, save,
                       res.defined() ? ConstTensorView(view(res, p.layout)) : ConstTensorView{});
   });
@@ -412,19 +480,23 @@ Triple backward_results(const Tensor& input, const OptTensor& weight, const Plan
   return {gi, new_tensor({C}, wopts), new_tensor({C}, wopts)};
 }
 
-void check_backward_kinds(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+void check_backward_kinds(const char* fn, const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                           const OptTensor& output) {
-  const char* fn = kBackwardName;
   check_tensor_kind(fn, "input", input);
   check_optional_kind(fn, "weight", weight, input);
   check_optional_kind(fn, "output", output, input);
   check_optional_kind(fn, "grad_output", grad_output, input);
 }
 
-Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
-                               const Tensor& stat_a, const Tensor& stat_b, const OptTensor& output, bool training,
-                               double eps, bool relu) {
-  check_backward_kinds(grad_output, input, weight, output);
+// The CPU backward; with a communicator, SyncBatchNorm's (training: the per-channel sums are
+// all-reduced, and grad_weight / grad_bias are this rank's part).
+Triple backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& stat_a,
+                    const Tensor& stat_b, const OptTensor& output, bool training, double eps, bool relu,
+                    bnorm::Communicator* comm = nullptr) {
+  if (comm != nullptr)
+    check_collectively(*comm, true, [&] { check_backward_kinds("", grad_output, input, weight, output); });
+  else
+    check_backward_kinds(kBackwardName, grad_output, input, weight, output);
   const Plan p = plan_for(input);
   const Tensor x = dense(input, p);
   // grad_output in the input's layout: the library reads both with one geometry.
@@ -445,14 +517,17 @@ Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, c
     state.saved = {vview(&sa), vview(&sb)};
   else
     state.running = {vview(&sa), vview(&sb)};
+  const Options options{.training = training, .eps = kernel_eps,
+                        .activation = relu ? Activation::Relu : Activation::None,
+                        .outputs = OutputMemory::Fresh};
   call_library([&] {
-    bnorm::batch_norm_backward(view(dy, p.layout), state,
-                               Options{.training = training, .eps = kernel_eps,
-                                       .activation = relu ? Activation::Relu : Activation::None,
-                                       .outputs = OutputMemory::Fresh},
-                               view(gi, p.layout), {vview(&gw), vview(&gb)});
+    if (comm != nullptr)
+      bnorm::sync_batch_norm_backward(*comm, view(dy, p.layout), state, options, view(gi, p.layout),
+                                      {vview(&gw), vview(&gb)});
+    else
+      bnorm::batch_norm_backward(view(dy, p.layout), state, options, view(gi, p.layout), {vview(&gw), vview(&gb)});
   });
-  if (x.numel() == 0) {  // torch's zeros, where the library's would be 0 * invstd
+  if (x.numel() == 0) {  // torch's zeros (this rank's part, for SyncBatchNorm), where the library's would be 0 * invstd
     gw.zero_();
     gb.zero_();
   }
@@ -462,9 +537,42 @@ Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, c
   return {gi_t, gw_t, gb_t};
 }
 
+Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                               const Tensor& stat_a, const Tensor& stat_b, const OptTensor& output, bool training,
+                               double eps, bool relu) {
+  return backward_cpu(grad_output, input, weight, stat_a, stat_b, output, training, eps, relu);
+}
+
 Triple batch_norm_backward_meta(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                                 const Tensor&, const Tensor&, const OptTensor& output, bool, double, bool) {
-  check_backward_kinds(grad_output, input, weight, output);
+  check_backward_kinds(kBackwardName, grad_output, input, weight, output);
+  return backward_results(input, weight, plan_for(input));
+}
+
+// SyncBatchNorm's forward and backward (training only: its eval, with running statistics, is
+// batch_norm_eval, which needs no other rank). Collective: every rank of the group calls them.
+Quint sync_batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                  const OptTensor& running_mean, const OptTensor& running_var, double momentum,
+                                  double eps, c10::string_view group_name) {
+  ProcessGroupCommunicator comm{std::string(group_name)};
+  const OptTensor none;
+  return forward_cpu({input, weight, bias, running_mean, running_var, none, true, momentum, eps, false}, &comm)
+      .tuple();
+}
+Quint sync_batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, double momentum,
+                                   double eps, c10::string_view) {
+  const OptTensor none;
+  return forward_meta({input, weight, bias, running_mean, running_var, none, true, momentum, eps, false}).tuple();
+}
+Triple sync_batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                    const Tensor& mean, const Tensor& invstd, double eps, c10::string_view group_name) {
+  ProcessGroupCommunicator comm{std::string(group_name)};
+  return backward_cpu(grad_output, input, weight, mean, invstd, std::nullopt, true, eps, false, &comm);
+}
+Triple sync_batch_norm_backward_meta(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                     const Tensor&, const Tensor&, double, c10::string_view) {
+  check_backward_kinds(kBackwardName, grad_output, input, weight, std::nullopt);
   return backward_results(input, weight, plan_for(input));
 }
 
@@ -528,6 +636,19 @@ void attach_double_backward_error(torch::autograd::variable_list& grads, const T
     if (g.defined()) set_history(g, node);
 }
 
+// Which of weight and bias the forward had: backward returns gradients for those only (the
+// operators' first three arguments in both Functions below).
+void save_which_params(torch::autograd::AutogradContext* ctx, const OptTensor& weight, const OptTensor& bias) {
+  ctx->saved_data["weight"] = present(weight) != nullptr;
+  ctx->saved_data["bias"] = present(bias) != nullptr;
+}
+void set_grads(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list& result, const Tensor& gi,
+               const Tensor& gw, const Tensor& gb) {
+  result[0] = gi;
+  if (ctx->saved_data["weight"].toBool()) result[1] = gw;
+  if (ctx->saved_data["bias"].toBool()) result[2] = gb;
+}
+
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
                         const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
@@ -547,8 +668,7 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["residual"] = present(residual) != nullptr;
-    ctx->saved_data["weight"] = present(weight) != nullptr;
-    ctx->saved_data["bias"] = present(bias) != nullptr;
+    save_which_params(ctx, weight, bias);
     return out;
   }
 
@@ -567,9 +687,7 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
       auto [gi, gw, gb] = backward_op().call(g, input, weight.defined() ? OptTensor(weight) : std::nullopt, saved[2], saved[3],
                                              relu ? OptTensor(out) : std::nullopt, ctx->saved_data["training"].toBool(),
                                              ctx->saved_data["eps"].toDouble(), relu);
-      result[0] = gi;
-      if (ctx->saved_data["weight"].toBool()) result[1] = gw;
-      if (ctx->saved_data["bias"].toBool()) result[2] = gb;
+      set_grads(ctx, result, gi, gw, gb);
       // The residual enters before the ReLU: its gradient is grad_output where the output is > 0.
       if (ctx->saved_data["residual"].toBool()) result[5] = at::threshold_backward(g, out, 0);
     }
@@ -625,6 +743,78 @@ Tensor batch_norm_add_relu_op(const Tensor& input, const Tensor& residual, const
                                                        training, momentum, eps, true);
 }
 
+// SyncBatchNorm: bnorm::sync_batch_norm(input, weight, bias, running_mean!, running_var!, momentum,
+// eps, group_name), always with batch statistics (those of every rank's batch together).
+const auto& sync_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::sync_batch_norm_forward", "")
+                             .typed<Quint(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                          const OptTensor&, double, double, c10::string_view)>();
+  return op;
+}
+const auto& sync_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::sync_batch_norm_backward", "")
+                             .typed<Triple(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                           const Tensor&, double, c10::string_view)>();
+  return op;
+}
+
+// The forward, then the buffers' update once every rank's call has succeeded (as call_forward).
+std::tuple<Tensor, Tensor, Tensor> call_sync_forward(const Tensor& input, const OptTensor& weight,
+                                                     const OptTensor& bias, const OptTensor& running_mean,
+                                                     const OptTensor& running_var, double momentum, double eps,
+                                                     c10::string_view group) {
+  auto [out, mean, invstd, rm, rv] =
+      sync_forward_op().call(input, weight, bias, running_mean, running_var, momentum, eps, group);
+  if (const Tensor* t = present(running_mean)) t->copy_(rm);
+  if (const Tensor* t = present(running_var)) t->copy_(rv);
+  return {out, mean, invstd};
+}
+
+struct SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                        const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                        double momentum, double eps, c10::string_view group) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, invstd] = call_sync_forward(input, weight, bias, running_mean, running_var, momentum, eps, group);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["group"] = std::string(group);
+    save_which_params(ctx, weight, bias);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& input = saved[0];
+    const Tensor& weight = saved[1];
+    torch::autograd::variable_list result(8);
+    // Every rank must take part in the backward's collective, also one whose output got no gradient.
+    const Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(input);
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      const std::string group = ctx->saved_data["group"].toStringRef();
+      auto [gi, gw, gb] = sync_backward_op().call(g, input, weight.defined() ? OptTensor(weight) : std::nullopt,
+                                                  saved[2], saved[3], ctx->saved_data["eps"].toDouble(), group);
+      set_grads(ctx, result, gi, gw, gb);
+    }
+    attach_double_backward_error(result, g, input, weight);
+    return result;
+  }
+};
+
+template <bool Autograd>
+Tensor sync_batch_norm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                          const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
+                          c10::string_view group) {
+  if (Autograd && wants_graph(input, weight, bias, std::nullopt))
+    return SyncBatchNormFunction::apply(input, weight, bias, running_mean, running_var, momentum, eps, group);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return std::get<0>(call_sync_forward(input, weight, bias, running_mean, running_var, momentum, eps, group));
+}
+
 // The thread count of this copy of the library. The Python package holds two (the extension's and
 // this one's), so bnorm.set_num_threads sets both through these.
 void set_threads(std::int64_t n) {
@@ -674,6 +864,20 @@ TORCH_LIBRARY(bnorm, m) {
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor stat_a, Tensor stat_b, "
       "Tensor? output, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
       kLayout);
+  // SyncBatchNorm over a torch.distributed process group, named as ProcessGroup.group_name gives it.
+  m.def(
+      "sync_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, str group_name) -> Tensor",
+      kLayout);
+  m.def(
+      "sync_batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, float momentum, float eps, str group_name) "
+      "-> (Tensor output, Tensor mean, Tensor invstd, Tensor new_running_mean, Tensor new_running_var)",
+      kLayout);
+  m.def(
+      "sync_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+      "float eps, str group_name) -> (Tensor, Tensor, Tensor)",
+      kLayout);
   m.def("_set_num_threads(int n) -> ()", &bnorm::torch_ops::set_threads);
   m.def("_num_threads() -> int", &bnorm::torch_ops::threads);
 }
@@ -684,6 +888,8 @@ TORCH_LIBRARY_IMPL(bnorm, CPU, m) {
   m.impl("batch_norm_forward", &ops::batch_norm_forward_cpu);
   m.impl("batch_norm_eval", &ops::batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);
+  m.impl("sync_batch_norm_forward", &ops::sync_batch_norm_forward_cpu);
+  m.impl("sync_batch_norm_backward", &ops::sync_batch_norm_backward_cpu);
 }
 
 // Tensors that are not dense CPU ones reach the CPU kernel's first check, which names them (instead
@@ -693,6 +899,8 @@ TORCH_LIBRARY_IMPL(bnorm, CPU, m) {
     m.impl("batch_norm_forward", &ops::batch_norm_forward_cpu);     \
     m.impl("batch_norm_eval", &ops::batch_norm_eval_cpu);           \
     m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);   \
+    m.impl("sync_batch_norm_forward", &ops::sync_batch_norm_forward_cpu);   \
+    m.impl("sync_batch_norm_backward", &ops::sync_batch_norm_backward_cpu); \
   }
 BNORM_REFUSE_ON(CUDA)
 BNORM_REFUSE_ON(SparseCPU)
@@ -703,6 +911,8 @@ TORCH_LIBRARY_IMPL(bnorm, Meta, m) {
   m.impl("batch_norm_forward", &ops::batch_norm_forward_meta);
   m.impl("batch_norm_eval", &ops::batch_norm_eval_meta);
   m.impl("batch_norm_backward", &ops::batch_norm_backward_meta);
+  m.impl("sync_batch_norm_forward", &ops::sync_batch_norm_forward_meta);
+  m.impl("sync_batch_norm_backward", &ops::sync_batch_norm_backward_meta);
 }
 
 // Below autograd (inference mode, or inside the autograd kernel's redispatch), the public operators
@@ -711,10 +921,12 @@ TORCH_LIBRARY_IMPL(bnorm, CompositeExplicitAutograd, m) {
   m.impl("batch_norm", &ops::batch_norm_op<false>);
   m.impl("batch_norm_relu", &ops::batch_norm_relu_op<false>);
   m.impl("batch_norm_add_relu", &ops::batch_norm_add_relu_op<false>);
+  m.impl("sync_batch_norm", &ops::sync_batch_norm_op<false>);
 }
 
 TORCH_LIBRARY_IMPL(bnorm, Autograd, m) {
   m.impl("batch_norm", &ops::batch_norm_op<true>);
   m.impl("batch_norm_relu", &ops::batch_norm_relu_op<true>);
   m.impl("batch_norm_add_relu", &ops::batch_norm_add_relu_op<true>);
+  m.impl("sync_batch_norm", &ops::sync_batch_norm_op<true>);
 }

@@ -58,6 +58,14 @@ void sync_batch_norm(Communicator& comm, ConstTensorView input, TensorView outpu
 void sync_batch_norm_backward(Communicator& comm, ConstTensorView grad_output, const ForwardState& forward,
                               Options options, TensorView grad_input, ParamGrads grads = {});
 
+// For a binding whose own checks (those the library cannot see: a framework's device, dtype or
+// tensor kind) failed on this rank before it could make the call's views. Takes part in the
+// collective check of the sync_batch_norm (backward = false) or sync_batch_norm_backward (true) call
+// that the other ranks are making, so that every rank throws this rank's error together and none
+// waits for it. `what` reads "<argument>: expected ..., got ...". Always throws bnorm::Error.
+[[noreturn]] void sync_batch_norm_refuse(Communicator& comm, bool backward, const std::string& what,
+                                         ErrorKind kind = ErrorKind::Value);
+
 namespace detail {
 // The layer's StatsReducer (layer.hpp) for the global batch over every rank of `comm`.
 std::shared_ptr<const StatsReducer> collective_reducer(Communicator& comm);

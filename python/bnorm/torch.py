@@ -63,6 +63,7 @@ __all__ = [
     "BatchNorm3d",
     "convert",
     "fuse",
+    "SyncBatchNorm",
 ]
 
 _ops = torch.ops.bnorm
@@ -155,9 +156,7 @@ class _BnormForward:
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not track:  # the buffers are read in eval, and updated in training only when tracking
             running_mean = running_var = None
-        counting = training and track and self.num_batches_tracked is not None
-        if momentum is None:  # a cumulative moving average, this batch included
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0) if counting else 0.0
+        counting, momentum = self._counting_and_momentum(training, track, momentum)
         args = (self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps)
         if _exporting_onnx():
             out = _torch_composition(input, *args, residual, relu)
@@ -175,6 +174,14 @@ class _BnormForward:
         return out
 
 
+    def _counting_and_momentum(self, training, track, momentum):
+        """Whether this call counts a batch (num_batches_tracked), and the momentum it runs with."""
+        counting = training and track and self.num_batches_tracked is not None
+        if momentum is None:  # a cumulative moving average, this batch included
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0) if counting else 0.0
+        return counting, momentum
+
+
 class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on bnorm's kernels: input (N, C) or (N, C, L)."""
 
@@ -187,15 +194,98 @@ class BatchNorm3d(_BnormForward, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bnorm's kernels: input (N, C, D, H, W), contiguous or channels_last_3d."""
 
 
+class SyncBatchNorm(_BnormForward, torch.nn.modules.batchnorm._BatchNorm):
+    """torch.nn.SyncBatchNorm for CPU tensors, over torch.distributed (Gloo, or any backend whose
+    allgather takes CPU tensors), which torch's own refuses ("expected input tensor to be on GPU").
+
+    torch's constructor, state_dict and module rules. In training the batch statistics are those of
+    the concatenation of every rank's batch in the process group (any number of samples per rank, 0
+    included), merged exactly in rank order, so that every rank gets bitwise the same statistics,
+    equal to one process's on the global batch (bnorm::sync_batch_norm: docs/distributed.md). The
+    input gradient is the global-batch gradient of this rank's slice; the weight and bias gradients
+    are this rank's part, which DDP's gradient averaging turns into torch's SyncBatchNorm semantics.
+    In eval with running statistics, and whenever torch's would not synchronize (no process group,
+    one rank), it is bnorm's BatchNorm with no communication.
+
+    A bad input on one rank (channels, dtype, layout, a rank < 2 input) makes every rank raise the
+    same error naming that rank, and nothing changes; a rank that died makes the others raise once
+    the process group notices (at once for a closed connection, else after the group's timeout).
+    Every rank of the group must call forward and backward together, as with torch's.
+
+    It is not an instance of torch.nn.SyncBatchNorm, on purpose: DistributedDataParallel refuses
+    those in CPU modules ("SyncBatchNorm layers only work with GPU modules"). Like torch's, it
+    derives from torch.nn.modules.batchnorm._BatchNorm, with the same state_dict.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):  # torch.nn.SyncBatchNorm's rule (and message)
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def forward(self, input):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"bnorm.torch.SyncBatchNorm: input must be a torch.Tensor, not {type(input).__name__}")
+        training, track = self.training, self.track_running_stats
+        use_batch_stats = training or (self.running_mean is None and self.running_var is None)
+        group = None
+        if use_batch_stats and training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = self.process_group or torch.distributed.group.WORLD
+            if torch.distributed.get_world_size(group) <= 1:
+                group = None
+        if group is None or _exporting_onnx():  # torch's fallback: no synchronization needed
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
+            return self._bnorm_call(input)
+        # The input's own checks (rank, channels, dtype, layout) are the operator's: made on every
+        # rank together, where a check here would raise on one rank and leave the others waiting.
+        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
+        counting, momentum = self._counting_and_momentum(training, track, self.momentum)
+        out = _ops.sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, momentum, self.eps,
+                                   group.group_name)
+        if counting:
+            self.num_batches_tracked.add_(1)
+        return out
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Swaps every torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and bnorm BatchNorm*d in
+        `module` (itself included) for bnorm.torch.SyncBatchNorm over `process_group` (None: the
+        default group), sharing their parameters and buffers as convert() does. Returns `module`, or
+        its replacement when it is a BatchNorm itself."""
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"bnorm.torch.SyncBatchNorm.convert_sync_batchnorm: expected a torch.nn.Module, "
+                            f"not {type(module).__name__}")
+
+        def replace(m):
+            if type(m) not in _SYNC_SOURCES:
+                return m
+            new = _replacement(m, cls)
+            new.process_group = process_group
+            return new
+
+        return _convert_tree(module, replace)
+
+
 _REPLACEMENTS = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
+# What convert_sync_batchnorm converts: torch's and bnorm's BatchNorm (exact classes), and torch's
+# SyncBatchNorm.
+_SYNC_SOURCES = {*_REPLACEMENTS, *_REPLACEMENTS.values(), torch.nn.SyncBatchNorm, SyncBatchNorm}
 
 
-def _replacement(module):
-    cls = _REPLACEMENTS.get(type(module))
+def _replacement(module, cls=None):
+    cls = cls or _REPLACEMENTS.get(type(module))
     if cls is None:
         return module
     new = cls(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
@@ -231,12 +321,26 @@ def convert(module: torch.nn.Module, fuse: bool = False) -> torch.nn.Module:
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"bnorm.torch.convert: expected a torch.nn.Module, not {type(module).__name__}")
+    converted = _convert_tree(module, _replacement)
+    if not fuse:
+        return converted
+    from . import _fuse as fx_pass  # it builds on this module's classes
+
+    fused, report = fx_pass.fuse(converted)
+    for line in report:
+        _log.info("bnorm.torch.convert(fuse=True): %s", line)
+    return fused
+
+
+def _convert_tree(module, replace):
+    """`module` with replace(m) applied to it and to every module below it, children replaced in
+    place; a module reached twice (shared) is replaced once, by the same new module."""
     done = {}
 
     def visit(m):
         if id(m) in done:
             return done[id(m)]
-        new = _replacement(m)
+        new = replace(m)
         done[id(m)] = new
         for child_name, child in list(new._modules.items()):  # named_children() skips repeats
             if child is None:
@@ -246,15 +350,7 @@ def convert(module: torch.nn.Module, fuse: bool = False) -> torch.nn.Module:
                 new.add_module(child_name, converted)
         return new
 
-    converted = visit(module)
-    if not fuse:
-        return converted
-    from . import _fuse as fx_pass  # it builds on this module's classes
-
-    fused, report = fx_pass.fuse(converted)
-    for line in report:
-        _log.info("bnorm.torch.convert(fuse=True): %s", line)
-    return fused
+    return visit(module)
 
 
 def fuse(module: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:

@@ -58,8 +58,8 @@ def _rank_main(rank, world, init, result_dir, fn, args, timeout):
 def run_ranks(fn, world, *args, timeout=TIMEOUT, expect_failure=False):
     """fn's results, one per rank. A rank that raised, died or hung fails the test with the ranks'
     tracebacks, unless expect_failure: then the per-rank outcomes are returned, each a traceback
-    string for a rank that raised, None for one that succeeded, or an int exit code for one that
-    died without a traceback. Every rank is waited for: none is killed for another's failure
+    string for a rank that raised, fn's result wrapped as ("returned", result) for one that
+    succeeded, or the int exit code of one that died without a traceback. Every rank is waited for: none is killed for another's failure
     (the point of the error tests is that each rank raises by itself)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
@@ -87,13 +87,15 @@ def run_ranks(fn, world, *args, timeout=TIMEOUT, expect_failure=False):
         if hung:
             raise AssertionError(f"ranks {hung} of {world} still ran after {3 * timeout.total_seconds():.0f} s: "
                                  f"outcomes {outcomes}")
-        if expect_failure:
-            return outcomes
-        if any(o is not None for o in outcomes):
+        if not expect_failure and any(o is not None for o in outcomes):
             raise AssertionError("a rank failed:\n" + "\n".join(f"rank {r}: {o}" for r, o in enumerate(outcomes)
                                                                 if o is not None))
         results = []
         for r in range(world):
+            if outcomes[r] is not None:
+                results.append(outcomes[r])
+                continue
             with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
+                result = pickle.load(f)
+            results.append(("returned", result) if expect_failure else result)
         return results
