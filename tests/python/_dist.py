@@ -29,7 +29,12 @@ TIMEOUT = datetime.timedelta(seconds=60)
 
 
 def _rank_main(rank, world, init, result_dir, fn, args, timeout):
+    import bnorm
+
+    # One thread per rank for torch and bnorm: several ranks share 2 cores, and OpenMP threads that
+    # spin after a kernel would starve the other ranks' communication threads.
     torch.set_num_threads(1)
+    bnorm.set_num_threads(1)
     status = 1
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)

@@ -323,3 +323,34 @@ def test_the_ddp_example_trains_under_torchrun(tmp_path):
     last = run.stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy ") and last.endswith("after 100 steps of 64 over 2 ranks"), run.stdout
     assert float(last.split()[2]) > 0.4, run.stdout
+
+
+def _compile_worker(rank, world):
+    """torch.compile(fullgraph=True) of a model with SyncBatchNorm gives eager's numbers, and
+    torch.library.opcheck passes for the collective operators (every rank runs it in step)."""
+    torch._dynamo.config.cache_size_limit = 64
+    sizes = (3, 2)
+    x, dy, parts = _global_batch(sizes, torch.float32, True)
+    lo, hi = parts[rank]
+    results = {}
+    for name in ("eager", "compiled"):
+        bn = _params(bt.SyncBatchNorm(C), torch.float32)
+        fn = torch.compile(bn, fullgraph=True) if name == "compiled" else bn
+        xi = x[lo:hi].clone().requires_grad_(True)
+        fn(xi).backward(dy[lo:hi])
+        results[name] = (xi.grad, bn.weight.grad, bn.running_var.clone())
+    for a, b in zip(results["eager"], results["compiled"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    group = dist.group.WORLD.group_name
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    xi = x[lo:hi].clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.bnorm.sync_batch_norm_forward.default,
+                          (xi, w, b, torch.zeros(C), torch.ones(C), 0.1, 1e-5, group))
+    torch.library.opcheck(torch.ops.bnorm.sync_batch_norm.default,
+                          (xi, w.requires_grad_(True), b, torch.zeros(C), torch.ones(C), 0.1, 1e-5, group),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    return True
+
+
+def test_torch_compile_and_opcheck_under_two_ranks():
+    assert run_ranks(_compile_worker, 2) == [True, True]
