@@ -1,10 +1,12 @@
 """What synchronized BatchNorm costs per training step on CPUs: DDP over Gloo with 2 processes.
 
-    PYTHONPATH=build/python python3 bench/sync_bench.py [--steps 60] [--batch 128] [--out FILE]
+    PYTHONPATH=build/python python3 bench/sync_bench.py [--model example|seed000] [--steps 60] [--batch 128] [--out FILE]
 
-Per variant, one SGD step of examples/ddp_syncbn.py's CNN (3 conv + BN + ReLU blocks, 28x28 input,
-global batch split evenly over the ranks, 1 thread per rank), timed on rank 0 as the median of
---steps steps after 10 warm-up steps (the ranks are in step: each step ends in DDP's all-reduce):
+Per variant, one SGD step of a CNN on 28x28 inputs (--model example: examples/ddp_syncbn.py's, 3
+conv + BN + ReLU blocks; seed000: bnorm-train's seed 000 CNN, Conv -> ReLU -> BN -> MaxPool twice,
+then Linear, the model of the MPI path's `bnorm-train --sync-bn`), global batch split evenly over
+the ranks, 1 thread per rank, timed on rank 0 as the median of --steps steps after 10 warm-up steps
+(the ranks are in step: each step ends in DDP's all-reduce):
   torch BN     torch.nn.BatchNorm2d, per rank (what DDP on CPUs gives today)
   bnorm BN     bnorm.torch.BatchNorm2d, per rank
   bnorm SyncBN bnorm.torch.SyncBatchNorm over the default (Gloo) group
@@ -51,7 +53,15 @@ def timed_steps(model, x, y, steps, warmup=10):
     return times
 
 
-def worker(rank, world, init, steps, batch, queue):
+def seed000_cnn():
+    layers = []
+    for cin, cout in ((1, 16), (16, 32)):
+        layers += [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(cout),
+                   torch.nn.MaxPool2d(2)]
+    return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
+
+
+def worker(rank, world, init, steps, batch, model_name, queue):
     import bnorm.torch as bt
     import ddp_syncbn
 
@@ -73,7 +83,8 @@ def worker(rank, world, init, steps, batch, queue):
     for _ in range(3):
         for name, convert in variants.items():
             torch.manual_seed(0)
-            ddp = torch.nn.parallel.DistributedDataParallel(convert(ddp_syncbn.model()))
+            net = ddp_syncbn.model() if model_name == "example" else seed000_cnn()
+            ddp = torch.nn.parallel.DistributedDataParallel(convert(net))
             rows.setdefault(name, []).extend(timed_steps(ddp, x, y, steps // 3))
             del ddp
     # The collectives alone: a lone BN layer on a tiny input (its compute is negligible).
@@ -97,6 +108,7 @@ def worker(rank, world, init, steps, batch, queue):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("example", "seed000"), default="example")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--out")
@@ -105,7 +117,7 @@ def main():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     init = f"file:///tmp/bnorm-sync-bench-{os.getpid()}"
-    procs = [ctx.Process(target=worker, args=(r, world, init, args.steps, args.batch, queue)) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, init, args.steps, args.batch, args.model, queue)) for r in range(world)]
     for pr in procs:
         pr.start()
     rows, lone = queue.get()
@@ -116,7 +128,7 @@ def main():
     med = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
     lines = [
         f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {world} processes x 1 thread, Gloo "
-        f"on loopback; global batch {args.batch}; median of {len(next(iter(rows.values())))} steps per variant "
+        f"on loopback; model {args.model}; global batch {args.batch}; median of {len(next(iter(rows.values())))} steps per variant "
         "(3 alternating rounds)",
         "",
         "| variant | ms per SGD step | vs torch BN | vs bnorm BN |",
