@@ -49,7 +49,7 @@ def num_threads() -> int:
 
 
 def __getattr__(name):
-    # bnorm.torch is imported on first use, so that `import bnorm` does not import torch.
-    if name == "torch":
-        return importlib.import_module(".torch", __name__)
+    # bnorm.torch and bnorm.onnx are imported on first use, so that `import bnorm` imports neither torch nor onnx.
+    if name in ("torch", "onnx"):  # bnorm.onnx needs the onnx package
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'bnorm' has no attribute {name!r}")

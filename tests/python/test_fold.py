@@ -1,5 +1,5 @@
-"""Folding BatchNorm away: bnorm.fold_weights (the C++ algebra), bnorm.torch.fold (torch.fx) and
-bnorm.onnx.fold, each checked against the unfolded model run in float64 or by onnxruntime."""
+"""Folding BatchNorm away: bnorm.fold_weights (the C++ algebra) and bnorm.torch.fold (torch.fx),
+checked against the unfolded model run in float64 (tests/python/test_fold_onnx.py: bnorm.onnx.fold)."""
 
 import copy
 import logging
@@ -216,3 +216,4 @@ def test_frozen_batchnorm2d_has_torchvisions_semantics():
     torch.testing.assert_close(frozen(x), reference(x), rtol=0, atol=0)
     torch.testing.assert_close(frozen(x), bn(x), rtol=1e-6, atol=1e-6)
     assert list(frozen.state_dict()) == list(reference.state_dict())
+
