@@ -1,6 +1,6 @@
 // bnorm._bnorm: the thin binding between Python arrays (NumPy arrays, torch tensors: anything that
 // speaks DLPack or the buffer protocol, on the CPU; float32, float64 and, from DLPack, bfloat16) and
-// bnorm's functional API.
+// bnorm's functional API and its folding functions (bnorm/fold.hpp: bnorm.fold_weights).
 //
 // The argument checks are the library's: this file builds views of the arrays and lets
 // bnorm::batch_norm & co. decide (shapes, ranks, lengths of the per-channel vectors, dtype
