@@ -122,7 +122,7 @@ class _Folder:
     @staticmethod
     def layer_at(gm, node, calls, prefix):
         """(layer, kind, name, why) for a call of a foldable layer, why: what keeps it from absorbing a
-        BN (called more than once, hooks) or None; None when node is no such call."""
+        BN ("is called 2 times", "has hooks") or None; None when node is no such call."""
         if not (isinstance(node, fx.Node) and node.op == "call_module"):
             return None
         layer = gm.get_submodule(node.target)
@@ -132,9 +132,9 @@ class _Folder:
         name = f"{prefix}{node.target} ({type(layer).__name__})"
         why = None
         if calls[node.target] != 1:
-            why = f"{name} is called {calls[node.target]} times"
+            why = f"is called {calls[node.target]} times"
         elif _has_hooks(layer):
-            why = f"{name} has hooks"
+            why = "has hooks"
         return layer, kind, name, why
 
     def producer_fold(self, gm, node, bn, calls, prefix):
@@ -147,7 +147,7 @@ class _Folder:
         if len(source.users) != 1:
             return f"the output of {name} is used by {len(source.users)} nodes, not only by the BN"
         if why:
-            return why
+            return f"{name} {why}"
         if kind == "linear":
             rank, why = self.rank_of(layer)
             if rank is None:
@@ -174,7 +174,7 @@ class _Folder:
             rank, rank_why = self.rank_of(bn)
             if rank != 2:
                 return f"it feeds {name}, {rank_why or f'on inputs of rank {rank}, not (N, C)'}"
-        return f"it feeds {why}" if why else user
+        return f"it feeds {name}, which {why}" if why else user
 
     def rewrite(self, gm, prefix):
         graph = gm.graph

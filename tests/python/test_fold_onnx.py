@@ -108,7 +108,7 @@ def test_onnx_patterns_fold(case):
     _check_same(model, folded, shapes)
 
 
-@pytest.mark.parametrize("opset", range(9, 16))
+@pytest.mark.parametrize("opset", [*range(9, 16), 17, 20])
 def test_onnx_opsets_9_to_15(opset):
     model, shapes = _conv_bn(np.random.default_rng(opset), opset=opset)
     folded = bnorm.onnx.fold(model)
@@ -274,3 +274,23 @@ def test_onnx_mutation_fuzz():
         _check_same(model, folded, shapes)
         outcomes["compared"] += 1
     assert outcomes["folded"] > 0 and outcomes["ValueError"] > 0 and outcomes["compared"] > 0, outcomes
+
+
+def test_onnx_float16_initializers_are_rounded_once():
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((4, 2, 3)).astype(np.float16)
+    conv = helper.make_node("Conv", ["X", "W"], ["T"], name="conv")
+    stats = {k: rng.uniform(lo, hi, 4).astype(np.float16) for k, lo, hi in (
+        ("scale", 0.5, 1.5), ("B", -0.5, 0.5), ("mean", -0.5, 0.5), ("var", 0.5, 2.0))}
+    bn = helper.make_node("BatchNormalization", ["T"] + [f"bn_{k}" for k in stats], ["Y"], name="bn")
+    inits = [numpy_helper.from_array(w, "W")] + [numpy_helper.from_array(v, f"bn_{k}") for k, v in stats.items()]
+    graph = helper.make_graph([conv, bn], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [1, 2, 5])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [1, 4, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    folded = bnorm.onnx.fold(model)
+    got = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    s = stats["scale"].astype(np.float64) / np.sqrt(stats["var"].astype(np.float64) + 1e-5)
+    expected_w = (w.astype(np.float64) * s[:, None, None]).astype(np.float16)
+    expected_b = (stats["B"].astype(np.float64) - stats["mean"].astype(np.float64) * s).astype(np.float16)
+    assert got["W_bnfold"].dtype == np.float16 and np.array_equal(got["W_bnfold"], expected_w)
+    np.testing.assert_array_max_ulp(got["W_bias_bnfold"], expected_b, maxulp=1)
