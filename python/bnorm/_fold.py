@@ -4,8 +4,8 @@
 
 The folded weights come from the C++ library (bnorm.fold_weights: bnorm::fold_into_producer and
 fold_into_consumer, float64 rounded once to the weights' dtype). docs/folding.md has the rules and
-the algebra; in short, a BatchNorm (torch's BatchNorm1d/2d/3d, SyncBatchNorm, or bnorm.torch's) is
-folded
+the algebra; in short, a BatchNorm (torch's BatchNorm1d/2d/3d, SyncBatchNorm, bnorm.torch's, or a
+frozen one: bnorm.torch.FrozenBatchNorm, torchvision.ops.FrozenBatchNorm2d) is folded
 
 - into the layer that produces its input: Conv1d/2d/3d, ConvTranspose1d/2d/3d (any groups, stride,
   dilation, padding, with or without bias), and Linear where its input is (N, C) (never (N, C, L):
@@ -16,7 +16,7 @@ folded
 Each layer is folded at most once per side, and only when the graph calls it once. A BatchNorm that
 stays (its reason is in the report) and has running statistics becomes a frozen per-channel affine,
 bnorm.torch.FrozenBatchNorm (FrozenBatchNorm2d for a BatchNorm2d): the same function in eval, with no
-statistics to update. The shapes the rules need (the input rank of each Linear and BatchNorm) come
+statistics to update (a frozen one stays as it is). The shapes the rules need (the input rank of each Linear and BatchNorm) come
 from one eager run on example_inputs; without them a Linear + BatchNorm1d is left (and said so).
 
 Tracing is torch.fx's symbolic tracer with BatchNorms as leaves (bnorm/_fuse.py's tracer). A module
@@ -39,13 +39,19 @@ __all__ = ["fold"]
 
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
                 BatchNorm1d, BatchNorm2d, BatchNorm3d)
+try:  # torchvision's frozen BatchNorm (detection backbones), folded like ours
+    from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozen
+except ImportError:
+    _TorchvisionFrozen = FrozenBatchNorm
+_FROZEN = (FrozenBatchNorm, _TorchvisionFrozen)
+_FOLDABLE = _BATCH_NORMS + _FROZEN  # what a BN node may call
 _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _TRANSPOSED = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
 class _FoldTracer(_Tracer):
     def is_leaf_module(self, m, module_qualified_name):
-        return isinstance(m, (FrozenBatchNorm, *_BATCH_NORMS)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, _FOLDABLE) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _kind(module):
@@ -103,7 +109,7 @@ class _Folder:
         return next(iter(ranks)), None
 
     def visit(self, module, path):
-        if not any(isinstance(m, _BATCH_NORMS) for m in module.modules()):
+        if not any(isinstance(m, _FOLDABLE) for m in module.modules()):
             return module
         try:
             graph = _FoldTracer().trace(module)
@@ -182,7 +188,7 @@ class _Folder:
         for n in graph.nodes:
             if n.op == "call_module":
                 calls[n.target] = calls.get(n.target, 0) + 1
-        bns = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _BATCH_NORMS)]
+        bns = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _FOLDABLE)]
         changed, folded = False, set()
         for node in bns:
             bn = gm.get_submodule(node.target)
@@ -219,8 +225,13 @@ class _Folder:
                 self.report.append(f"{name}: folded into {prefix}{target.target} ({type(layer).__name__}), "
                                    f"which it {'follows' if side == 'after' else 'precedes'}")
             else:
+                if isinstance(bn, _FROZEN):
+                    self.report.append(f"{name}: left: {why}")
+                    continue
                 frozen_cls = FrozenBatchNorm2d if isinstance(bn, torch.nn.BatchNorm2d) else FrozenBatchNorm
-                _replace_submodule(gm, node.target, frozen_cls.of(bn))
+                frozen = frozen_cls.of(bn)
+                self.seen.add(id(frozen))
+                _replace_submodule(gm, node.target, frozen)
                 self.report.append(f"{name}: left as {frozen_cls.__name__}: {why}")
             changed = True
         if changed:
@@ -233,7 +244,7 @@ class _Folder:
 
     def report_unreached(self, model):
         for path, m in model.named_modules():
-            if isinstance(m, _BATCH_NORMS) and id(m) not in self.seen:
+            if isinstance(m, _FOLDABLE) and id(m) not in self.seen:
                 self.report.append(f"{path}: left: no traced graph calls it")
 
 
@@ -252,7 +263,7 @@ def _input_ranks(model, example_inputs):
             ranks.setdefault(id(module), set()).add(args[0].dim())
 
     for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, *_BATCH_NORMS)):
+        if isinstance(m, (torch.nn.Linear, *_FOLDABLE)):
             handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():

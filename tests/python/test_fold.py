@@ -250,3 +250,21 @@ def test_untraceable_model_warns_and_folds_its_children():
     with torch.no_grad():
         assert relative(folded(x), model(x)) < 1e-5
         assert relative(folded(-x.abs()), model(-x.abs())) < 1e-5
+
+
+def test_frozen_batchnorms_fold_too():
+    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozen
+
+    torch.manual_seed(6)
+    bn = randomize(nn.BatchNorm2d(4))
+    frozen, ours = TorchvisionFrozen(4), bt.FrozenBatchNorm2d(4)
+    frozen.load_state_dict(bn.state_dict())
+    ours.load_state_dict(bn.state_dict())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen, nn.ReLU(), ours).eval()
+    folded, report = bt.fold(model, return_report=True)
+    assert report == ["1: folded into 0 (Conv2d), which it follows",
+                      "3: left: no Conv, ConvTranspose or Linear produces its input or consumes its output"]
+    assert not any(isinstance(m, TorchvisionFrozen) for m in folded.modules())
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert relative(folded(x), model(x)) < 1e-5
