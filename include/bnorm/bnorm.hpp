@@ -2,6 +2,7 @@
 #pragma once
 
 #include <bnorm/distributed.hpp>
+#include <bnorm/fold.hpp>
 #include <bnorm/functional.hpp>
 #include <bnorm/layer.hpp>
 #include <bnorm/types.hpp>

@@ -8,6 +8,8 @@
   CPU torch tensors (float32, float64; contiguous or channels-last memory, used without copies).
 - bnorm.batch_norm_backward: its gradients (grad_input, grad_weight, grad_bias) for NumPy users.
 - bnorm.batch_stats: per-channel mean and biased variance, as float64.
+- bnorm.fold_weights: the weight and bias of a Conv/ConvTranspose/Linear that absorbed an eval BN.
+- bnorm.onnx (needs onnx): fold(model) folds BatchNormalization into Conv, ConvTranspose, Gemm, MatMul.
 - bnorm.torch (imported on first use; needs torch): BatchNorm1d/2d/3d modules that are drop-ins
   for torch.nn.BatchNorm*d, an autograd-aware batch_norm, and convert(model).
 
@@ -20,10 +22,11 @@ import importlib
 import sys
 
 from . import _bnorm
+from ._folding import fold_weights
 from ._functional import batch_norm, batch_norm_backward, batch_stats
 
 __version__ = "0.1.0"
-__all__ = ["batch_norm", "batch_norm_backward", "batch_stats", "set_num_threads", "num_threads", "torch"]
+__all__ = ["batch_norm", "batch_norm_backward", "batch_stats", "fold_weights", "set_num_threads", "num_threads", "torch"]
 
 
 _threads_set = None  # the last set_num_threads(n), which bnorm.torch's operators get when they load
@@ -46,7 +49,7 @@ def num_threads() -> int:
 
 
 def __getattr__(name):
-    # bnorm.torch is imported on first use, so that `import bnorm` does not import torch.
-    if name == "torch":
-        return importlib.import_module(".torch", __name__)
+    # bnorm.torch and bnorm.onnx are imported on first use, so that `import bnorm` imports neither torch nor onnx.
+    if name in ("torch", "onnx"):  # bnorm.onnx needs the onnx package
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'bnorm' has no attribute {name!r}")

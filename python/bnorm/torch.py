@@ -61,7 +61,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm2d",
     "convert",
+    "fold",
     "fuse",
     "SyncBatchNorm",
 ]
@@ -274,6 +277,55 @@ class SyncBatchNorm(_BnormForward, torch.nn.modules.batchnorm._BatchNorm):
         return _convert_tree(module, replace)
 
 
+class FrozenBatchNorm(torch.nn.Module):
+    """BatchNorm with fixed statistics and affine parameters, for inputs (N, C, ...) of any rank:
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. Buffers only (weight, bias,
+    running_mean, running_var), no num_batches_tracked; torchvision.ops.FrozenBatchNorm2d's semantics."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A BatchNorm's checkpoint loads: its num_batches_tracked is dropped (torchvision does the same).
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        w, b = self.weight.reshape(shape), self.bias.reshape(shape)
+        rv, rm = self.running_var.reshape(shape), self.running_mean.reshape(shape)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.weight.shape[0]}, eps={self.eps})"
+
+    @classmethod
+    def of(cls, bn):
+        """The frozen form of an eval-mode BatchNorm (copies of its statistics and parameters)."""
+        frozen = cls(bn.num_features, eps=bn.eps)
+        frozen = frozen.to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        with torch.no_grad():
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+            if bn.weight is not None:
+                frozen.weight.copy_(bn.weight)
+            if bn.bias is not None:
+                frozen.bias.copy_(bn.bias)
+        return frozen
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm):
+    """torchvision.ops.FrozenBatchNorm2d: FrozenBatchNorm for (N, C, H, W)."""
+
+
 _REPLACEMENTS = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
@@ -360,3 +412,18 @@ def fuse(module: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
     from . import _fuse  # it builds on this module's classes
 
     return _fuse.fuse(module)
+
+
+def fold(module: torch.nn.Module, example_inputs=None, *, return_report: bool = False):
+    """Folds the eval-mode BatchNorms of a copy of `module` into the Conv, ConvTranspose or Linear next
+    to them, with torch.fx (bnorm/_fold.py, docs/folding.md); `module` itself is unchanged. Returns the
+    folded copy (a torch.fx.GraphModule where it traced), and with return_report=True also the report:
+    one line per BN, folded into which layer, or left (as a FrozenBatchNorm) and why. The report is
+    logged to the logger "bnorm.torch" at INFO either way. example_inputs (a tensor or a tuple) are run
+    once to learn the input ranks of Linear and BatchNorm1d, which decide whether they fold."""
+    from . import _fold  # it builds on this module's classes
+
+    folded, report = _fold.fold(module, example_inputs)
+    for line in report:
+        _log.info("bnorm.torch.fold: %s", line)
+    return (folded, report) if return_report else folded

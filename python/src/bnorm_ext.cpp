@@ -1,6 +1,6 @@
 // bnorm._bnorm: the thin binding between Python arrays (NumPy arrays, torch tensors: anything that
 // speaks DLPack or the buffer protocol, on the CPU; float32, float64 and, from DLPack, bfloat16) and
-// bnorm's functional API.
+// bnorm's functional API and its folding functions (bnorm/fold.hpp: bnorm.fold_weights).
 //
 // The argument checks are the library's: this file builds views of the arrays and lets
 // bnorm::batch_norm & co. decide (shapes, ranks, lengths of the per-channel vectors, dtype
@@ -183,6 +183,29 @@ void batch_stats(const InArray& input, const OutArray& mean, const OutArray& var
   bnorm::batch_stats(x, m, v);
 }
 
+// bnorm::fold_into_producer / fold_into_consumer: the folded weight and bias into out_weight and out_bias
+// (allocated by the package, dtypes of its choosing). layout: "out_in" or "in_out".
+void fold(const InArray& weight, const OptIn& bias, const InArray& running_mean, const InArray& running_var,
+          const OptIn& bn_weight, const OptIn& bn_bias, double eps, const std::string& layout, std::int64_t groups,
+          bool consumer, const OutArray& out_weight, const OutArray& out_bias) {
+  bnorm::WeightLayout wl = bnorm::WeightLayout::OutIn;
+  if (layout == "in_out")
+    wl = bnorm::WeightLayout::InOut;
+  else if (layout != "out_in")
+    throw nb::value_error(("bnorm: layout: expected 'out_in' or 'in_out', got '" + layout + "'").c_str());
+  const bnorm::FoldLayer layer{.weight = in_tensor(weight, "weight"), .bias = in_vector(bias, "bias"), .layout = wl,
+                               .groups = groups};
+  const bnorm::FoldBatchNorm bn{.running_mean = in_vector(running_mean, "running_mean"),
+                                .running_var = in_vector(running_var, "running_var"),
+                                .weight = in_vector(bn_weight, "bn_weight"),
+                                .bias = in_vector(bn_bias, "bn_bias"),
+                                .eps = eps};
+  const bnorm::TensorView ow = out_tensor(out_weight, "out_weight");
+  const bnorm::VectorView ob = out_vector(out_bias, "out_bias");
+  nb::gil_scoped_release release;
+  (consumer ? bnorm::fold_into_consumer : bnorm::fold_into_producer)(layer, bn, ow, ob);
+}
+
 }  // namespace
 
 NB_MODULE(_bnorm, m) {
@@ -210,6 +233,10 @@ NB_MODULE(_bnorm, m) {
         "bnorm::batch_norm_backward on CPU arrays: writes the gradients that are given (not None).");
   m.def("batch_stats", &batch_stats, "input"_a, "mean"_a, "var"_a,
         "bnorm::batch_stats: per-channel mean and biased variance into mean and var.");
+  m.def("fold", &fold, "weight"_a, "bias"_a.none(), "running_mean"_a, "running_var"_a, "bn_weight"_a.none(),
+        "bn_bias"_a.none(), "eps"_a, "layout"_a, "groups"_a, "consumer"_a, "out_weight"_a, "out_bias"_a,
+        "bnorm::fold_into_producer (consumer=False: the BN after the layer) or fold_into_consumer (consumer=True: "
+        "the BN before it): writes the folded weight and bias into out_weight and out_bias.");
   m.def("layout_of", &layout_name, "shape"_a, "strides"_a,
         "bnorm::layout_of: 'channels_first' or 'channels_last' for dense memory with these strides (in "
         "elements), channels-first where both hold; None for other memory.");
