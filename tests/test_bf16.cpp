@@ -122,6 +122,31 @@ TEST(BFloat16, EveryPathAgainstReferenceEveryIsa) {
 // VCVTNEPS2BF16, which flushes subnormal inputs to zero, so the scales push part of each channel
 // into the subnormal range: a vector holding one must go the integer way. The products are exact in float (8 significant bits
 // times a power of two, above 2^-149), so every build computes the same float before rounding.
+// A NaN whose payload fills the low bits (a float32 weight 0x7fffffff reaches the output through
+// the product) must not round into the sign (0x7fffffff + 0x8000 carries out): the stores keep
+// NaN as from_float does, on every ISA, in short rows, long rows and both layouts.
+TEST(BFloat16, KernelStoresKeepFullPayloadNaNsOnEveryIsa) {
+  const float nan_scale[2] = {std::bit_cast<float>(0x7fffffffu), std::bit_cast<float>(0xffffffffu)};
+  const float zero[2] = {};
+  for (kernels::Isa isa : kernels::kAllIsas) {
+    if (!kernels::isa_supported(isa)) continue;
+    const kernels::Isa saved = kernels::active_isa();
+    kernels::set_isa(isa);
+    for (const std::int64_t S : {std::int64_t{13}, std::int64_t{301}})
+      for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+        SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa) + " S " + std::to_string(S) + " " + to_string(layout));
+        const std::int64_t N = 2, C = 2, n = N * C * S;
+        std::vector<bfloat16> x(static_cast<std::size_t>(n), bfloat16::from_float(1.5f)), y(x.size());
+        kernels::normalize<bfloat16>(x.data(), y.data(), kernels::Geometry{N, C, S, layout}, {zero, nan_scale, zero},
+                                     Activation::None, nullptr);
+        std::int64_t not_nan = 0;
+        for (const bfloat16& v : y) not_nan += !std::isnan(v.to_float());
+        EXPECT_EQ(not_nan, 0);
+      }
+    kernels::set_isa(saved);
+  }
+}
+
 TEST(BFloat16, KernelStoresRoundLikeFromFloatOnEveryIsa) {
   const float scales[] = {1.0f, std::ldexp(1.0f, -128), std::ldexp(1.0f, -133), std::ldexp(1.0f, 100)};
   for (kernels::Isa isa : kernels::kAllIsas) {
@@ -140,6 +165,10 @@ TEST(BFloat16, KernelStoresRoundLikeFromFloatOnEveryIsa) {
           const float f = std::ldexp(1.0f + static_cast<float>(mantissa(rng)) / 128, exponent(rng));
           v = bfloat16::from_float(rng() % 2 ? f : -f);
         }
+        // NaNs (quiet, negative, signalling, with payloads) and infinities here and there: the stores'
+        // rare path (a vector that holds a NaN) must give from_float's bits too.
+        const std::uint16_t specials[] = {0x7fc1, 0xffa0, 0x7f81, 0x7f80, 0xff80};
+        for (std::size_t i = 7, j = 0; i < pattern.size(); i += 101, ++j) pattern[i].bits = specials[j % 5];
         for (std::size_t i = 0; i < x.size(); i += pattern.size())
           std::copy_n(pattern.begin(), std::min(pattern.size(), x.size() - i), x.begin() + static_cast<std::ptrdiff_t>(i));
         const float zero[4] = {}, *scale = scales;

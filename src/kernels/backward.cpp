@@ -205,7 +205,8 @@ struct RowCoeffs {
 template <class S, bool Relu, class T = Compute<S>>
 void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, const RowCoeffs<T>& k, bool stream) {
   const Vec<T> vh = splat(k.hi), vdy = splat(k.kdy), vx = splat(k.kx), vc = splat(k.kc);
-  store_row(dx, 0, len, stream, [&](std::int64_t j, auto ld) {
+  // Captured by value (normalize.cpp's normalize_row says why).
+  store_row(dx, 0, len, stream, [dy, x, out, vh, vdy, vx, vc](std::int64_t j, auto ld) {
     return masked_vec<S, Relu>(dy, out, j, ld) * vdy - (ld(x + j) - vh) * vx - vc;
   });
 }
@@ -214,9 +215,9 @@ void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, c
 template <class S, bool Relu, class T = Compute<S>>
 void apply_channels_last_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t C, const BackwardCoeffs<T>& k,
                              bool stream) {
-  store_row(dx, 0, C, stream, [&](std::int64_t j, auto ld) {
-    return masked_vec<S, Relu>(dy, out, j, ld) * ld(k.k_dy + j) -
-           (ld(x + j) - ld(k.mean_hi + j)) * ld(k.k_x + j) - ld(k.k_c + j);
+  const T *kdy = k.k_dy, *mh = k.mean_hi, *kx = k.k_x, *kc = k.k_c;  // by value, as in apply_row
+  store_row(dx, 0, C, stream, [dy, x, out, kdy, mh, kx, kc](std::int64_t j, auto ld) {
+    return masked_vec<S, Relu>(dy, out, j, ld) * ld(kdy + j) - (ld(x + j) - ld(mh + j)) * ld(kx + j) - ld(kc + j);
   });
 }
 

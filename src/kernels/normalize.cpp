@@ -38,7 +38,9 @@ inline Vec<Compute<S>> residual_vec(const S* z, std::int64_t i, Load ld) {
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T sc, T sh, bool stream) {
   const Vec<T> vh = splat(mh), vsc = splat(sc), vsh = splat(sh);
-  store_row(y, 0, len, stream, [&](std::int64_t j, auto ld) {
+  // Captured by value: through references the compiler reloads them after every store to y, which
+  // it cannot prove does not change them (a bfloat16 store is a byte copy, which may alias anything).
+  store_row(y, 0, len, stream, [x, z, vh, vsc, vsh](std::int64_t j, auto ld) {
     return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), vh, vsc, vsh);
   });
 }
@@ -46,9 +48,9 @@ void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T sc, T
 // One row of C channels (channels-last); with `stream`, y is vector-aligned and so is every row.
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_channels_last_row(const S* x, const S* z, S* y, std::int64_t C, const ChannelCoeffs<T>& k, bool stream) {
-  store_row(y, 0, C, stream, [&](std::int64_t j, auto ld) {
-    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), ld(k.mean_hi + j), ld(k.scale + j),
-                                       ld(k.shift + j));
+  const T *mh = k.mean_hi, *sc = k.scale, *sh = k.shift;  // by value, as in normalize_row
+  store_row(y, 0, C, stream, [x, z, mh, sc, sh](std::int64_t j, auto ld) {
+    return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), ld(mh + j), ld(sc + j), ld(sh + j));
   });
 }
 

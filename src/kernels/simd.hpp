@@ -88,17 +88,35 @@ inline S from_compute(Compute<S> v) {
 typedef std::uint16_t Bf16Bits __attribute__((vector_size(kVectorBytes / 2)));
 typedef std::uint32_t Bf16Wide __attribute__((vector_size(kVectorBytes)));
 inline Vec<float> load(const bfloat16* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // One VPMOVZXWD from memory and a shift (GCC splits the generic form below into halves on AVX2).
+  const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(static_cast<const void*>(p)));
+  return reinterpret_cast<Vec<float>>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
   Bf16Bits h;
   std::memcpy(&h, p, sizeof h);
   return reinterpret_cast<Vec<float>>(__builtin_convertvector(h, Bf16Wide) << 16);
+#endif
 }
 // Each lane rounded to bfloat16 (nearest, ties to even; NaN stays a quiet NaN), as from_float,
 // in integer arithmetic.
 inline Bf16Bits round_to_bf16(Vec<float> v) {
   const Bf16Wide u = reinterpret_cast<Bf16Wide>(v);
-  const Bf16Wide rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  Bf16Wide rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const Bf16Wide nan = reinterpret_cast<Bf16Wide>(v != v);  // all ones where v is NaN
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // NaN is rare: one test per vector (VMOVMSKPS) keeps its blend off the common path, and the
+  // lanes (each <= 0xffff) pack with one VPACKUSDW and a lane fix-up (VPERMQ).
+  if (__builtin_expect(_mm256_movemask_ps(reinterpret_cast<__m256>(nan)) != 0, 0))
+    rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+  const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(rounded), reinterpret_cast<__m256i>(rounded));
+  const __m128i low = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0xd8));
+  Bf16Bits bits;
+  std::memcpy(&bits, &low, sizeof bits);
+  return bits;
+#else
   return __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x40u) & nan), Bf16Bits);
+#endif
 }
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 // The avx512bf16 build: the CPU's VCVTNEPS2BF16 rounds 16 lanes in one instruction, to nearest
@@ -121,13 +139,33 @@ inline void store(bfloat16* p, Vec<float> v) {
   std::memcpy(p, &h, sizeof h);
 }
 // ---- The first k lanes (0 < k <= the vector's lanes): for the ends of a row, in place of a scalar
-// loop. Lanes k and up load as 0 and are not stored. AVX-512 masks them (a masked-out lane is
-// never touched, so reading past the row's end cannot fault); other builds go through a small buffer.
+// loop. Lanes k and up load as 0 and are not stored. AVX-512 masks loads and stores, AVX2 loads (a
+// masked-out lane is never touched, so reading past the row's end cannot fault); other builds go
+// through a small buffer (a variable-length memcpy and a store-to-load forward per call). AVX2's
+// masked stores (VMASKMOVPS) are slow on AMD Zen, so rows avoid partial stores there (store_row).
+#if defined(__AVX512F__)
+inline constexpr bool kMaskedStores = true;
+#else
+inline constexpr bool kMaskedStores = false;
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// All ones in the 32-bit lanes below k (VPCMPGTD against the lane indices).
+inline __m256i first_lanes32(int k) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
 template <class T>
 inline Vec<T> load_first(const T* p, int k) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1), p);
   else return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << k) - 1), p);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_maskload_ps(p, first_lanes32(k));
+  } else {
+    const __m256i lanes = _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3));
+    return _mm256_maskload_pd(p, lanes);
+  }
 #else
   T lanes[kWidth<T>] = {};
   std::memcpy(lanes, p, static_cast<std::size_t>(k) * sizeof(T));
@@ -138,6 +176,19 @@ inline Vec<float> load_first(const bfloat16* p, int k) {
 #if defined(__AVX512F__)
   const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << k) - 1), p);
   return reinterpret_cast<Vec<float>>(__builtin_convertvector(reinterpret_cast<Bf16Bits>(h), Bf16Wide) << 16);
+#elif defined(__AVX2__)
+  // k / 2 whole pairs of bfloat16 as 32-bit lanes (a masked load: no byte past the row is read),
+  // then an odd last value on its own.
+  const __m128i pairs = _mm_maskload_epi32(reinterpret_cast<const int*>(static_cast<const void*>(p)),
+                                           _mm256_castsi256_si128(first_lanes32(k / 2)));
+  Bf16Bits bits;
+  std::memcpy(&bits, &pairs, sizeof bits);
+  if (k & 1) {
+    std::uint16_t last;
+    std::memcpy(&last, p + (k - 1), sizeof last);
+    bits[k - 1] = last;
+  }
+  return reinterpret_cast<Vec<float>>(__builtin_convertvector(bits, Bf16Wide) << 16);
 #else
   bfloat16 lanes[kWidth<float>] = {};
   std::memcpy(static_cast<void*>(lanes), p, static_cast<std::size_t>(k) * sizeof(bfloat16));
@@ -242,12 +293,20 @@ inline std::int64_t elements_to_alignment(const T* p, std::int64_t n) {
 // reading the inputs at j: LoadAll, or LoadFirst for a partial vector, whose lanes past its end
 // are neither read nor written. With `stream`, the values before the first kVectorBytes boundary
 // go as partial vectors and the whole vectors after it are stored non-temporally.
+//
+// Without masked stores (kMaskedStores), a row of at least W values ends with one whole vector of
+// its last W values instead of a partial one: it overlaps values the loop writes too, with the same
+// values. It is computed before the loop stores anything, so that a row normalized in place (y is
+// the input) reads its original values there.
 template <class S, class F>
 void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, F&& vec) {
   constexpr std::int64_t W = kWidth<Compute<S>>;
   auto partial = [&](std::int64_t j, std::int64_t k) {  // the k (<= W) values at j
     store_first(y + j, vec(j, LoadFirst{static_cast<int>(k)}), static_cast<int>(k));
   };
+  const bool overlap_tail = !kMaskedStores && n - i >= W && (stream || (n - i) % W != 0);
+  Vec<Compute<S>> last{};
+  if (overlap_tail) last = vec(n - W, LoadAll{});
   if (stream) {
     const std::int64_t aligned = i + elements_to_alignment(y + i, n - i);
     for (; i < aligned; i += W) partial(i, aligned - i < W ? aligned - i : W);
@@ -255,7 +314,12 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, F&& vec) {
   } else {
     for (; i + W <= n; i += W) store(y + i, vec(i, LoadAll{}));
   }
-  if (i < n) partial(i, n - i);
+  if (i < n) {
+    if (overlap_tail)
+      store(y + n - W, last);
+    else
+      partial(i, n - i);
+  }
 }
 
 // True when p and every row of C values after it start on a vector boundary.
