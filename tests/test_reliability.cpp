@@ -618,7 +618,12 @@ TEST(CrashSafety, KilledSaveLeavesALoadableCheckpoint) {
       }
       ::_exit(0);
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, 40'000)(rng)));
+    // Kill at a random moment once the child is saving: a loaded machine may take long to start it,
+    // and a kill before its first save would show nothing (the count below would be luck).
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (progress->in_progress < first && std::chrono::steady_clock::now() < give_up)
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, 20'000)(rng)));
     ::kill(pid, SIGKILL);
     int status = 0;
     ASSERT_EQ(::waitpid(pid, &status, 0), pid);
