@@ -97,9 +97,17 @@ int main(int argc, char** argv) {
   demo->add_option("--w", w, "width")->check(CLI::PositiveNumber);
   demo->add_flag("--channels-last", channels_last, "NHWC memory layout");
   demo->add_option("--threads", threads, "threads (default: all)")->check(CLI::PositiveNumber);
+  auto* info = app.add_subcommand("info", "what bnorm detected here (CPU, instruction sets, caches) and the variant each op takes");
+  int info_threads = 0;
+  info->add_option("--threads", info_threads, "threads to report the choices for (default: all)")->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
   try {
     if (*demo) return run_demo(n, c, h, w, channels_last, threads);
+    if (*info) {
+      if (info_threads > 0) bnorm::set_num_threads(info_threads);
+      std::fputs(bnorm::runtime_info().c_str(), stdout);
+      return 0;
+    }
   } catch (const bnorm::Error& e) {
     std::fprintf(stderr, "bnorm: %s\n", e.what());
     return 2;

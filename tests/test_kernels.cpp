@@ -399,3 +399,16 @@ TEST(Robustness, ChannelsFirstResultsIndependentOfThreads) {
 
 }  // namespace
 }  // namespace bnorm::test
+
+// bnorm::runtime_info reports what the kernels read: the active ISA, the caches, and the variants
+// that use_fused_forward / use_fused_backward / stream_output pick (bnorm info prints it).
+TEST(RuntimeInfo, NamesTheActiveIsaAndTheVariantsTheKernelsTake) {
+  const std::string info = bnorm::runtime_info();
+  EXPECT_NE(info.find(std::string("active: ") + bnorm::kernels::isa_name(bnorm::kernels::active_isa())), std::string::npos) << info;
+  EXPECT_NE(info.find("threads: " + std::to_string(bnorm::num_threads())), std::string::npos) << info;
+  EXPECT_NE(info.find("L2 "), std::string::npos) << info;
+  const bnorm::kernels::Geometry g{32, 512, 49, bnorm::Layout::ChannelsFirst};
+  const std::string want = std::string("32x512x7x7 channels_first: forward ") +
+                           (bnorm::kernels::use_fused_forward<float>(g) ? "fused" : "separate passes");
+  EXPECT_NE(info.find(want), std::string::npos) << info;
+}

@@ -206,4 +206,8 @@ class VectorView {
 void set_num_threads(int n);
 int num_threads();
 
+// What this process detected (CPU, instruction sets, caches, threads) and which kernel variant
+// each operation and layout takes for a few shapes, as text: `bnorm info`, bnorm.info().
+std::string runtime_info();
+
 }  // namespace bnorm

@@ -26,7 +26,7 @@ from ._folding import fold_weights
 from ._functional import batch_norm, batch_norm_backward, batch_stats
 
 __version__ = "0.1.0"
-__all__ = ["batch_norm", "batch_norm_backward", "batch_stats", "fold_weights", "set_num_threads", "num_threads", "torch"]
+__all__ = ["batch_norm", "batch_norm_backward", "batch_stats", "fold_weights", "set_num_threads", "num_threads", "info", "torch"]
 
 
 _threads_set = None  # the last set_num_threads(n), which bnorm.torch's operators get when they load
@@ -46,6 +46,12 @@ def set_num_threads(n: int) -> None:
 def num_threads() -> int:
     """The number of threads bnorm's kernels use."""
     return _bnorm.num_threads()
+
+
+def info() -> str:
+    """What bnorm detected here (CPU, instruction sets, caches, threads) and which kernel variant
+    each operation and layout takes for a few shapes: the text of `bnorm info`."""
+    return _bnorm.info()
 
 
 def __getattr__(name):

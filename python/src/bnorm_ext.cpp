@@ -242,4 +242,6 @@ NB_MODULE(_bnorm, m) {
         "elements), channels-first where both hold; None for other memory.");
   m.def("set_num_threads", &bnorm::set_num_threads, "n"_a, "Sets the number of threads of bnorm's kernels.");
   m.def("num_threads", &bnorm::num_threads, "The number of threads of bnorm's kernels.");
+  m.def("info", &bnorm::runtime_info,
+        "What bnorm detected here (CPU, instruction sets, caches, threads) and the kernel variant each op takes.");
 }

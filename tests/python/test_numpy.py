@@ -327,3 +327,10 @@ def test_ranks_above_the_librarys_limit(layout):
     assert is_channels_last(y) == (layout == "channels_last")
     with pytest.raises(ValueError, match=r"weight: expected 4 values \(one per channel\), got 3"):
         bnorm.batch_norm(x, rm, rv, w[:3], b, training=True)
+
+
+def test_info_reports_the_active_isa_threads_and_choices():
+    text = bnorm.info()
+    assert text.startswith("CPU: ") and "\nactive: " in text
+    assert f"threads: {bnorm.num_threads()}" in text
+    assert "32x512x7x7 channels_first: forward " in text
