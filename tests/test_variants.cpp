@@ -1,0 +1,259 @@
+// Ghost Batch Normalization and Batch Renormalization (functional.hpp) against their float64
+// references (reference.cpp: Ghost BN as batch_norm applied to each virtual batch in turn; Batch
+// Renorm from Algorithm 1), in both layouts, float32 and float64, over several training steps; and
+// their errors, after which nothing has been written.
+#include "test_util.hpp"
+
+#include <limits>
+#include <utility>
+
+namespace bnorm::test {
+namespace {
+
+// One layer's state and a batch, in T, in `layout`; the logical float64 copies the reference reads.
+template <class T>
+struct Batch {
+  Dims dims;
+  Layout layout;
+  std::vector<double> x, dy, w, b;
+  std::vector<T> xm, dym, ym, dxm;
+  std::vector<T> wt, bt, rm, rv, gw, gb;
+  Batch(Dims d, Layout l, std::uint64_t seed) : dims(std::move(d)), layout(l) {
+    std::mt19937_64 rng(seed);
+    x = random_input<T>(dims, rng);
+    dy = random_input<T>(dims, rng, 1.0);
+    w = random_vector<T>(dims.C(), rng, 0.5, 1.5);
+    b = random_vector<T>(dims.C(), rng, -0.5, 0.5);
+    xm = to_layout<T>(x, dims, layout);
+    dym = to_layout<T>(dy, dims, layout);
+    ym.assign(xm.size(), T{});
+    dxm.assign(xm.size(), T{});
+    wt = cast<T>(w);
+    bt = cast<T>(b);
+    rm.assign(static_cast<std::size_t>(dims.C()), T{0});
+    rv.assign(static_cast<std::size_t>(dims.C()), T{1});
+    gw.assign(rm.size(), T{});
+    gb.assign(rm.size(), T{});
+  }
+  ConstTensorView in() const { return {xm.data(), dims.view_shape(), layout}; }
+  TensorView out() { return {ym.data(), dims.view_shape(), layout}; }
+  ConstTensorView grad_out() const { return {dym.data(), dims.view_shape(), layout}; }
+  TensorView grad_in() { return {dxm.data(), dims.view_shape(), layout}; }
+  std::vector<double> y() const { return from_layout(ym, dims, layout); }
+  std::vector<double> dx() const { return from_layout(dxm, dims, layout); }
+  reference::Problem problem(bool training) const { return {dims.N(), dims.C(), dims.S(), training, 0.1, 1e-5}; }
+};
+
+template <class T>
+constexpr double loose() {  // gradients and outputs that go through sums of many values
+  return std::is_same_v<T, float> ? 3e-5 : 1e-10;
+}
+
+// Ghost BN, several training steps (the running statistics carried), then eval.
+template <class T>
+void check_ghost(const Dims& dims, Layout layout, std::int64_t vbs) {
+  SCOPED_TRACE(dims.str() + (layout == Layout::ChannelsLast ? " channels-last" : " channels-first") +
+               " virtual_batch_size " + std::to_string(vbs));
+  Batch<T> t(dims, layout, 7);
+  std::vector<double> ref_rm(t.rm.size(), 0.0), ref_rv(t.rv.size(), 1.0);
+  const std::int64_t k = ghost_batch_count(dims.N(), vbs);
+  std::vector<double> save_mean(static_cast<std::size_t>(k * dims.C())), save_invstd(save_mean.size());
+  const Options train{.training = true, .momentum = 0.1, .eps = 1e-5};
+  for (int step = 0; step < 3; ++step) {
+    ghost_batch_norm(t.in(), t.out(), vbs, {t.rm, t.rv}, {t.wt, t.bt}, train, {save_mean, save_invstd});
+    const reference::Forward f = reference::ghost_forward(t.problem(true), vbs, t.x, t.w, t.b, ref_rm, ref_rv);
+    ref_rm = f.running_mean;
+    ref_rv = f.running_var;
+    EXPECT_TRUE(close(t.y(), f.y, loose<T>(), loose<T>(), "y"));
+    EXPECT_TRUE(close(save_mean, f.mean, loose<T>(), loose<T>(), "save_mean"));
+    EXPECT_TRUE(close(save_invstd, f.invstd, loose<T>(), loose<T>(), "save_invstd"));
+    EXPECT_TRUE(close(widen(t.rm), ref_rm, loose<T>(), loose<T>(), "running_mean"));
+    EXPECT_TRUE(close(widen(t.rv), ref_rv, loose<T>(), loose<T>(), "running_var"));
+    ghost_batch_norm_backward(t.grad_out(), {.input = t.in(), .weight = t.wt, .saved = {save_mean, save_invstd}}, vbs,
+                              train, t.grad_in(), {t.gw, t.gb});
+    const reference::Backward g = reference::ghost_backward(t.problem(true), vbs, t.x, t.w, f, t.dy);
+    const double scale = max_abs(g.dx);
+    EXPECT_TRUE(close(t.dx(), g.dx, loose<T>() * scale, loose<T>(), "dx"));
+    EXPECT_TRUE(close(widen(t.gw), g.dweight, loose<T>() * max_abs(g.dweight), loose<T>(), "dweight"));
+    EXPECT_TRUE(close(widen(t.gb), g.dbias, loose<T>() * max_abs(g.dbias), loose<T>(), "dbias"));
+  }
+  // Eval is batch normalization with the running statistics.
+  ghost_batch_norm(t.in(), t.out(), vbs, {t.rm, t.rv}, {t.wt, t.bt}, {.training = false});
+  const reference::Forward e = reference::forward(t.problem(false), t.x, t.w, t.b, widen(t.rm), widen(t.rv));
+  EXPECT_TRUE(close(t.y(), e.y, loose<T>(), loose<T>(), "eval y"));
+}
+
+TEST(GhostBatchNorm, MatchesPerVirtualBatchReference) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    check_ghost<float>({{10, 5, 3, 4}}, layout, 4);   // 4 + 4 + 2
+    check_ghost<float>({{9, 3, 7}}, layout, 3);       // three equal ones, rank 3
+    check_ghost<double>({{10, 5, 3, 4}}, layout, 4);
+    check_ghost<float>({{6, 300, 2, 2}}, layout, 4);  // channels-last tiles of 256 channels
+    check_ghost<float>({{5, 2, 2, 2}}, layout, 1);    // one sample each: 8 values per channel
+    check_ghost<float>({{8, 4, 2, 3, 2}}, layout, 3);  // rank 5 (BatchNorm3d)
+  }
+}
+
+TEST(GhostBatchNorm, OneVirtualBatchIsBatchNorm) {
+  // virtual_batch_size >= N: batch_norm itself, bit for bit.
+  Batch<float> g({{6, 4, 5}}, Layout::ChannelsFirst, 3), p({{6, 4, 5}}, Layout::ChannelsFirst, 3);
+  const Options train{.training = true};
+  ghost_batch_norm(g.in(), g.out(), 8, {g.rm, g.rv}, {g.wt, g.bt}, train);
+  batch_norm(p.in(), p.out(), {p.rm, p.rv}, {p.wt, p.bt}, train);
+  EXPECT_EQ(g.ym.size(), p.ym.size());
+  EXPECT_TRUE(close(g.y(), p.y(), 0, 0, "y"));
+  EXPECT_TRUE(close(widen(g.rv), widen(p.rv), 0, 0, "running_var"));
+}
+
+TEST(GhostBatchNorm, BatchCount) {
+  EXPECT_EQ(ghost_batch_count(10, 4), 3);
+  EXPECT_EQ(ghost_batch_count(8, 4), 2);
+  EXPECT_EQ(ghost_batch_count(3, 4), 1);
+  EXPECT_EQ(ghost_batch_count(0, 4), 0);
+  EXPECT_NE(error_of([] { (void)ghost_batch_count(4, 0); }).find("virtual_batch_size: expected >= 1, got 0"),
+            std::string::npos);
+}
+
+// Batch Renorm over steps whose limits change (the paper's warm-up), with running statistics far
+// enough from the batch's that r and d are clipped in the first steps.
+template <class T>
+void check_renorm(const Dims& dims, Layout layout) {
+  SCOPED_TRACE(dims.str() + (layout == Layout::ChannelsLast ? " channels-last" : " channels-first"));
+  Batch<T> t(dims, layout, 11);
+  const std::size_t C = t.rm.size();
+  for (std::size_t c = 0; c < C; ++c) {  // running statistics away from the batch's
+    t.rm[c] = static_cast<T>(0.25 * static_cast<double>(c) - 1.0);
+    t.rv[c] = static_cast<T>(c % 2 == 0 ? 0.05 : 9.0);
+  }
+  std::vector<double> ref_rm = widen(t.rm), ref_rv = widen(t.rv);
+  std::vector<double> mean(C), invstd(C), r(C), d(C);
+  const Options train{.training = true, .momentum = 0.1, .eps = 1e-5};
+  const RenormLimits limits[] = {{1.0, 0.0}, {1.5, 0.5}, {3.0, 5.0},
+                                 {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()}};
+  bool clipped = false, unclipped = false;
+  for (const RenormLimits& lim : limits) {
+    SCOPED_TRACE("r_max " + std::to_string(lim.r_max) + " d_max " + std::to_string(lim.d_max));
+    batch_renorm(t.in(), t.out(), {t.rm, t.rv}, {t.wt, t.bt}, train, lim, {mean, invstd}, {r, d});
+    const reference::Renorm f = reference::renorm_forward(t.problem(true), lim.r_max, lim.d_max, t.x, t.w, t.b,
+                                                          ref_rm, ref_rv);
+    ref_rm = f.fwd.running_mean;
+    ref_rv = f.fwd.running_var;
+    for (std::size_t c = 0; c < C; ++c) {
+      clipped |= f.r[c] == lim.r_max || f.d[c] == lim.d_max || f.d[c] == -lim.d_max;
+      unclipped |= f.r[c] < lim.r_max && f.r[c] > 1 / lim.r_max;
+    }
+    EXPECT_TRUE(close(t.y(), f.fwd.y, loose<T>(), loose<T>(), "y"));
+    EXPECT_TRUE(close(r, f.r, loose<T>(), loose<T>(), "r"));
+    EXPECT_TRUE(close(d, f.d, loose<T>(), loose<T>(), "d"));
+    EXPECT_TRUE(close(mean, f.fwd.mean, loose<T>(), loose<T>(), "save_mean"));
+    EXPECT_TRUE(close(widen(t.rm), ref_rm, loose<T>(), loose<T>(), "running_mean"));
+    EXPECT_TRUE(close(widen(t.rv), ref_rv, loose<T>(), loose<T>(), "running_var"));
+    batch_renorm_backward(t.grad_out(), {.input = t.in(), .weight = t.wt, .saved = {mean, invstd}}, {r, d}, train,
+                          t.grad_in(), {t.gw, t.gb});
+    const reference::Backward g = reference::renorm_backward(t.problem(true), t.x, t.w, f, t.dy);
+    EXPECT_TRUE(close(t.dx(), g.dx, loose<T>() * max_abs(g.dx), loose<T>(), "dx"));
+    EXPECT_TRUE(close(widen(t.gw), g.dweight, loose<T>() * max_abs(g.dweight), loose<T>(), "dweight"));
+    EXPECT_TRUE(close(widen(t.gb), g.dbias, loose<T>() * max_abs(g.dbias), loose<T>(), "dbias"));
+  }
+  EXPECT_TRUE(clipped);
+  EXPECT_TRUE(unclipped);
+  batch_renorm(t.in(), t.out(), {t.rm, t.rv}, {t.wt, t.bt}, {.training = false}, {});
+  const reference::Forward e = reference::forward(t.problem(false), t.x, t.w, t.b, widen(t.rm), widen(t.rv));
+  EXPECT_TRUE(close(t.y(), e.y, loose<T>(), loose<T>(), "eval y"));
+}
+
+TEST(BatchRenorm, MatchesAlgorithm1Reference) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    check_renorm<float>({{6, 5, 3, 4}}, layout);
+    check_renorm<double>({{6, 5, 3, 4}}, layout);
+    check_renorm<float>({{16, 3}}, layout);
+    check_renorm<float>({{4, 300, 4, 4}}, layout);
+  }
+}
+
+TEST(BatchRenorm, UnclippedFactorsAreBatchNorm) {
+  // r_max = 1 and d_max = 0 force r = 1 and d = 0: batch_norm itself, whatever the running statistics.
+  Batch<double> a({{5, 3, 4}}, Layout::ChannelsFirst, 5), b({{5, 3, 4}}, Layout::ChannelsFirst, 5);
+  batch_renorm(a.in(), a.out(), {a.rm, a.rv}, {a.wt, a.bt}, {.training = true}, {1.0, 0.0});
+  batch_norm(b.in(), b.out(), {b.rm, b.rv}, {b.wt, b.bt}, {.training = true});
+  EXPECT_TRUE(close(a.y(), b.y(), 1e-14, 1e-14, "y"));
+  EXPECT_TRUE(close(widen(a.rv), widen(b.rv), 1e-15, 0, "running_var"));
+}
+
+// Each call fails with the message and writes nothing: not the output, not the running statistics.
+template <class F>
+void expect_refused(Batch<float>& t, F call, std::initializer_list<const char*> fragments) {
+  const std::vector<float> y0 = t.ym, rm0 = t.rm, rv0 = t.rv;
+  const std::string what = error_of(call);
+  for (const char* f : fragments) EXPECT_NE(what.find(f), std::string::npos) << what << "\n  lacks: " << f;
+  EXPECT_EQ(t.ym, y0);
+  EXPECT_EQ(t.rm, rm0);
+  EXPECT_EQ(t.rv, rv0);
+}
+
+TEST(VariantErrors, GhostArguments) {
+  Batch<float> t({{5, 3}}, Layout::ChannelsFirst, 1);
+  const Options train{.training = true};
+  expect_refused(t, [&] { ghost_batch_norm(t.in(), t.out(), 0, {t.rm, t.rv}, {}, train); },
+                 {"bnorm::ghost_batch_norm: virtual_batch_size: expected >= 1, got 0"});
+  expect_refused(t, [&] { ghost_batch_norm(t.in(), t.out(), 2, {t.rm, t.rv}, {}, train); },
+                 {"bnorm::ghost_batch_norm: input: expected more than 1 value per channel in every virtual batch",
+                  "got 1 in the last one", "[5, 3]", "virtual_batch_size 2"});
+  std::vector<double> short_save(3);
+  expect_refused(t, [&] { ghost_batch_norm(t.in(), t.out(), 3, {t.rm, t.rv}, {}, train, {short_save, {}}); },
+                 {"bnorm::ghost_batch_norm: save_mean: expected 6 values", "got 3"});
+  expect_refused(t,
+                 [&] {
+                   ghost_batch_norm(t.in(), t.out(), 3, {t.rm, t.rv}, {},
+                                    {.training = true, .activation = Activation::Relu});
+                 },
+                 {"bnorm::ghost_batch_norm: activation: expected None", "got Relu"});
+  expect_refused(t, [&] { ghost_batch_norm(t.in(), t.out(), 3, {t.rm, t.rv}, {}, {.training = true, .momentum = 2}); },
+                 {"bnorm::ghost_batch_norm: momentum: expected a value in [0, 1], got 2"});
+  // Eval takes any virtual_batch_size >= 1 (a last batch of 1 is fine there).
+  EXPECT_EQ(error_of([&] { ghost_batch_norm(t.in(), t.out(), 2, {t.rm, t.rv}, {}, {.training = false}); }),
+            "(no error)");
+  std::vector<double> mean(3), invstd(3);
+  expect_refused(t,
+                 [&] {
+                   ghost_batch_norm_backward(t.grad_out(), {.input = t.in(), .saved = {mean, invstd}}, 3, train,
+                                             t.grad_in());
+                 },
+                 {"bnorm::ghost_batch_norm_backward: save_mean: expected 6 values", "got 3"});
+  expect_refused(t, [&] { ghost_batch_norm_backward(t.grad_out(), {.input = t.in()}, 3, train, t.grad_in()); },
+                 {"bnorm::ghost_batch_norm_backward: save_mean: expected save_mean and save_invstd"});
+  const std::vector<float> dx0 = t.dxm;
+  expect_refused(t, [&] { ghost_batch_norm_backward(t.grad_out(), {.input = t.in()}, -1, train, t.grad_in()); },
+                 {"bnorm::ghost_batch_norm_backward: virtual_batch_size: expected >= 1, got -1"});
+  EXPECT_EQ(t.dxm, dx0);
+}
+
+TEST(VariantErrors, RenormArguments) {
+  Batch<float> t({{5, 3}}, Layout::ChannelsFirst, 1);
+  const Options train{.training = true};
+  expect_refused(t, [&] { batch_renorm(t.in(), t.out(), {t.rm, t.rv}, {}, train, {0.5, 1.0}); },
+                 {"bnorm::batch_renorm: r_max: expected a value >= 1 (inf: r unclipped), got 0.5"});
+  expect_refused(t, [&] { batch_renorm(t.in(), t.out(), {t.rm, t.rv}, {}, train, {2.0, -1.0}); },
+                 {"bnorm::batch_renorm: d_max: expected a value >= 0 (inf: d unclipped), got -1"});
+  expect_refused(t,
+                 [&] { batch_renorm(t.in(), t.out(), {t.rm, t.rv}, {}, train, {std::nan(""), 1.0}); },
+                 {"bnorm::batch_renorm: r_max: expected", "got nan"});
+  expect_refused(t, [&] { batch_renorm(t.in(), t.out(), {}, {}, train, {}); },
+                 {"bnorm::batch_renorm: running_mean: expected running statistics when training=true"});
+  std::vector<double> two(2);
+  expect_refused(t, [&] { batch_renorm(t.in(), t.out(), {t.rm, t.rv}, {}, train, {}, {}, {two, {}}); },
+                 {"bnorm::batch_renorm: r: expected 3 values", "got 2"});
+  Batch<float> one({{1, 3}}, Layout::ChannelsFirst, 1);
+  expect_refused(one, [&] { batch_renorm(one.in(), one.out(), {one.rm, one.rv}, {}, train, {}); },
+                 {"bnorm::batch_renorm: input: Expected more than 1 value per channel when training"});
+  std::vector<double> mean(3), invstd(3), r(3);
+  expect_refused(t,
+                 [&] {
+                   batch_renorm_backward(t.grad_out(), {.input = t.in(), .saved = {mean, invstd}}, {r, {}}, train,
+                                         t.grad_in());
+                 },
+                 {"bnorm::batch_renorm_backward: r: expected the forward's r and d when training=true, got none"});
+}
+
+}  // namespace
+}  // namespace bnorm::test
