@@ -9,7 +9,8 @@ interleaved), of a training forward and of a training forward + backward (input,
   Batch Renorm bnorm.torch.BatchRenorm2d              against  Algorithm 1 in torch ops (mean, var,
                                                                r and d detached, the affine, the
                                                                running update under no_grad)
-Writes a Markdown table (stdout, and --out).
+Each cell is the median, then the minimum in parentheses: on a machine shared with other work the
+minimum is the less disturbed figure. Writes a Markdown table (stdout, and --out).
 """
 
 import argparse
@@ -86,7 +87,7 @@ def medians_ms(fns, reps):
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
+    return [(statistics.median(t) * 1e3, min(t) * 1e3) for t in times]
 
 
 def main():
@@ -97,6 +98,7 @@ def main():
     torch.set_num_threads(2)
     torch.ops.bnorm._set_num_threads(2)  # the operators' copy of the library
     rows = []
+    load_before = os.getloadavg()[0]
     shapes = [((64, 64, 28, 28), 16), ((128, 256, 14, 14), 32)]
     for (shape, vbs) in shapes:
         C = shape[1]
@@ -111,17 +113,25 @@ def main():
             ]
             for name, ours, theirs, what in pairs:
                 of, ob, tf, tb = medians_ms(closures(ours, x, dy) + closures(theirs, x, dy), args.reps)
-                rows.append(f"| {name} | {'x'.join(map(str, shape))} {fname} | {what} | {tf:.2f} | {of:.2f} | "
-                            f"{tf / of:.2f}x | {tb:.2f} | {ob:.2f} | {tb / ob:.2f}x |")
+                cells = []
+                for t, o in [(tf, of), (tb, ob)]:  # (median, min) of torch's and of bnorm's
+                    cells += [f"{t[0]:.2f} ({t[1]:.2f})", f"{o[0]:.2f} ({o[1]:.2f})",
+                              f"{t[0] / o[0]:.2f}x ({t[1] / o[1]:.2f}x)"]
+                rows.append(f"| {name} | {'x'.join(map(str, shape))} {fname} | {what} | " + " | ".join(cells) + " |")
                 print(rows[-1], flush=True)
     header = [
         "# Ghost BN and Batch Renorm against torch compositions",
         "",
         f"`PYTHONPATH=build/python python3 bench/variants_bench.py --reps {args.reps}`; CPU: {cpu_name()}, "
         f"{os.cpu_count()} cores; torch {torch.__version__}; torch.set_num_threads(2) and bnorm at 2 threads; "
-        "float32, training; medians in ms of "
+        "float32, training; medians (and minimums) in ms of "
         f"{args.reps} calls after 5 warm-up calls, the four calls of a row interleaved (forward under no_grad; forward + backward of input, weight and "
         "bias gradients).",
+        "",
+        f"Load average (1 min) {load_before:.2f} before the run and {os.getloadavg()[0]:.2f} after it, on "
+        f"{os.cpu_count()} cores: above the core count the two threads of every parallel region wait for the "
+        "scheduler at each barrier, and the figures are slower (in multiples of its time slice) and noisier than on "
+        "an idle machine; each row's calls are interleaved, so its ratios are the fairer figures.",
         "",
         "| variant | shape | torch composition | torch fwd | bnorm fwd | speed-up | torch fwd+bwd | bnorm fwd+bwd "
         "| speed-up |",

@@ -4,7 +4,9 @@
 // their errors, after which nothing has been written.
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <limits>
+#include <optional>
 #include <utility>
 
 namespace bnorm::test {
@@ -253,6 +255,92 @@ TEST(VariantErrors, RenormArguments) {
                                          t.grad_in());
                  },
                  {"bnorm::batch_renorm_backward: r: expected the forward's r and d when training=true, got none"});
+}
+
+
+// The layers: BatchNorm's state and checks, the variants' statistics (the functional forms above).
+TEST(VariantLayers, GhostLayerMatchesReferenceOverSteps) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    Batch<float> t({{10, 4, 3, 2}}, layout, 21);
+    GhostBatchNormT<float> layer(4, 4, {}, 2);
+    std::copy(t.wt.begin(), t.wt.end(), layer.weight().begin());
+    std::copy(t.bt.begin(), t.bt.end(), layer.bias().begin());
+    std::vector<double> rm(4, 0.0), rv(4, 1.0);
+    for (int step = 0; step < 2; ++step) {
+      layer.forward(t.in(), t.out());
+      const reference::Forward f = reference::ghost_forward(t.problem(true), 4, t.x, t.w, t.b, rm, rv);
+      rm = f.running_mean;
+      rv = f.running_var;
+      EXPECT_TRUE(close(t.y(), f.y, loose<float>(), loose<float>(), "y"));
+      EXPECT_TRUE(close(widen(std::vector<float>(layer.running_var().begin(), layer.running_var().end())), rv,
+                        loose<float>(), loose<float>(), "running_var"));
+      layer.zero_grad();
+      layer.backward(t.in(), t.grad_out(), t.grad_in());
+      const reference::Backward g = reference::ghost_backward(t.problem(true), 4, t.x, t.w, f, t.dy);
+      EXPECT_TRUE(close(t.dx(), g.dx, loose<float>() * max_abs(g.dx), loose<float>(), "dx"));
+      EXPECT_TRUE(close(widen(std::vector<float>(layer.weight_grad().begin(), layer.weight_grad().end())), g.dweight,
+                        loose<float>() * max_abs(g.dweight), loose<float>(), "dweight"));
+    }
+    EXPECT_EQ(layer.num_batches_tracked(), 2 * 3);  // one per virtual batch
+    layer.eval();
+    layer.forward(t.in(), t.out());
+    EXPECT_TRUE(close(t.y(), reference::forward(t.problem(false), t.x, t.w, t.b, rm, rv).y, loose<float>(),
+                      loose<float>(), "eval y"));
+  }
+}
+
+TEST(VariantLayers, RenormLayerMatchesReferenceWithChangingLimits) {
+  Batch<double> t({{6, 3, 5}}, Layout::ChannelsFirst, 22);
+  BatchRenormT<double> layer(3, {1.0, 0.0});
+  std::copy(t.w.begin(), t.w.end(), layer.weight().begin());
+  std::copy(t.b.begin(), t.b.end(), layer.bias().begin());
+  std::vector<double> rm(3, 0.0), rv(3, 1.0);
+  for (const RenormLimits lim : {RenormLimits{1.0, 0.0}, RenormLimits{1.2, 0.1}, RenormLimits{3.0, 5.0}}) {
+    layer.set_limits(lim);
+    EXPECT_EQ(layer.limits().r_max, lim.r_max);
+    layer.forward(t.in(), t.out());
+    const reference::Renorm f = reference::renorm_forward(t.problem(true), lim.r_max, lim.d_max, t.x, t.w, t.b, rm, rv);
+    rm = f.fwd.running_mean;
+    rv = f.fwd.running_var;
+    EXPECT_TRUE(close(t.y(), f.fwd.y, 1e-12, 1e-12, "y"));
+    layer.zero_grad();
+    layer.backward(t.in(), t.grad_out(), t.grad_in());
+    const reference::Backward g = reference::renorm_backward(t.problem(true), t.x, t.w, f, t.dy);
+    EXPECT_TRUE(close(t.dx(), g.dx, 1e-10 * max_abs(g.dx), 1e-10, "dx"));
+    EXPECT_TRUE(close(std::vector<double>(layer.weight_grad().begin(), layer.weight_grad().end()), g.dweight,
+                      1e-10 * max_abs(g.dweight), 1e-10, "dweight"));
+  }
+  EXPECT_TRUE(close(std::vector<double>(layer.running_mean().begin(), layer.running_mean().end()), rm, 1e-12, 1e-12,
+                    "running_mean"));
+  EXPECT_EQ(layer.num_batches_tracked(), 3);
+}
+
+TEST(VariantLayers, Errors) {
+  EXPECT_NE(error_of([] { GhostBatchNormT<float> l(4, 0); }).find("bnorm::GhostBatchNorm: virtual_batch_size: "
+                                                                 "expected >= 1, got 0"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { GhostBatchNormT<float> l(4, 2, {.momentum = std::nullopt}); })
+                .find("bnorm::GhostBatchNorm: momentum: expected a value in [0, 1]"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { BatchRenormT<float> l(4, {}, {.track_running_stats = false}); })
+                .find("bnorm::BatchRenorm: track_running_stats: expected true"),
+            std::string::npos);
+  BatchRenormT<float> l(3, {2.0, 1.0});
+  EXPECT_NE(error_of([&] { l.set_limits({0.5, 1.0}); }).find("bnorm::BatchRenorm: r_max: expected a value >= 1"),
+            std::string::npos);
+  EXPECT_EQ(l.limits().r_max, 2.0);
+  // The layer's own checks name the layer; a failed forward changes nothing.
+  Batch<float> t({{5, 3}}, Layout::ChannelsFirst, 1);
+  GhostBatchNormT<float> g(3, 2);
+  EXPECT_NE(error_of([&] { g.forward(t.in(), t.out()); })
+                .find("bnorm::ghost_batch_norm: input: expected more than 1 value per channel in every virtual batch"),
+            std::string::npos);
+  EXPECT_EQ(g.num_batches_tracked(), 0);
+  EXPECT_EQ(g.running_mean()[0], 0.0f);
+  Batch<float> four({{5, 4}}, Layout::ChannelsFirst, 1);
+  EXPECT_NE(error_of([&] { g.forward(four.in(), four.out()); })
+                .find("bnorm::GhostBatchNorm::forward: input: expected 3 channels"),
+            std::string::npos);
 }
 
 }  // namespace
