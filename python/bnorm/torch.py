@@ -16,7 +16,8 @@ load_state_dict, reset_parameters, repr are torch's own) and replace only forwar
 rules (momentum=None as a cumulative average over num_batches_tracked, batch statistics in eval when
 track_running_stats=False) around one operator call. CPU tensors of float32, float64, bfloat16 and
 float16 (computed in float32, like torch's CPU BN), with per-channel vectors of the input's dtype or
-float32. During ONNX export (either exporter) they call torch's batch_norm, which the exporters
+float32. The variants GhostBatchNorm1d/2d/3d and BatchRenorm1d/2d/3d (on the operators
+ghost_batch_norm and batch_renorm), and to_ghost / to_renorm to swap a model's BatchNorms for them. During ONNX export (either exporter) they call torch's batch_norm, which the exporters
 write as the standard BatchNormalization.
 """
 
@@ -562,6 +563,8 @@ def _to_variant(fn, module, classes, check, extra):
             return m
         cls = classes[rank]
         new = _replacement(m, lambda num_features, **kw: cls(num_features, *extra.values(), **kw))
+        for key in ("virtual_batch_size", "r_max", "d_max"):  # a variant's own, copied from another variant
+            new.__dict__.pop(key, None)
         new.__dict__.update(extra)
         return new
 

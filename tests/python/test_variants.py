@@ -261,6 +261,7 @@ def test_to_ghost_and_to_renorm_share_state_and_keep_state_dict():
     renorm = bt.to_renorm(ghost, r_max=2.0, d_max=1.0)
     assert type(renorm[1]) is bt.BatchRenorm2d and renorm[1].r_max == 2.0 and renorm[5].d_max == 1.0
     assert renorm[1].weight is bn_weight and list(renorm.state_dict()) == keys
+    assert not hasattr(renorm[1], "virtual_batch_size")
     renorm(torch.randn(8, 3, 6, 6)).sum().backward()
     assert bn_weight.grad is not None
     # A torch BatchNorm's state_dict loads into the variants and back.
