@@ -107,6 +107,26 @@ TEST(GhostBatchNorm, OneVirtualBatchIsBatchNorm) {
   EXPECT_TRUE(close(widen(g.rv), widen(p.rv), 0, 0, "running_var"));
 }
 
+TEST(GhostBatchNorm, InPlaceForwardAndAliasedBackward) {
+  // output == input and grad_input == grad_output are accepted, as batch_norm accepts them, and give
+  // the same results as separate buffers.
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    Batch<float> a({{9, 3, 4}}, layout, 4), b({{9, 3, 4}}, layout, 4);
+    std::vector<double> sm(9), si(9), sm2(9), si2(9);
+    const Options train{.training = true};
+    ghost_batch_norm(a.in(), a.out(), 3, {a.rm, a.rv}, {a.wt, a.bt}, train, {sm, si});
+    ghost_batch_norm(b.in(), TensorView(b.xm.data(), b.dims.view_shape(), layout), 3, {b.rm, b.rv}, {b.wt, b.bt},
+                     train, {sm2, si2});
+    EXPECT_EQ(b.xm, a.ym);
+    ghost_batch_norm_backward(a.grad_out(), {.input = a.in(), .weight = a.wt, .saved = {sm, si}}, 3, train,
+                              a.grad_in());
+    Batch<float> c({{9, 3, 4}}, layout, 4);
+    ghost_batch_norm_backward(c.grad_out(), {.input = c.in(), .weight = c.wt, .saved = {sm, si}}, 3, train,
+                              TensorView(c.dym.data(), c.dims.view_shape(), layout));
+    EXPECT_EQ(c.dym, a.dxm);
+  }
+}
+
 TEST(GhostBatchNorm, BatchCount) {
   EXPECT_EQ(ghost_batch_count(10, 4), 3);
   EXPECT_EQ(ghost_batch_count(8, 4), 2);
