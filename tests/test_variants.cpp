@@ -202,6 +202,54 @@ TEST(BatchRenorm, UnclippedFactorsAreBatchNorm) {
   EXPECT_TRUE(close(widen(a.rv), widen(b.rv), 1e-15, 0, "running_var"));
 }
 
+// bfloat16 tensors with float32 vectors: the reference on the same bfloat16 values; outputs and
+// input gradients carry one bfloat16 rounding, statistics and parameter gradients are float32.
+TEST(VariantBFloat16, GhostAndRenormAgainstReference) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    const Dims d{{10, 4, 3, 5}};
+    std::mt19937_64 rng(31);
+    const std::vector<double> x = round_to_bf16(random_input<float>(d, rng)),
+                              dy = round_to_bf16(random_input<float>(d, rng, 1.0));
+    const std::vector<double> w = random_vector<float>(4, rng, 0.5, 1.5), b = random_vector<float>(4, rng, -0.5, 0.5);
+    const std::vector<bfloat16> xm = to_bf16(x, d, layout), dym = to_bf16(dy, d, layout);
+    std::vector<bfloat16> ym(xm.size()), dxm(xm.size());
+    const std::vector<float> wt = cast<float>(w), bt = cast<float>(b);
+    std::vector<float> gw(4), gb(4);
+    const ConstTensorView in(xm.data(), d.view_shape(), layout), gout(dym.data(), d.view_shape(), layout);
+    const TensorView out(ym.data(), d.view_shape(), layout), gin(dxm.data(), d.view_shape(), layout);
+    const reference::Problem p{d.N(), d.C(), d.S(), true, 0.1, 1e-5};
+    const Options train{.training = true};
+    const double bf = 1.0 / 128;  // two bfloat16 roundings
+    {
+      std::vector<float> rm(4, 0.f), rv(4, 1.f);
+      std::vector<double> sm(12), si(12);
+      ghost_batch_norm(in, out, 4, {rm, rv}, {wt, bt}, train, {sm, si});
+      const reference::Forward f = reference::ghost_forward(p, 4, x, w, b, std::vector<double>(4, 0.0),
+                                                            std::vector<double>(4, 1.0));
+      EXPECT_TRUE(close(from_bf16(ym, d, layout), f.y, bf, bf, "ghost y"));
+      EXPECT_TRUE(close(widen(rv), f.running_var, 1e-6, 1e-6, "ghost running_var"));
+      ghost_batch_norm_backward(gout, {.input = in, .weight = wt, .saved = {sm, si}}, 4, train, gin, {gw, gb});
+      const reference::Backward g = reference::ghost_backward(p, 4, x, w, f, dy);
+      EXPECT_TRUE(close(from_bf16(dxm, d, layout), g.dx, bf * max_abs(g.dx), bf, "ghost dx"));
+      EXPECT_TRUE(close(widen(gw), g.dweight, 1e-5 * max_abs(g.dweight), 1e-5, "ghost dweight"));
+    }
+    {
+      std::vector<float> rm = {0.5f, -1.f, 2.f, 0.f}, rv = {0.1f, 4.f, 1.f, 9.f};
+      const std::vector<double> rm0 = widen(rm), rv0 = widen(rv);
+      std::vector<double> sm(4), si(4), r(4), dd(4);
+      batch_renorm(in, out, {rm, rv}, {wt, bt}, train, {1.5, 0.5}, {sm, si}, {r, dd});
+      const reference::Renorm f = reference::renorm_forward(p, 1.5, 0.5, x, w, b, rm0, rv0);
+      EXPECT_TRUE(close(from_bf16(ym, d, layout), f.fwd.y, bf, bf, "renorm y"));
+      EXPECT_TRUE(close(r, f.r, 1e-6, 1e-6, "r"));
+      EXPECT_TRUE(close(widen(rm), f.fwd.running_mean, 1e-6, 1e-6, "renorm running_mean"));
+      batch_renorm_backward(gout, {.input = in, .weight = wt, .saved = {sm, si}}, {r, dd}, train, gin, {gw, gb});
+      const reference::Backward g = reference::renorm_backward(p, x, w, f, dy);
+      EXPECT_TRUE(close(from_bf16(dxm, d, layout), g.dx, bf * max_abs(g.dx), bf, "renorm dx"));
+      EXPECT_TRUE(close(widen(gw), g.dweight, 1e-5 * max_abs(g.dweight), 1e-5, "renorm dweight"));
+    }
+  }
+}
+
 // Each call fails with the message and writes nothing: not the output, not the running statistics.
 template <class F>
 void expect_refused(Batch<float>& t, F call, std::initializer_list<const char*> fragments) {
