@@ -352,3 +352,24 @@ def _grads_seq(run, model, x, dy):
     y = run(x)
     y.backward(dy)
     return [y.detach(), x.grad, model[0].weight.grad, model[1].bias.grad]
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_in_eval_is_batchnormalization(dynamo, tmp_path):
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(_randomize(bt.GhostBatchNorm2d(3, 2)), _renorm(bt.BatchRenorm2d, 3, 2.0, 1.0)).eval()
+    x, _ = _data((4, 3, 5, 5), torch.float32, torch.contiguous_format, 7)
+    path = str(tmp_path / "variants.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=dynamo, input_names=["x"])
+    kinds = [n.op_type for n in onnx.load(path).graph.node]
+    assert not any("bnorm" in k for k in kinds), kinds
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x2, _ = _data((4, 3, 5, 5), torch.float32, torch.contiguous_format, 8)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x2.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x2), rtol=1e-5, atol=1e-5)
