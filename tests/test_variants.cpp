@@ -250,6 +250,61 @@ TEST(VariantBFloat16, GhostAndRenormAgainstReference) {
   }
 }
 
+// Random small cases (fixed seed): shapes of rank 2-5, both layouts, virtual batch sizes and limits
+// around their edges. Each call either matches the reference or, exactly when the rules say it is
+// invalid, fails having written nothing.
+TEST(VariantRandomCases, MatchReferenceOrFailCleanly) {
+  std::mt19937_64 rng(2026);
+  auto pick = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
+  int ran = 0, refused = 0;
+  for (int i = 0; i < 300; ++i) {
+    std::vector<std::int64_t> shape{pick(1, 9), pick(1, 5)};
+    for (std::int64_t r = pick(0, 3); r > 0; --r) shape.push_back(pick(1, 3));
+    const Layout layout = pick(0, 1) ? Layout::ChannelsLast : Layout::ChannelsFirst;
+    const std::int64_t vbs = pick(-1, 6);
+    const RenormLimits lim{static_cast<double>(pick(0, 6)) / 2, static_cast<double>(pick(-1, 4)) / 2};
+    Batch<double> t(Dims{shape}, layout, static_cast<std::uint64_t>(i));
+    SCOPED_TRACE("case " + std::to_string(i) + " " + t.dims.str() + " vbs " + std::to_string(vbs));
+    const std::int64_t N = t.dims.N(), S = t.dims.S();
+    const std::vector<double> y0 = widen(t.ym), rm0 = widen(t.rm), rv0 = widen(t.rv);
+    const Options train{.training = true};
+    // Ghost BN: vbs >= 1 and more than 1 value per channel in the last (smallest) virtual batch.
+    const std::int64_t last = vbs < 1 ? 0 : (N % vbs == 0 ? std::min(vbs, N) : N % vbs);
+    const bool ghost_ok = vbs >= 1 && last * S > 1;
+    const std::string ghost_error = error_of([&] { ghost_batch_norm(t.in(), t.out(), vbs, {t.rm, t.rv}, {t.wt, t.bt}, train); });
+    EXPECT_EQ(ghost_error == "(no error)", ghost_ok) << ghost_error;
+    if (ghost_ok) {
+      const reference::Forward f = reference::ghost_forward(t.problem(true), vbs, t.x, t.w, t.b, rm0, rv0);
+      EXPECT_TRUE(close(t.y(), f.y, 1e-10, 1e-10, "ghost y"));
+      EXPECT_TRUE(close(widen(t.rv), f.running_var, 1e-12, 1e-12, "ghost running_var"));
+      ++ran;
+    } else {
+      EXPECT_EQ(widen(t.ym), y0);
+      EXPECT_EQ(widen(t.rm), rm0);
+      EXPECT_EQ(widen(t.rv), rv0);
+      ++refused;
+    }
+    // Batch Renorm: r_max >= 1, d_max >= 0, more than 1 value per channel.
+    Batch<double> u(Dims{shape}, layout, static_cast<std::uint64_t>(i));
+    const bool renorm_ok = lim.r_max >= 1 && lim.d_max >= 0 && N * S > 1;
+    std::vector<double> r(u.rm.size()), d(u.rm.size());
+    const std::string renorm_error =
+        error_of([&] { batch_renorm(u.in(), u.out(), {u.rm, u.rv}, {u.wt, u.bt}, train, lim, {}, {r, d}); });
+    EXPECT_EQ(renorm_error == "(no error)", renorm_ok) << renorm_error;
+    if (renorm_ok) {
+      const reference::Renorm f = reference::renorm_forward(u.problem(true), lim.r_max, lim.d_max, u.x, u.w, u.b,
+                                                            rm0, rv0);
+      EXPECT_TRUE(close(u.y(), f.fwd.y, 1e-10, 1e-10, "renorm y"));
+      EXPECT_TRUE(close(d, f.d, 1e-12, 1e-12, "d"));
+    } else {
+      EXPECT_EQ(widen(u.ym), y0);
+      EXPECT_EQ(widen(u.rv), rv0);
+    }
+  }
+  EXPECT_GT(ran, 50);
+  EXPECT_GT(refused, 20);
+}
+
 // Each call fails with the message and writes nothing: not the output, not the running statistics.
 template <class F>
 void expect_refused(Batch<float>& t, F call, std::initializer_list<const char*> fragments) {
