@@ -288,6 +288,8 @@ def test_conversion_refusals_change_nothing():
 def test_errors_name_the_argument_and_change_nothing():
     with pytest.raises(ValueError, match=r"GhostBatchNorm2d: virtual_batch_size: expected an int >= 1, got 0"):
         bt.GhostBatchNorm2d(3, 0)
+    with pytest.raises(ValueError, match=r"GhostBatchNorm2d: momentum: expected a float in \[0, 1\], got None"):
+        bt.GhostBatchNorm2d(3, 2, momentum=None)
     with pytest.raises(ValueError, match=r"BatchRenorm2d: track_running_stats: expected True"):
         bt.BatchRenorm2d(3, track_running_stats=False)
     m = bt.BatchRenorm2d(3, r_max=0.5)
