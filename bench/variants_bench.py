@@ -1,6 +1,10 @@
 """Ghost BN and Batch Renorm on bnorm's kernels against the obvious torch compositions, at 2 threads.
 
-    PYTHONPATH=build/python python3 bench/variants_bench.py [--reps 30] [--out bench/results/variants-bench.md]
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=build/python python3 bench/variants_bench.py [--reps 30] [--out FILE]
+
+(OMP_WAIT_POLICY=PASSIVE: on a machine shared with other work, OpenMP threads that spin at the end
+of a parallel region take the cores from the next region's threads, and the times jump by whole
+scheduler slices; sleeping instead makes the figures steadier. The output records the setting.)
 
 Per case, the median of --reps timed calls after 5 warm-up calls (the four calls of a case
 interleaved), of a training forward and of a training forward + backward (input, weight and bias gradients), in both memory formats, float32:
@@ -122,7 +126,8 @@ def main():
     header = [
         "# Ghost BN and Batch Renorm against torch compositions",
         "",
-        f"`PYTHONPATH=build/python python3 bench/variants_bench.py --reps {args.reps}`; CPU: {cpu_name()}, "
+        f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} PYTHONPATH=build/python python3 "
+        f"bench/variants_bench.py --reps {args.reps}`; CPU: {cpu_name()}, "
         f"{os.cpu_count()} cores; torch {torch.__version__}; torch.set_num_threads(2) and bnorm at 2 threads; "
         "float32, training; medians (and minimums) in ms of "
         f"{args.reps} calls after 5 warm-up calls, the four calls of a row interleaved (forward under no_grad; forward + backward of input, weight and "
@@ -130,8 +135,8 @@ def main():
         "",
         f"Load average (1 min) {load_before:.2f} before the run and {os.getloadavg()[0]:.2f} after it, on "
         f"{os.cpu_count()} cores: above the core count the two threads of every parallel region wait for the "
-        "scheduler at each barrier, and the figures are slower (in multiples of its time slice) and noisier than on "
-        "an idle machine; each row's calls are interleaved, so its ratios are the fairer figures.",
+        "scheduler at each barrier, and the figures are slower and noisier than on an idle machine; each row's "
+        "calls are interleaved, so its ratios are the fairer figures.",
         "",
         "| variant | shape | torch composition | torch fwd | bnorm fwd | speed-up | torch fwd+bwd | bnorm fwd+bwd "
         "| speed-up |",
