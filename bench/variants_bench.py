@@ -2,9 +2,10 @@
 
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=build/python python3 bench/variants_bench.py [--reps 30] [--out FILE]
 
-(OMP_WAIT_POLICY=PASSIVE: on a machine shared with other work, OpenMP threads that spin at the end
-of a parallel region take the cores from the next region's threads, and the times jump by whole
-scheduler slices; sleeping instead makes the figures steadier. The output records the setting.)
+(OMP_WAIT_POLICY=PASSIVE: on a machine shared with other work, runs without it gave times in steps
+of whole scheduler slices, which fits OpenMP threads spinning at the end of a parallel region while
+the next region's threads wait for a core; with it the figures were steadier. The output records
+the setting.)
 
 Per case, the median of --reps timed calls after 5 warm-up calls (the four calls of a case
 interleaved), of a training forward and of a training forward + backward (input, weight and bias gradients), in both memory formats, float32:
