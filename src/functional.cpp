@@ -498,4 +498,297 @@ void backward_finish(ConstTensorView grad_output, const ForwardState& forward, c
 
 }  // namespace detail
 
+// ---------------------------------------------------------------------------------------------
+// The variants: Ghost Batch Normalization and Batch Renormalization (functional.hpp).
+namespace {
+
+// Virtual batch j of a ghost batch: samples [j * vbs, min(N, (j + 1) * vbs)), a contiguous slab in
+// either layout (channels-first n * C * S + ..., channels-last n * S * C + ...), so it is the same
+// geometry with fewer samples, starting `offset` elements in.
+struct Slab {
+  Geometry g;
+  std::int64_t offset = 0;
+};
+Slab virtual_batch(const Geometry& g, std::int64_t vbs, std::int64_t j) {
+  Slab s{g, j * vbs * g.C * g.S};
+  s.g.N = std::min(vbs, g.N - j * vbs);
+  return s;
+}
+
+template <class T>
+void ghost_forward_impl(const T* x, T* y, const Geometry& g, std::int64_t vbs, RunningStats running, Affine affine,
+                        const Options& options, SavedStats save) {
+  const std::int64_t C = g.C, k = ghost_batch_count(g.N, vbs);
+  const auto uC = static_cast<std::size_t>(C), uK = static_cast<std::size_t>(k);
+  Scope scope;
+  const std::span<double> mean = scope.take<double>(uK * uC), var = scope.take<double>(uK * uC),
+                          invstd = scope.take<double>(uK * uC);
+  const std::span<const double> gamma = read_channels<T>(scope, affine.weight, C, 1.0),
+                                beta = read_channels<T>(scope, affine.bias, C, 0.0);
+  // One pass for the statistics: every virtual batch's slab is read once, in order.
+  for (std::size_t j = 0; j < uK; ++j) {
+    const Slab b = virtual_batch(g, vbs, static_cast<std::int64_t>(j));
+    Scope inner;
+    const std::span<double> m2 = inner.take<double>(uC), ws = reduce_workspace(inner, b.g);
+    kernels::channel_moments(x + b.offset, b.g, mean.data() + j * uC, m2.data(), ws.data());
+    for (std::size_t c = 0; c < uC; ++c) {
+      var[j * uC + c] = m2[c] / static_cast<double>(b.g.per_channel());
+      invstd[j * uC + c] = 1.0 / std::sqrt(var[j * uC + c] + options.eps);
+    }
+  }
+  for (std::size_t j = 0; j < uK; ++j) {
+    const Slab b = virtual_batch(g, vbs, static_cast<std::int64_t>(j));
+    normalize_with(x + b.offset, y + b.offset, b.g, mean.subspan(j * uC, uC), invstd.subspan(j * uC, uC), gamma,
+                   beta, Activation::None);
+  }
+  // The running statistics once per virtual batch, in order, each update rounded to the buffers'
+  // dtype as batch_norm's would be.
+  for (std::size_t j = 0; j < uK; ++j) {
+    const Slab b = virtual_batch(g, vbs, static_cast<std::int64_t>(j));
+    commit_training<T>(mean.subspan(j * uC, uC), var.subspan(j * uC, uC), invstd.subspan(j * uC, uC),
+                       static_cast<double>(b.g.per_channel()), running, options.momentum, {});
+  }
+  write_channels<T>(save.mean, mean);
+  write_channels<T>(save.invstd, invstd);
+}
+
+template <class T>
+void ghost_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g, std::int64_t vbs,
+                         const ForwardState& forward, ParamGrads grads) {
+  const std::int64_t C = g.C, k = ghost_batch_count(g.N, vbs);
+  const auto uC = static_cast<std::size_t>(C), uK = static_cast<std::size_t>(k);
+  Scope scope;
+  const std::span<const double> mean = read_channels<T>(scope, forward.saved.mean, k * C, 0.0),
+                                invstd = read_channels<T>(scope, forward.saved.invstd, k * C, 1.0),
+                                gamma = read_channels<T>(scope, forward.weight, C, 1.0);
+  const std::span<double> dgamma = scope.take<double>(uC, 0.0), dbeta = scope.take<double>(uC, 0.0);
+  for (std::size_t j = 0; j < uK; ++j) {
+    const Slab b = virtual_batch(g, vbs, static_cast<std::int64_t>(j));
+    const std::span<const double> inv_j = invstd.subspan(j * uC, uC);
+    Scope inner;
+    const std::span<double> sum_dy = inner.take<double>(uC), sum_dy_xmu = inner.take<double>(uC);
+    const SplitMeans<Compute<T>> means = split_means<Compute<T>>(inner, mean.subspan(j * uC, uC));
+    reduce_sums(dy + b.offset, x + b.offset, static_cast<const T*>(nullptr), b.g, means, sum_dy.data(),
+                sum_dy_xmu.data());
+    if (dx != nullptr)
+      apply_dx(dy + b.offset, x + b.offset, static_cast<const T*>(nullptr), dx + b.offset, b.g, means,
+               {gamma, inv_j, sum_dy.data(), sum_dy_xmu.data(), static_cast<double>(b.g.per_channel())}, true);
+    for (std::size_t c = 0; c < uC; ++c) {
+      dgamma[c] += sum_dy_xmu[c] * inv_j[c];
+      dbeta[c] += sum_dy[c];
+    }
+  }
+  write_channels<T>(grads.weight, dgamma);
+  write_channels<T>(grads.bias, dbeta);
+}
+
+template <class T>
+void renorm_forward_impl(const T* x, T* y, const Geometry& g, RunningStats running, Affine affine,
+                         const Options& options, RenormLimits limits, SavedStats save, RenormFactors factors) {
+  const std::int64_t C = g.C;
+  const auto uC = static_cast<std::size_t>(C);
+  const double m = static_cast<double>(g.per_channel());
+  Scope scope;
+  const std::span<double> mean = scope.take<double>(uC), var = scope.take<double>(uC),
+                          invstd = scope.take<double>(uC), m2 = scope.take<double>(uC), ws = reduce_workspace(scope, g);
+  kernels::channel_moments(x, g, mean.data(), m2.data(), ws.data());
+  const std::span<const double> rm = read_channels<T>(scope, running.mean, C, 0.0),
+                                rv = read_channels<T>(scope, running.var, C, 1.0),
+                                gamma = read_channels<T>(scope, affine.weight, C, 1.0),
+                                beta = read_channels<T>(scope, affine.bias, C, 0.0);
+  const std::span<double> r = scope.take<double>(uC), d = scope.take<double>(uC), scale = scope.take<double>(uC),
+                          shift = scope.take<double>(uC);
+  for (std::size_t c = 0; c < uC; ++c) {
+    var[c] = m2[c] / m;
+    invstd[c] = 1.0 / std::sqrt(var[c] + options.eps);
+    const double sigma = std::sqrt(rv[c] + options.eps), sigma_b = std::sqrt(var[c] + options.eps);
+    r[c] = std::clamp(sigma_b / sigma, 1.0 / limits.r_max, limits.r_max);
+    d[c] = std::clamp((mean[c] - rm[c]) / sigma, -limits.d_max, limits.d_max);
+    // y = (gamma r) xhat + (gamma d + beta): batch_norm's normalize with these parameters
+    scale[c] = gamma[c] * r[c];
+    shift[c] = gamma[c] * d[c] + beta[c];
+  }
+  normalize_with(x, y, g, mean, invstd, scale, shift, Activation::None);
+  write_channels<T>(factors.r, r);
+  write_channels<T>(factors.d, d);
+  commit_training<T>(mean, var, invstd, m, running, options.momentum, save);
+}
+
+template <class T>
+void renorm_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g, const ForwardState& forward,
+                          ConstRenormFactors factors, const Options& options, ParamGrads grads) {
+  const std::int64_t C = g.C;
+  const auto uC = static_cast<std::size_t>(C);
+  Scope scope;
+  const std::span<const double> r = read_channels<T>(scope, factors.r, C, 1.0),
+                                d = read_channels<T>(scope, factors.d, C, 0.0);
+  const std::span<double> gamma_r = read_channels<T>(scope, forward.weight, C, 1.0);
+  for (std::size_t c = 0; c < uC; ++c) gamma_r[c] *= r[c];
+  // batch_norm's backward with gamma * r: its grad_weight is sum(dy * xhat), its grad_bias sum(dy).
+  const std::span<double> dw = scope.take<double>(uC), db = scope.take<double>(uC);
+  ForwardState scaled = forward;
+  scaled.weight = ConstVectorView(gamma_r);
+  const bool want_params = grads.weight.present() || grads.bias.present();
+  backward_impl(dy, x, static_cast<const T*>(nullptr), dx, g, scaled, options,
+                want_params ? ParamGrads{VectorView(dw), VectorView(db)} : ParamGrads{});
+  if (!want_params) return;
+  for (std::size_t c = 0; c < uC; ++c) dw[c] = dw[c] * r[c] + db[c] * d[c];  // sum(dy * (xhat r + d))
+  write_channels<T>(grads.weight, dw);
+  write_channels<T>(grads.bias, db);
+}
+
+// A training call with virtual batches: at least 2 values per channel in each (the smallest is the last).
+detail::Problem check_ghost_count(ConstTensorView input, const detail::TensorInfo& in, std::int64_t vbs) {
+  const Geometry& g = in.geometry;
+  if (g.C == 0 || g.N == 0) return detail::check_training_count(input, in);
+  const std::int64_t last = g.N % vbs == 0 ? std::min(vbs, g.N) : g.N % vbs;
+  if (last * g.S <= 1)
+    return detail::Problem("input: expected more than 1 value per channel in every virtual batch when training, got " +
+                           std::to_string(last * g.S) + " in the last one (input size " + input.shape().str() +
+                           ", virtual_batch_size " + std::to_string(vbs) + ")");
+  return {};
+}
+
+detail::Checked<detail::TensorInfo> check_ghost_forward(ConstTensorView input, TensorView output, std::int64_t vbs,
+                                                        RunningStats running, Affine affine, const Options& options,
+                                                        SavedStats save) {
+  BNORM_CHECK(detail::check_virtual_batch_size(vbs));
+  BNORM_CHECK(detail::check_no_activation(options.activation));
+  const detail::Checked<detail::TensorInfo> in = detail::check_forward_args(input, output, running, affine, options, {});
+  BNORM_CHECK(in.problem);
+  if (!options.training) return in;
+  BNORM_CHECK(check_ghost_count(input, in.value, vbs));
+  const std::int64_t rows = ghost_batch_count(in.value.geometry.N, vbs) * in.value.geometry.C;
+  if (save.mean.present()) BNORM_CHECK(check_vector("save_mean", save.mean, rows, input.dtype(), true));
+  if (save.invstd.present()) BNORM_CHECK(check_vector("save_invstd", save.invstd, rows, input.dtype(), true));
+  return in;
+}
+
+detail::Checked<detail::TensorInfo> check_ghost_backward(ConstTensorView grad_output, const ForwardState& forward,
+                                                         std::int64_t vbs, const Options& options,
+                                                         TensorView grad_input, ParamGrads grads) {
+  BNORM_CHECK(detail::check_virtual_batch_size(vbs));
+  BNORM_CHECK(detail::check_no_activation(options.activation));
+  if (!options.training) return detail::check_backward_args(grad_output, forward, options, grad_input, grads);
+  const detail::Checked<detail::TensorInfo> in = detail::check_tensor("input", forward.input);
+  BNORM_CHECK(in.problem);
+  const std::int64_t C = in.value.geometry.C, rows = ghost_batch_count(in.value.geometry.N, vbs) * C;
+  const DType dt = forward.input.dtype();
+  // The saved rows of every virtual batch; batch_norm_backward's checks then see the first row.
+  ForwardState first = forward;
+  if (forward.saved.mean.present()) {
+    BNORM_CHECK(check_vector("save_mean", forward.saved.mean, rows, dt, true));
+    first.saved.mean = ConstVectorView(forward.saved.mean.data(), forward.saved.mean.dtype(), C);
+  }
+  if (forward.saved.invstd.present()) {
+    BNORM_CHECK(check_vector("save_invstd", forward.saved.invstd, rows, dt, true));
+    first.saved.invstd = ConstVectorView(forward.saved.invstd.data(), forward.saved.invstd.dtype(), C);
+  }
+  return detail::check_backward_args(grad_output, first, options, grad_input, grads);
+}
+
+detail::Checked<detail::TensorInfo> check_renorm_forward(ConstTensorView input, TensorView output,
+                                                         RunningStats running, Affine affine, const Options& options,
+                                                         RenormLimits limits, SavedStats save, RenormFactors factors) {
+  BNORM_CHECK(detail::check_no_activation(options.activation));
+  const detail::Checked<detail::TensorInfo> in =
+      detail::check_forward_args(input, output, running, affine, options, save);
+  BNORM_CHECK(in.problem);
+  if (!options.training) return in;
+  if (!running.mean.present())
+    return detail::Problem(
+        "running_mean: expected running statistics when training=true (batch renormalization reads them), got none");
+  BNORM_CHECK(detail::check_renorm_limits(limits.r_max, limits.d_max));
+  BNORM_CHECK(detail::check_training_count(input, in.value));
+  const std::int64_t C = in.value.geometry.C;
+  if (factors.r.present()) BNORM_CHECK(check_vector("r", factors.r, C, input.dtype(), true));
+  if (factors.d.present()) BNORM_CHECK(check_vector("d", factors.d, C, input.dtype(), true));
+  return in;
+}
+
+detail::Checked<detail::TensorInfo> check_renorm_backward(ConstTensorView grad_output, const ForwardState& forward,
+                                                          ConstRenormFactors factors, const Options& options,
+                                                          TensorView grad_input, ParamGrads grads) {
+  BNORM_CHECK(detail::check_no_activation(options.activation));
+  const detail::Checked<detail::TensorInfo> in =
+      detail::check_backward_args(grad_output, forward, options, grad_input, grads);
+  BNORM_CHECK(in.problem);
+  if (!options.training) return in;
+  if (!factors.r.present() || !factors.d.present())
+    return detail::Problem("r: expected the forward's r and d when training=true, got none");
+  const std::int64_t C = in.value.geometry.C;
+  BNORM_CHECK(check_vector("r", factors.r, C, forward.input.dtype(), true));
+  BNORM_CHECK(check_vector("d", factors.d, C, forward.input.dtype(), true));
+  return in;
+}
+
+template <class T>
+T* mutable_data(TensorView t) {
+  return t.empty() ? nullptr : static_cast<T*>(t.data());
+}
+
+}  // namespace
+
+std::int64_t ghost_batch_count(std::int64_t N, std::int64_t virtual_batch_size) {
+  detail::raise_if("ghost_batch_count", detail::check_virtual_batch_size(virtual_batch_size));
+  return N <= 0 ? 0 : (N - 1) / virtual_batch_size + 1;
+}
+
+void ghost_batch_norm(ConstTensorView input, TensorView output, std::int64_t virtual_batch_size, RunningStats running,
+                      Affine affine, Options options, SavedStats save) {
+  const detail::Checked<detail::TensorInfo> in =
+      check_ghost_forward(input, output, virtual_batch_size, running, affine, options, save);
+  detail::raise_if("ghost_batch_norm", in.problem);
+  if (!options.training) return detail::run_forward(in.value, input, output, running, running, affine, options, {}, {});
+  const Geometry g = detail::output_geometry(in.value, options);
+  with_storage(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    ghost_forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, virtual_batch_size,
+                       running, affine, options, save);
+  });
+}
+
+void ghost_batch_norm_backward(ConstTensorView grad_output, const ForwardState& forward,
+                               std::int64_t virtual_batch_size, Options options, TensorView grad_input,
+                               ParamGrads grads) {
+  const detail::Checked<detail::TensorInfo> in =
+      check_ghost_backward(grad_output, forward, virtual_batch_size, options, grad_input, grads);
+  detail::raise_if("ghost_batch_norm_backward", in.problem);
+  if (!options.training) return detail::run_backward(in.value, grad_output, forward, options, grad_input, grads);
+  const Geometry g = detail::output_geometry(in.value, options);
+  with_storage(forward.input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    ghost_backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
+                        mutable_data<T>(grad_input), g, virtual_batch_size, forward, grads);
+  });
+}
+
+void batch_renorm(ConstTensorView input, TensorView output, RunningStats running, Affine affine, Options options,
+                  RenormLimits limits, SavedStats save, RenormFactors factors) {
+  const detail::Checked<detail::TensorInfo> in =
+      check_renorm_forward(input, output, running, affine, options, limits, save, factors);
+  detail::raise_if("batch_renorm", in.problem);
+  if (!options.training) return detail::run_forward(in.value, input, output, running, running, affine, options, {}, {});
+  const Geometry g = detail::output_geometry(in.value, options);
+  with_storage(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    renorm_forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, running, affine,
+                        options, limits, save, factors);
+  });
+}
+
+void batch_renorm_backward(ConstTensorView grad_output, const ForwardState& forward, ConstRenormFactors factors,
+                           Options options, TensorView grad_input, ParamGrads grads) {
+  const detail::Checked<detail::TensorInfo> in =
+      check_renorm_backward(grad_output, forward, factors, options, grad_input, grads);
+  detail::raise_if("batch_renorm_backward", in.problem);
+  if (!options.training) return detail::run_backward(in.value, grad_output, forward, options, grad_input, grads);
+  const Geometry g = detail::output_geometry(in.value, options);
+  with_storage(forward.input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    renorm_backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
+                         mutable_data<T>(grad_input), g, forward, factors, options, grads);
+  });
+}
+
 }  // namespace bnorm

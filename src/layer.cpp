@@ -71,12 +71,86 @@ class LocalReducer final : public detail::StatsReducer {
   }
 };
 
+// Ghost BN: the saved rows are one per virtual batch.
+class GhostReducer final : public detail::StatsReducer {
+ public:
+  explicit GhostReducer(std::int64_t vbs) : vbs_(vbs) {}
+  const char* layer_name() const override { return "GhostBatchNorm"; }
+  const char* forward_name() const override { return "GhostBatchNorm::forward"; }
+  const char* backward_name() const override { return "GhostBatchNorm::backward"; }
+  void forward(const char* fn, const detail::Problem& prior, ConstTensorView x, TensorView y, RunningStats running,
+               Affine affine, const Options& options, SavedStats save) const override {
+    detail::raise_if(fn, prior);
+    ghost_batch_norm(x, y, vbs_, running, affine, options, save);
+  }
+  void backward(const char* fn, const detail::Problem& prior, ConstTensorView dy, const ForwardState& forward,
+                const Options& options, TensorView dx, ParamGrads grads) const override {
+    detail::raise_if(fn, prior);
+    ghost_batch_norm_backward(dy, forward, vbs_, options, dx, grads);
+  }
+  std::int64_t saved_rows(ConstTensorView x) const override {
+    return std::max<std::int64_t>(1, ghost_batch_count(x.shape()[0], vbs_));
+  }
+  std::int64_t batches_counted(ConstTensorView x) const override { return ghost_batch_count(x.shape()[0], vbs_); }
+
+ private:
+  std::int64_t vbs_;
+};
+
+// Rows [C, 2C) of a saved vector of 2C doubles (where Batch Renorm's layer keeps r and d).
+VectorView second_row(VectorView v) {
+  if (!v.present()) return {};
+  const std::int64_t C = v.size() / 2;
+  return {static_cast<double*>(v.data()) + C, DType::Float64, C};
+}
+VectorView first_row(VectorView v) { return v.present() ? VectorView(v.data(), DType::Float64, v.size() / 2) : v; }
+
+// Batch Renorm: the saved rows are the batch statistics, then r (in save.mean) and d (in save.invstd).
+class RenormReducer final : public detail::StatsReducer {
+ public:
+  explicit RenormReducer(RenormLimits limits) : limits_(limits) {}
+  const char* layer_name() const override { return "BatchRenorm"; }
+  const char* forward_name() const override { return "BatchRenorm::forward"; }
+  const char* backward_name() const override { return "BatchRenorm::backward"; }
+  void forward(const char* fn, const detail::Problem& prior, ConstTensorView x, TensorView y, RunningStats running,
+               Affine affine, const Options& options, SavedStats save) const override {
+    detail::raise_if(fn, prior);
+    batch_renorm(x, y, running, affine, options, limits_, {first_row(save.mean), first_row(save.invstd)},
+                 {second_row(save.mean), second_row(save.invstd)});
+  }
+  void backward(const char* fn, const detail::Problem& prior, ConstTensorView dy, const ForwardState& forward,
+                const Options& options, TensorView dx, ParamGrads grads) const override {
+    detail::raise_if(fn, prior);
+    auto row = [](ConstVectorView v, bool second) {
+      if (!v.present()) return v;
+      const std::int64_t C = v.size() / 2;
+      return ConstVectorView(static_cast<const double*>(v.data()) + (second ? C : 0), DType::Float64, C);
+    };
+    ForwardState f = forward;
+    f.saved = {row(forward.saved.mean, false), row(forward.saved.invstd, false)};
+    batch_renorm_backward(dy, f, {row(forward.saved.mean, true), row(forward.saved.invstd, true)}, options, dx,
+                          grads);
+  }
+  std::int64_t saved_rows(ConstTensorView) const override { return 2; }
+
+ private:
+  RenormLimits limits_;
+};
+
 }  // namespace
 
 namespace detail {
 std::shared_ptr<const StatsReducer> local_reducer() {
   static const std::shared_ptr<const StatsReducer> local = std::make_shared<const LocalReducer>();
   return local;
+}
+std::shared_ptr<const StatsReducer> ghost_reducer(std::int64_t virtual_batch_size) {
+  raise_if("GhostBatchNorm", check_virtual_batch_size(virtual_batch_size));
+  return std::make_shared<const GhostReducer>(virtual_batch_size);
+}
+std::shared_ptr<const StatsReducer> renorm_reducer(RenormLimits limits) {
+  raise_if("BatchRenorm", check_renorm_limits(limits.r_max, limits.d_max));
+  return std::make_shared<const RenormReducer>(limits);
 }
 }  // namespace detail
 
@@ -178,15 +252,18 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
   if (update) factor = options_.momentum ? *options_.momentum : 1.0 / static_cast<double>(num_batches_tracked_ + 1);
   RunningStats running;
   if (track) running = {VectorView(running_mean_), VectorView(running_var_)};
-  std::vector<double> sm(save_mean_.size()), si(save_invstd_.size());
+  // The rows of C values the reducer saves (1 for BN), sized only for an input the layer accepts.
+  const detail::Problem problem = input_problem(x);
+  const std::int64_t rows = use_batch && !problem ? reducer_->saved_rows(x) : 1;
+  std::vector<double> sm(static_cast<std::size_t>(rows * num_features_)), si(sm.size());
   const Affine affine = options_.affine ? Affine{weight_, bias_} : Affine{};
   const SavedStats save = use_batch ? SavedStats{sm, si} : SavedStats{};
   // A failed check of the layer's own goes to the reducer, which raises it (on every rank at once for
   // SyncBatchNorm, whose other ranks would otherwise wait in the collective).
-  reducer_->forward(fn, input_problem(x), x, y, running, affine,
+  reducer_->forward(fn, problem, x, y, running, affine,
                     {use_batch, factor, options_.eps, options_.activation}, save);
   // Only reached when the call succeeded: commit what backward needs.
-  if (update) ++num_batches_tracked_;
+  if (update) num_batches_tracked_ += reducer_->batches_counted(x);
   if (use_batch) {
     save_mean_.swap(sm);
     save_invstd_.swap(si);
@@ -307,7 +384,42 @@ void BasicBatchNorm<P>::load(const std::string& path, const std::string& prefix)
   }
 }
 
+template <class P>
+void BasicBatchNorm<P>::replace_reducer(std::shared_ptr<const detail::StatsReducer> reducer) {
+  reducer_ = std::move(reducer);
+}
+
+template <class P>
+GhostBatchNormT<P>::GhostBatchNormT(std::int64_t num_features, std::int64_t virtual_batch_size,
+                                    BatchNormOptions options, int spatial_dims)
+    : BasicBatchNorm<P>(num_features, options, spatial_dims, detail::ghost_reducer(virtual_batch_size)),
+      virtual_batch_size_(virtual_batch_size) {
+  if (!options.momentum)
+    detail::fail("GhostBatchNorm",
+                 "momentum: expected a value in [0, 1] (Ghost BN has no cumulative average), got none");
+}
+
+template <class P>
+BatchRenormT<P>::BatchRenormT(std::int64_t num_features, RenormLimits limits, BatchNormOptions options,
+                              int spatial_dims)
+    : BasicBatchNorm<P>(num_features, options, spatial_dims, detail::renorm_reducer(limits)), limits_(limits) {
+  if (!options.track_running_stats)
+    detail::fail("BatchRenorm",
+                 "track_running_stats: expected true (Batch Renormalization reads the running statistics), got "
+                 "false");
+}
+
+template <class P>
+void BatchRenormT<P>::set_limits(RenormLimits limits) {
+  this->replace_reducer(detail::renorm_reducer(limits));
+  limits_ = limits;
+}
+
 template class BasicBatchNorm<float>;
 template class BasicBatchNorm<double>;
+template class GhostBatchNormT<float>;
+template class GhostBatchNormT<double>;
+template class BatchRenormT<float>;
+template class BatchRenormT<double>;
 
 }  // namespace bnorm

@@ -26,9 +26,21 @@ class StatsReducer {
                        Affine affine, const Options& options, SavedStats save) const = 0;
   virtual void backward(const char* fn, const Problem& prior, ConstTensorView dy, const ForwardState& forward,
                         const Options& options, TensorView dx, ParamGrads grads) const = 0;
+  // Rows of C values that a forward with batch statistics saves in each of save.mean and save.invstd
+  // (the layer keeps them for backward, which gets them back as forward.saved): 1 for batch
+  // normalization; Ghost BN one per virtual batch of x; Batch Renorm 2 (its r and d in the second
+  // rows). x has passed the layer's own checks.
+  virtual std::int64_t saved_rows(ConstTensorView /*x*/) const { return 1; }
+  // What a training forward adds to num_batches_tracked: 1; Ghost BN one per virtual batch.
+  virtual std::int64_t batches_counted(ConstTensorView /*x*/) const { return 1; }
 };
 
 // This process's batch alone (batch_norm, batch_norm_backward). Shared by every layer.
 std::shared_ptr<const StatsReducer> local_reducer();
+
+// Ghost BN's and Batch Renorm's (ghost_batch_norm, batch_renorm) over this process's batch; they
+// check their argument and raise as `layer` ("GhostBatchNorm", "BatchRenorm").
+std::shared_ptr<const StatsReducer> ghost_reducer(std::int64_t virtual_batch_size);
+std::shared_ptr<const StatsReducer> renorm_reducer(RenormLimits limits);
 
 }  // namespace bnorm::detail

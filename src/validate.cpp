@@ -137,4 +137,23 @@ Problem check_training_count(const ConstTensorView& input, const TensorInfo& inf
   return {};
 }
 
+Problem check_virtual_batch_size(std::int64_t virtual_batch_size) {
+  if (virtual_batch_size < 1)
+    return Problem("virtual_batch_size: expected >= 1, got " + std::to_string(virtual_batch_size));
+  return {};
+}
+
+Problem check_renorm_limits(double r_max, double d_max) {
+  if (!(r_max >= 1)) return Problem("r_max: expected a value >= 1 (inf: r unclipped), got " + num(r_max));
+  if (!(d_max >= 0)) return Problem("d_max: expected a value >= 0 (inf: d unclipped), got " + num(d_max));
+  return {};
+}
+
+Problem check_no_activation(Activation activation) {
+  if (activation != Activation::None)
+    return Problem("activation: expected None (the variants fuse no activation), got " +
+                   std::string(activation == Activation::Relu ? "Relu" : "an unsupported value"));
+  return {};
+}
+
 }  // namespace bnorm::detail

@@ -78,4 +78,10 @@ Problem check_momentum(double momentum);
 Problem check_activation(Activation activation);
 Problem check_training_count(const ConstTensorView& input, const TensorInfo& info);
 
+// The variants (ghost_batch_norm, batch_renorm): virtual_batch_size >= 1; r_max >= 1, d_max >= 0
+// (inf allowed: no clipping); their fused activation, None only.
+Problem check_virtual_batch_size(std::int64_t virtual_batch_size);
+Problem check_renorm_limits(double r_max, double d_max);
+Problem check_no_activation(Activation activation);
+
 }  // namespace bnorm::detail

@@ -33,22 +33,6 @@ TEST(BFloat16, RoundsToNearestEvenAndKeepsSpecials) {
   }
 }
 
-std::vector<double> round_to_bf16(std::vector<double> v) {
-  for (double& x : v) x = bfloat16::from_float(static_cast<float>(x)).to_float();
-  return v;
-}
-std::vector<bfloat16> to_bf16(const std::vector<double>& logical, const Dims& d, Layout layout) {
-  const std::vector<float> f = to_layout<float>(logical, d, layout);
-  std::vector<bfloat16> out(f.size());
-  for (std::size_t i = 0; i < f.size(); ++i) out[i] = bfloat16::from_float(f[i]);
-  return out;
-}
-std::vector<double> from_bf16(const std::vector<bfloat16>& mem, const Dims& d, Layout layout) {
-  std::vector<float> f(mem.size());
-  for (std::size_t i = 0; i < f.size(); ++i) f[i] = mem[i].to_float();
-  return from_layout(f, d, layout);
-}
-
 struct Case {
   Layout layout;
   bool relu;

@@ -147,6 +147,23 @@ constexpr double tol() {
   return std::is_same_v<T, float> ? 2e-6 : 1e-12;
 }
 
+// bfloat16 storage: values rounded to it, logical doubles -> bfloat16 memory in `layout`, and back.
+inline std::vector<double> round_to_bf16(std::vector<double> v) {
+  for (double& x : v) x = bfloat16::from_float(static_cast<float>(x)).to_float();
+  return v;
+}
+inline std::vector<bfloat16> to_bf16(const std::vector<double>& logical, const Dims& d, Layout layout) {
+  const std::vector<float> f = to_layout<float>(logical, d, layout);
+  std::vector<bfloat16> out(f.size());
+  for (std::size_t i = 0; i < f.size(); ++i) out[i] = bfloat16::from_float(f[i]);
+  return out;
+}
+inline std::vector<double> from_bf16(const std::vector<bfloat16>& mem, const Dims& d, Layout layout) {
+  std::vector<float> f(mem.size());
+  for (std::size_t i = 0; i < f.size(); ++i) f[i] = mem[i].to_float();
+  return from_layout(f, d, layout);
+}
+
 // Restores the library's thread count at scope exit.
 struct ThreadScope {
   int saved = num_threads();

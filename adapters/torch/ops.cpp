@@ -336,6 +336,22 @@ ForwardResults forward_results(const Tensor& input, const ForwardArgs& a, const 
   return r;
 }
 
+// The running statistic a training call updates in place: the new result tensor `updated`, holding
+// the old values first, or a float32 work copy of a reduced-precision one (as vector_for: any other
+// dtype as it is, for the library to judge); copy_back puts it into `updated` after success.
+Tensor training_copy(const Tensor& old, const Tensor& updated, const Plan& p) {
+  const auto dtype = is_reduced(old.scalar_type()) ? p.vectors : old.scalar_type();
+  Tensor t = updated.scalar_type() == dtype ? updated : at::empty_like(updated, updated.options().dtype(dtype));
+  if (old.scalar_type() == dtype && old.is_contiguous())  // the common case, without a dispatched copy_
+    std::memcpy(t.data_ptr(), old.data_ptr(), static_cast<std::size_t>(old.nbytes()));
+  else
+    t.copy_(old);
+  return t;
+}
+void copy_back(const Tensor& work, const Tensor& result) {
+  if (work.defined() && !work.is_same(result)) result.copy_(work);
+}
+
 // torch takes any momentum; the library's running update takes [0, 1]. Outside it the library runs
 // with momentum 0 and this applies torch's update from the saved float64 statistics.
 void update_running_outside_range(const Tensor& rm, const Tensor& rv, const Tensor& mean, const Tensor& invstd,
@@ -369,15 +385,7 @@ ForwardResults forward_cpu(const ForwardArgs& a, bnorm::Communicator* comm = nul
   const Tensor* rv0 = present(a.running_var);
   auto working = [&](const Tensor* old, Tensor& updated) {
     if (old == nullptr) return Tensor();
-    if (!a.training) return vector_for(*old, p);
-    // As vector_for: reduced precision computed in float32, any other dtype as it is, for the library to judge.
-    const auto dtype = is_reduced(old->scalar_type()) ? p.vectors : old->scalar_type();
-    Tensor t = updated.scalar_type() == dtype ? updated : at::empty_like(updated, updated.options().dtype(dtype));
-    if (old->scalar_type() == dtype && old->is_contiguous())  // the common case, without a dispatched copy_
-      std::memcpy(t.data_ptr(), old->data_ptr(), static_cast<std::size_t>(old->nbytes()));
-    else
-      t.copy_(*old);
-    return t;
+    return a.training ? training_copy(*old, updated, p) : vector_for(*old, p);
   };
   Tensor rm = working(rm0, r.running_mean);
   Tensor rv = working(rv0, r.running_var);
@@ -426,8 +434,8 @@ ForwardResults forward_cpu(const ForwardArgs& a, bnorm::Communicator* comm = nul
     update_running_outside_range(rm, rv, sa, sb, a.momentum, eps, m);
   }
   if (a.training) {  // the work copies into the results
-    if (rm0 && !rm.is_same(r.running_mean)) r.running_mean.copy_(rm);
-    if (rv0 && !rv.is_same(r.running_var)) r.running_var.copy_(rv);
+    copy_back(rm, r.running_mean);
+    copy_back(rv, r.running_var);
   }
   if (a.input.scalar_type() == at::kHalf) r.out.copy_(out);
   return r;
@@ -490,6 +498,35 @@ void check_backward_kinds(const char* fn, const Tensor& grad_output, const Tenso
 
 // The CPU backward; with a communicator, SyncBatchNorm's (training: the per-channel sums are
 // all-reduced, and grad_weight / grad_bias are this rank's part).
+// The body of every backward operator after its torch-side checks: dense copies in the plan's
+// format, the results, the library call `call(dy, state, options, grad_input, grads, plan)` with
+// the state's input, output (relu) and weight filled in, and the copies into the results.
+template <class Call>
+Triple backward_common(const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const OptTensor& output,
+                       bool relu, Call&& call) {
+  const Plan p = plan_for(input);
+  const Tensor x = dense(input, p);
+  const Tensor dy = dense(grad_output.scalar_type() == input.scalar_type() ? grad_output : grad_output.to(input.scalar_type()), p);
+  const Tensor y = present(output) && relu ? dense(*output, p) : Tensor();
+  auto [gi_t, gw_t, gb_t] = backward_results(input, weight, p);
+  Tensor gi = input.scalar_type() == at::kHalf ? at::empty_like(x) : gi_t;
+  Tensor w = present(weight) ? vector_for(*weight, p) : Tensor();
+  Tensor gw = gw_t.scalar_type() == p.vectors ? gw_t : at::empty_like(gw_t, gw_t.options().dtype(p.vectors));
+  Tensor gb = gb_t.scalar_type() == p.vectors ? gb_t : at::empty_like(gb_t, gb_t.options().dtype(p.vectors));
+  ForwardState state{.input = view(x, p.layout),
+                     .output = y.defined() ? ConstTensorView(view(y, p.layout)) : ConstTensorView{},
+                     .weight = vview(w.defined() ? &w : nullptr)};
+  call_library([&] { call(view(dy, p.layout), state, view(gi, p.layout), ParamGrads{vview(&gw), vview(&gb)}, p); });
+  if (x.numel() == 0) {  // torch's zeros (this rank's part, for SyncBatchNorm), where the library's would be 0 * invstd
+    gw.zero_();
+    gb.zero_();
+  }
+  copy_back(gi, gi_t);
+  copy_back(gw, gw_t);
+  copy_back(gb, gb_t);
+  return {gi_t, gw_t, gb_t};
+}
+
 Triple backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& stat_a,
                     const Tensor& stat_b, const OptTensor& output, bool training, double eps, bool relu,
                     bnorm::Communicator* comm = nullptr) {
@@ -497,44 +534,22 @@ Triple backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTen
     check_collectively(*comm, true, [&] { check_backward_kinds("", grad_output, input, weight, output); });
   else
     check_backward_kinds(kBackwardName, grad_output, input, weight, output);
-  const Plan p = plan_for(input);
-  const Tensor x = dense(input, p);
-  // grad_output in the input's layout: the library reads both with one geometry.
-  const Tensor dy = dense(grad_output.scalar_type() == input.scalar_type() ? grad_output : grad_output.to(input.scalar_type()), p);
-  const Tensor y = present(output) && relu ? dense(*output, p) : Tensor();
-  auto [gi_t, gw_t, gb_t] = backward_results(input, weight, p);
-  Tensor gi = input.scalar_type() == at::kHalf ? at::empty_like(x) : gi_t;
-  Tensor w = present(weight) ? vector_for(*weight, p) : Tensor();
-  // Gradients of the parameters in the library's vector dtype, converted to weight's when it differs.
-  Tensor gw = gw_t.scalar_type() == p.vectors ? gw_t : at::empty_like(gw_t, gw_t.options().dtype(p.vectors));
-  Tensor gb = gb_t.scalar_type() == p.vectors ? gb_t : at::empty_like(gb_t, gb_t.options().dtype(p.vectors));
-  const Tensor sa = vector_for(stat_a, p), sb = vector_for(stat_b, p);
   const double kernel_eps = !training && eps == 0.0 ? kSmallestEps : eps;
-  ForwardState state{.input = view(x, p.layout),
-                     .output = y.defined() ? ConstTensorView(view(y, p.layout)) : ConstTensorView{},
-                     .weight = vview(w.defined() ? &w : nullptr)};
-  if (training)
-    state.saved = {vview(&sa), vview(&sb)};
-  else
-    state.running = {vview(&sa), vview(&sb)};
   const Options options{.training = training, .eps = kernel_eps,
                         .activation = relu ? Activation::Relu : Activation::None,
                         .outputs = OutputMemory::Fresh};
-  call_library([&] {
-    if (comm != nullptr)
-      bnorm::sync_batch_norm_backward(*comm, view(dy, p.layout), state, options, view(gi, p.layout),
-                                      {vview(&gw), vview(&gb)});
-    else
-      bnorm::batch_norm_backward(view(dy, p.layout), state, options, view(gi, p.layout), {vview(&gw), vview(&gb)});
-  });
-  if (x.numel() == 0) {  // torch's zeros (this rank's part, for SyncBatchNorm), where the library's would be 0 * invstd
-    gw.zero_();
-    gb.zero_();
-  }
-  if (!gi.is_same(gi_t)) gi_t.copy_(gi);
-  if (!gw.is_same(gw_t)) gw_t.copy_(gw);
-  if (!gb.is_same(gb_t)) gb_t.copy_(gb);
-  return {gi_t, gw_t, gb_t};
+  return backward_common(grad_output, input, weight, output, relu,
+                         [&](ConstTensorView dy, ForwardState& state, TensorView gi, ParamGrads grads, const Plan& p) {
+                           const Tensor sa = vector_for(stat_a, p), sb = vector_for(stat_b, p);
+                           if (training)
+                             state.saved = {vview(&sa), vview(&sb)};
+                           else
+                             state.running = {vview(&sa), vview(&sb)};
+                           if (comm != nullptr)
+                             bnorm::sync_batch_norm_backward(*comm, dy, state, options, gi, grads);
+                           else
+                             bnorm::batch_norm_backward(dy, state, options, gi, grads);
+                         });
 }
 
 Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
@@ -817,6 +832,277 @@ Tensor sync_batch_norm_op(const Tensor& input, const OptTensor& weight, const Op
 
 // The thread count of this copy of the library. The Python package holds two (the extension's and
 // this one's), so bnorm.set_num_threads sets both through these.
+// ----------------------------------------------------------------------------------------------
+// The variants: Ghost Batch Normalization and Batch Renormalization (bnorm::ghost_batch_norm,
+// bnorm::batch_renorm). Their training forwards and backwards are operators of their own, built as
+// batch_norm's are (no mutation: the Autograd kernel copies the new running statistics); their eval
+// is batch_norm's. Unlike batch_norm's, their momentum is the library's, in [0, 1].
+
+constexpr const char* kGhostName = "bnorm::ghost_batch_norm";
+constexpr const char* kGhostBackwardName = "bnorm::ghost_batch_norm_backward";
+constexpr const char* kRenormName = "bnorm::batch_renorm";
+constexpr const char* kRenormBackwardName = "bnorm::batch_renorm_backward";
+
+// A variant's training forward: the output, `n_rows` float64 vectors of `rows` values (the saved
+// statistics, r and d), and the new running statistics.
+struct VariantResults {
+  Tensor out;
+  std::vector<Tensor> rows;
+  Tensor running_mean, running_var;
+};
+
+// Ghost BN's saved rows: one of C per virtual batch (ghost_batch_count, from metadata alone).
+c10::SymInt ghost_rows(const Tensor& input, std::int64_t vbs) {
+  if (input.dim() < 2 || vbs < 1) return c10::SymInt(0);  // the library refuses it, naming the argument
+  return (input.sym_size(0) + (vbs - 1)) / vbs * input.sym_size(1);
+}
+c10::SymInt channel_rows(const Tensor& input) { return input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0); }
+
+VariantResults variant_results(const ForwardArgs& a, const c10::SymInt& rows, int n_rows) {
+  const ForwardResults fr = forward_results(a.input, a, plan_for(a.input));
+  VariantResults r{fr.out, {}, fr.running_mean, fr.running_var};
+  for (int i = 0; i < n_rows; ++i) r.rows.push_back(new_tensor({rows}, a.input.options().dtype(at::kDouble)));
+  return r;
+}
+
+// The CPU body of a variant's training forward: torch-side checks, dense copies, the library call
+// `call(x, out, running, affine, options, rows)`, then the work copies into the results.
+template <class Call>
+VariantResults variant_forward(const char* fn, const ForwardArgs& a, const c10::SymInt& rows, int n_rows,
+                               Call&& call) {
+  check_forward_kinds(fn, a);
+  const Plan p = plan_for(a.input);
+  const Tensor x = dense(a.input, p);
+  VariantResults r = variant_results(a, rows, n_rows);
+  Tensor out = a.input.scalar_type() == at::kHalf ? at::empty_like(x) : r.out;
+  const Tensor w = present(a.weight) ? vector_for(*a.weight, p) : Tensor();
+  const Tensor b = present(a.bias) ? vector_for(*a.bias, p) : Tensor();
+  const Tensor* rm0 = present(a.running_mean);
+  const Tensor* rv0 = present(a.running_var);
+  const Tensor rm = rm0 != nullptr ? training_copy(*rm0, r.running_mean, p) : Tensor();
+  const Tensor rv = rv0 != nullptr ? training_copy(*rv0, r.running_var, p) : Tensor();
+  const Options options{.training = true, .momentum = a.momentum, .eps = a.eps, .outputs = OutputMemory::Fresh};
+  const Affine affine{vview(w.defined() ? &w : nullptr), vview(b.defined() ? &b : nullptr)};
+  const RunningStats running{vview(rm.defined() ? &rm : nullptr), vview(rv.defined() ? &rv : nullptr)};
+  call_library([&] { call(view(x, p.layout), view(out, p.layout), running, affine, options, r.rows); });
+  copy_back(rm, r.running_mean);
+  copy_back(rv, r.running_var);
+  if (a.input.scalar_type() == at::kHalf) r.out.copy_(out);
+  return r;
+}
+
+ForwardArgs variant_args(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps) {
+  static const OptTensor none;
+  return {input, weight, bias, running_mean, running_var, none, true, momentum, eps, false};
+}
+
+Quint ghost_forward_tuple(const VariantResults& r) {
+  return {r.out, r.rows[0], r.rows[1], r.running_mean, r.running_var};
+}
+
+Quint ghost_batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, std::int64_t vbs,
+                                   double momentum, double eps) {
+  const ForwardArgs a = variant_args(input, weight, bias, running_mean, running_var, momentum, eps);
+  return ghost_forward_tuple(variant_forward(
+      kGhostName, a, ghost_rows(input, vbs), 2,
+      [&](ConstTensorView x, TensorView out, RunningStats running, Affine affine, const Options& options,
+          std::vector<Tensor>& rows) {
+        bnorm::ghost_batch_norm(x, out, vbs, running, affine, options, {vview(&rows[0]), vview(&rows[1])});
+      }));
+}
+Quint ghost_batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                    const OptTensor& running_mean, const OptTensor& running_var, std::int64_t vbs,
+                                    double momentum, double eps) {
+  const ForwardArgs a = variant_args(input, weight, bias, running_mean, running_var, momentum, eps);
+  check_forward_kinds(kGhostName, a);
+  return ghost_forward_tuple(variant_results(a, ghost_rows(input, vbs), 2));
+}
+
+using Septet = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+Septet renorm_forward_tuple(const VariantResults& r) {
+  return {r.out, r.rows[0], r.rows[1], r.rows[2], r.rows[3], r.running_mean, r.running_var};
+}
+
+Septet batch_renorm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                const OptTensor& running_mean, const OptTensor& running_var, double r_max,
+                                double d_max, double momentum, double eps) {
+  const ForwardArgs a = variant_args(input, weight, bias, running_mean, running_var, momentum, eps);
+  return renorm_forward_tuple(variant_forward(
+      kRenormName, a, channel_rows(input), 4,
+      [&](ConstTensorView x, TensorView out, RunningStats running, Affine affine, const Options& options,
+          std::vector<Tensor>& rows) {
+        bnorm::batch_renorm(x, out, running, affine, options, {r_max, d_max}, {vview(&rows[0]), vview(&rows[1])},
+                            {vview(&rows[2]), vview(&rows[3])});
+      }));
+}
+Septet batch_renorm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                 const OptTensor& running_mean, const OptTensor& running_var, double, double,
+                                 double momentum, double eps) {
+  const ForwardArgs a = variant_args(input, weight, bias, running_mean, running_var, momentum, eps);
+  check_forward_kinds(kRenormName, a);
+  return renorm_forward_tuple(variant_results(a, channel_rows(input), 4));
+}
+
+constexpr Options kVariantBackward{.training = true, .outputs = OutputMemory::Fresh};
+
+Triple ghost_batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                     const Tensor& save_mean, const Tensor& save_invstd, std::int64_t vbs) {
+  check_backward_kinds(kGhostBackwardName, grad_output, input, weight, std::nullopt);
+  return backward_common(grad_output, input, weight, std::nullopt, false,
+                         [&](ConstTensorView dy, ForwardState& state, TensorView gi, ParamGrads grads, const Plan& p) {
+                           const Tensor sm = vector_for(save_mean, p), si = vector_for(save_invstd, p);
+                           state.saved = {vview(&sm), vview(&si)};
+                           bnorm::ghost_batch_norm_backward(dy, state, vbs, kVariantBackward, gi, grads);
+                         });
+}
+Triple ghost_batch_norm_backward_meta(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                      const Tensor&, const Tensor&, std::int64_t) {
+  check_backward_kinds(kGhostBackwardName, grad_output, input, weight, std::nullopt);
+  return backward_results(input, weight, plan_for(input));
+}
+
+Triple batch_renorm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                 const Tensor& save_mean, const Tensor& save_invstd, const Tensor& r,
+                                 const Tensor& d) {
+  check_backward_kinds(kRenormBackwardName, grad_output, input, weight, std::nullopt);
+  return backward_common(grad_output, input, weight, std::nullopt, false,
+                         [&](ConstTensorView dy, ForwardState& state, TensorView gi, ParamGrads grads, const Plan& p) {
+                           const Tensor sm = vector_for(save_mean, p), si = vector_for(save_invstd, p),
+                                        rc = vector_for(r, p), dc = vector_for(d, p);
+                           state.saved = {vview(&sm), vview(&si)};
+                           bnorm::batch_renorm_backward(dy, state, {vview(&rc), vview(&dc)}, kVariantBackward, gi,
+                                                        grads);
+                         });
+}
+Triple batch_renorm_backward_meta(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  check_backward_kinds(kRenormBackwardName, grad_output, input, weight, std::nullopt);
+  return backward_results(input, weight, plan_for(input));
+}
+
+// The training forward through the dispatcher, then the new running statistics into the buffers.
+Quint call_ghost_forward(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var, std::int64_t vbs,
+                         double momentum, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::ghost_batch_norm_forward", "")
+                             .typed<Quint(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                          const OptTensor&, std::int64_t, double, double)>();
+  Quint r = op.call(input, weight, bias, running_mean, running_var, vbs, momentum, eps);
+  if (const Tensor* t = present(running_mean)) t->copy_(std::get<3>(r));
+  if (const Tensor* t = present(running_var)) t->copy_(std::get<4>(r));
+  return r;
+}
+Septet call_renorm_forward(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                           const OptTensor& running_mean, const OptTensor& running_var, double r_max, double d_max,
+                           double momentum, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnorm::batch_renorm_forward", "")
+                             .typed<Septet(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                           const OptTensor&, double, double, double, double)>();
+  Septet r = op.call(input, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps);
+  if (const Tensor* t = present(running_mean)) t->copy_(std::get<5>(r));
+  if (const Tensor* t = present(running_var)) t->copy_(std::get<6>(r));
+  return r;
+}
+
+struct GhostFunction : public torch::autograd::Function<GhostFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                        const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                        std::int64_t vbs, double momentum, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, invstd, rm, rv] = call_ghost_forward(input, weight, bias, running_mean, running_var, vbs,
+                                                          momentum, eps);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
+    ctx->saved_data["vbs"] = vbs;
+    save_which_params(ctx, weight, bias);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnorm::ghost_batch_norm_backward", "")
+                               .typed<Triple(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                             const Tensor&, std::int64_t)>();
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& weight = saved[1];
+    torch::autograd::variable_list result(8);
+    const Tensor& g = grads[0];
+    if (!g.defined()) return result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gi, gw, gb] = op.call(g, saved[0], weight.defined() ? OptTensor(weight) : std::nullopt, saved[2],
+                                  saved[3], ctx->saved_data["vbs"].toInt());
+      set_grads(ctx, result, gi, gw, gb);
+    }
+    attach_double_backward_error(result, g, saved[0], weight);
+    return result;
+  }
+};
+
+struct RenormFunction : public torch::autograd::Function<RenormFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                        const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                        double r_max, double d_max, double momentum, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, invstd, r, d, rm, rv] =
+        call_renorm_forward(input, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd, r, d});
+    save_which_params(ctx, weight, bias);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnorm::batch_renorm_backward", "")
+                               .typed<Triple(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                             const Tensor&, const Tensor&, const Tensor&)>();
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& weight = saved[1];
+    torch::autograd::variable_list result(9);
+    const Tensor& g = grads[0];
+    if (!g.defined()) return result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gi, gw, gb] = op.call(g, saved[0], weight.defined() ? OptTensor(weight) : std::nullopt, saved[2],
+                                  saved[3], saved[4], saved[5]);
+      set_grads(ctx, result, gi, gw, gb);
+    }
+    attach_double_backward_error(result, g, saved[0], weight);
+    return result;
+  }
+};
+
+// The public operators: in eval batch_norm's (with its autograd), in training their own.
+template <bool Autograd>
+Tensor ghost_batch_norm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                           const OptTensor& running_mean, const OptTensor& running_var, std::int64_t vbs,
+                           bool training, double momentum, double eps) {
+  if (!training)
+    return (Autograd ? fused_autograd : fused_composite)(input, std::nullopt, weight, bias, running_mean, running_var,
+                                                         false, momentum, eps, false);
+  if (Autograd && wants_graph(input, weight, bias, std::nullopt))
+    return GhostFunction::apply(input, weight, bias, running_mean, running_var, vbs, momentum, eps);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return std::get<0>(call_ghost_forward(input, weight, bias, running_mean, running_var, vbs, momentum, eps));
+}
+
+template <bool Autograd>
+Tensor batch_renorm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double r_max,
+                       double d_max, double momentum, double eps) {
+  if (!training)
+    return (Autograd ? fused_autograd : fused_composite)(input, std::nullopt, weight, bias, running_mean, running_var,
+                                                         false, momentum, eps, false);
+  if (Autograd && wants_graph(input, weight, bias, std::nullopt))
+    return RenormFunction::apply(input, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return std::get<0>(
+      call_renorm_forward(input, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps));
+}
+
 void set_threads(std::int64_t n) {
   call_library([&] {
     if (n < 1 || n > std::numeric_limits<int>::max())
@@ -878,6 +1164,33 @@ TORCH_LIBRARY(bnorm, m) {
       "sync_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
       "float eps, str group_name) -> (Tensor, Tensor, Tensor)",
       kLayout);
+  // Ghost Batch Normalization and Batch Renormalization (training forwards and backwards of their own).
+  m.def(
+      "ghost_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, int virtual_batch_size, bool training, float momentum, float eps) -> Tensor",
+      kLayout);
+  m.def(
+      "ghost_batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, int virtual_batch_size, float momentum, float eps) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, Tensor new_running_var)",
+      kLayout);
+  m.def(
+      "ghost_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, int virtual_batch_size) -> (Tensor, Tensor, Tensor)",
+      kLayout);
+  m.def(
+      "batch_renorm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float r_max, float d_max, float momentum, float eps) -> Tensor",
+      kLayout);
+  m.def(
+      "batch_renorm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "float r_max, float d_max, float momentum, float eps) -> (Tensor output, Tensor save_mean, Tensor save_invstd, "
+      "Tensor r, Tensor d, Tensor new_running_mean, Tensor new_running_var)",
+      kLayout);
+  m.def(
+      "batch_renorm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+      "Tensor r, Tensor d) -> (Tensor, Tensor, Tensor)",
+      kLayout);
   m.def("_set_num_threads(int n) -> ()", &bnorm::torch_ops::set_threads);
   m.def("_num_threads() -> int", &bnorm::torch_ops::threads);
 }
@@ -890,6 +1203,10 @@ TORCH_LIBRARY_IMPL(bnorm, CPU, m) {
   m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);
   m.impl("sync_batch_norm_forward", &ops::sync_batch_norm_forward_cpu);
   m.impl("sync_batch_norm_backward", &ops::sync_batch_norm_backward_cpu);
+  m.impl("ghost_batch_norm_forward", &ops::ghost_batch_norm_forward_cpu);
+  m.impl("ghost_batch_norm_backward", &ops::ghost_batch_norm_backward_cpu);
+  m.impl("batch_renorm_forward", &ops::batch_renorm_forward_cpu);
+  m.impl("batch_renorm_backward", &ops::batch_renorm_backward_cpu);
 }
 
 // Tensors that are not dense CPU ones reach the CPU kernel's first check, which names them (instead
@@ -901,6 +1218,10 @@ TORCH_LIBRARY_IMPL(bnorm, CPU, m) {
     m.impl("batch_norm_backward", &ops::batch_norm_backward_cpu);   \
     m.impl("sync_batch_norm_forward", &ops::sync_batch_norm_forward_cpu);   \
     m.impl("sync_batch_norm_backward", &ops::sync_batch_norm_backward_cpu); \
+    m.impl("ghost_batch_norm_forward", &ops::ghost_batch_norm_forward_cpu); \
+    m.impl("ghost_batch_norm_backward", &ops::ghost_batch_norm_backward_cpu); \
+    m.impl("batch_renorm_forward", &ops::batch_renorm_forward_cpu);         \
+    m.impl("batch_renorm_backward", &ops::batch_renorm_backward_cpu);       \
   }
 BNORM_REFUSE_ON(CUDA)
 BNORM_REFUSE_ON(SparseCPU)
@@ -913,6 +1234,10 @@ TORCH_LIBRARY_IMPL(bnorm, Meta, m) {
   m.impl("batch_norm_backward", &ops::batch_norm_backward_meta);
   m.impl("sync_batch_norm_forward", &ops::sync_batch_norm_forward_meta);
   m.impl("sync_batch_norm_backward", &ops::sync_batch_norm_backward_meta);
+  m.impl("ghost_batch_norm_forward", &ops::ghost_batch_norm_forward_meta);
+  m.impl("ghost_batch_norm_backward", &ops::ghost_batch_norm_backward_meta);
+  m.impl("batch_renorm_forward", &ops::batch_renorm_forward_meta);
+  m.impl("batch_renorm_backward", &ops::batch_renorm_backward_meta);
 }
 
 // Below autograd (inference mode, or inside the autograd kernel's redispatch), the public operators
@@ -922,6 +1247,8 @@ TORCH_LIBRARY_IMPL(bnorm, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_relu", &ops::batch_norm_relu_op<false>);
   m.impl("batch_norm_add_relu", &ops::batch_norm_add_relu_op<false>);
   m.impl("sync_batch_norm", &ops::sync_batch_norm_op<false>);
+  m.impl("ghost_batch_norm", &ops::ghost_batch_norm_op<false>);
+  m.impl("batch_renorm", &ops::batch_renorm_op<false>);
 }
 
 TORCH_LIBRARY_IMPL(bnorm, Autograd, m) {
@@ -929,4 +1256,6 @@ TORCH_LIBRARY_IMPL(bnorm, Autograd, m) {
   m.impl("batch_norm_relu", &ops::batch_norm_relu_op<true>);
   m.impl("batch_norm_add_relu", &ops::batch_norm_add_relu_op<true>);
   m.impl("sync_batch_norm", &ops::sync_batch_norm_op<true>);
+  m.impl("ghost_batch_norm", &ops::ghost_batch_norm_op<true>);
+  m.impl("batch_renorm", &ops::batch_renorm_op<true>);
 }

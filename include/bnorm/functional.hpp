@@ -117,4 +117,51 @@ void batch_norm_backward(ConstTensorView grad_output, const ForwardState& forwar
 // float64 (the latter is what SyncBatchNorm merges across ranks).
 void batch_stats(ConstTensorView input, VectorView mean, VectorView var);
 
+// ---------------------------------------------------------------------------------------------
+// Variants of the family (docs/semantics.md, "Ghost Batch Normalization", "Batch Renormalization").
+// Both take batch_norm's arguments and rules (Options with activation None), and both are plain
+// batch_norm / batch_norm_backward with training = false.
+
+// Ghost Batch Normalization. In training the batch is split along N into virtual batches of
+// virtual_batch_size samples (the last one may be smaller), each normalized with its own
+// statistics; the running statistics are updated once per virtual batch, in order, exactly as
+// batch_norm applied to each virtual batch in turn would. The statistics of all virtual batches
+// come from one pass over the input. save (optional) gets ghost_batch_count(N, virtual_batch_size)
+// rows of C values: row j = virtual batch j's mean and 1 / sqrt(var + eps).
+std::int64_t ghost_batch_count(std::int64_t N, std::int64_t virtual_batch_size);
+void ghost_batch_norm(ConstTensorView input, TensorView output, std::int64_t virtual_batch_size,
+                      RunningStats running, Affine affine, Options options, SavedStats save = {});
+// Its backward: per virtual batch, batch_norm_backward with that batch's saved row; the parameter
+// gradients are summed over the virtual batches. forward.saved holds the forward's rows.
+void ghost_batch_norm_backward(ConstTensorView grad_output, const ForwardState& forward,
+                               std::int64_t virtual_batch_size, Options options, TensorView grad_input,
+                               ParamGrads grads = {});
+
+// Batch Renormalization (Ioffe 2017, Algorithm 1). With sigma = sqrt(running_var + eps) from the
+// running statistics before this step's update and sigma_B = sqrt(var_B + eps) (var_B biased):
+//   r = clip(sigma_B / sigma, 1 / r_max, r_max), d = clip((mu_B - running_mean) / sigma, -d_max, d_max)
+//   y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+// then the running statistics are updated as batch_norm's. Training needs running statistics.
+// r_max >= 1 (inf: r unclipped), d_max >= 0 (inf: d unclipped).
+struct RenormLimits {
+  double r_max = 3.0;
+  double d_max = 5.0;
+};
+// The r and d of a training forward (optional outputs, float64 or the vectors' dtype), which its
+// backward needs: they are constants there.
+struct ConstRenormFactors {
+  ConstVectorView r, d;
+};
+struct RenormFactors {
+  VectorView r, d;
+  operator ConstRenormFactors() const { return {r, d}; }
+};
+void batch_renorm(ConstTensorView input, TensorView output, RunningStats running, Affine affine, Options options,
+                  RenormLimits limits, SavedStats save = {}, RenormFactors factors = {});
+// Its backward, r and d constant: grad_input is batch_norm_backward's with gamma * r for gamma,
+// grad_weight = sum(dy * (xhat * r + d)), grad_bias = sum(dy). Training needs the forward's
+// saved statistics and factors.
+void batch_renorm_backward(ConstTensorView grad_output, const ForwardState& forward, ConstRenormFactors factors,
+                           Options options, TensorView grad_input, ParamGrads grads = {});
+
 }  // namespace bnorm

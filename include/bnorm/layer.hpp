@@ -1,6 +1,7 @@
 // bnorm layer: BatchNorm with the options and state of torch.nn.BatchNorm1d/2d/3d.
 #pragma once
 
+#include <bnorm/functional.hpp>
 #include <bnorm/types.hpp>
 
 #include <memory>
@@ -85,6 +86,8 @@ class BasicBatchNorm {
   // SyncBatchNorm (distributed.hpp): the same layer with another source of batch statistics.
   BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims,
                  std::shared_ptr<const detail::StatsReducer> reducer);
+  // Another source from now on (BatchRenorm's new limits); nothing else changes.
+  void replace_reducer(std::shared_ptr<const detail::StatsReducer> reducer);
 
  private:
   // The layer's own checks (rank, channels, dtype; a forward before backward): what failed, or
@@ -133,7 +136,41 @@ using BatchNorm1d = BatchNorm1dT<float>;
 using BatchNorm2d = BatchNorm2dT<float>;
 using BatchNorm3d = BatchNorm3dT<float>;
 
+// Ghost Batch Normalization (functional.hpp's ghost_batch_norm; docs/semantics.md): BatchNorm's
+// options, state, save/load and checks, with the batch split along N into virtual batches of
+// virtual_batch_size in training (and in eval without running statistics); num_batches_tracked
+// counts each virtual batch. options.momentum must be a value (no cumulative average).
+template <class P = float>
+class GhostBatchNormT : public BasicBatchNorm<P> {
+ public:
+  GhostBatchNormT(std::int64_t num_features, std::int64_t virtual_batch_size, BatchNormOptions options = {},
+                  int spatial_dims = -1);
+  std::int64_t virtual_batch_size() const { return virtual_batch_size_; }
+
+ private:
+  std::int64_t virtual_batch_size_;
+};
+
+// Batch Renormalization (functional.hpp's batch_renorm; Ioffe 2017, Algorithm 1): BatchNorm's
+// options, state, save/load and checks; r and d from the running statistics, clipped by the limits,
+// which set_limits changes between steps. options.track_running_stats must be true.
+template <class P = float>
+class BatchRenormT : public BasicBatchNorm<P> {
+ public:
+  explicit BatchRenormT(std::int64_t num_features, RenormLimits limits = {}, BatchNormOptions options = {},
+                        int spatial_dims = -1);
+  void set_limits(RenormLimits limits);  // checked: r_max >= 1, d_max >= 0; a failed call changes nothing
+  RenormLimits limits() const { return limits_; }
+
+ private:
+  RenormLimits limits_;
+};
+
 extern template class BasicBatchNorm<float>;
 extern template class BasicBatchNorm<double>;
+extern template class GhostBatchNormT<float>;
+extern template class GhostBatchNormT<double>;
+extern template class BatchRenormT<float>;
+extern template class BatchRenormT<double>;
 
 }  // namespace bnorm

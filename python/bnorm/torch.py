@@ -16,7 +16,8 @@ load_state_dict, reset_parameters, repr are torch's own) and replace only forwar
 rules (momentum=None as a cumulative average over num_batches_tracked, batch statistics in eval when
 track_running_stats=False) around one operator call. CPU tensors of float32, float64, bfloat16 and
 float16 (computed in float32, like torch's CPU BN), with per-channel vectors of the input's dtype or
-float32. During ONNX export (either exporter) they call torch's batch_norm, which the exporters
+float32. The variants GhostBatchNorm1d/2d/3d and BatchRenorm1d/2d/3d (on the operators
+ghost_batch_norm and batch_renorm), and to_ghost / to_renorm to swap a model's BatchNorms for them. During ONNX export (either exporter) they call torch's batch_norm, which the exporters
 write as the standard BatchNormalization.
 """
 
@@ -63,6 +64,14 @@ __all__ = [
     "BatchNorm3d",
     "FrozenBatchNorm",
     "FrozenBatchNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "to_ghost",
+    "to_renorm",
     "convert",
     "fold",
     "fuse",
@@ -326,6 +335,130 @@ class FrozenBatchNorm2d(FrozenBatchNorm):
     """torchvision.ops.FrozenBatchNorm2d: FrozenBatchNorm for (N, C, H, W)."""
 
 
+# ----------------------------------------------------------------------------------------------
+# The variants (docs/semantics.md): Ghost Batch Normalization and Batch Renormalization, on the
+# operators torch.ops.bnorm.ghost_batch_norm and batch_renorm (adapters/torch/ops.cpp). They derive
+# from torch.nn.modules.batchnorm._BatchNorm: torch's parameters, buffers and state_dict, with
+# their own attributes (virtual_batch_size; r_max, d_max) outside it.
+
+def _check_unit_momentum(cls_name, momentum):
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bnorm.torch.{cls_name}: momentum: expected a float in [0, 1], got {momentum!r}")
+
+
+class _GhostBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Ghost Batch Normalization: in training, the batch is split along N into virtual batches of
+    virtual_batch_size samples (the last may be smaller), each normalized with its own statistics,
+    and the running statistics are updated once per virtual batch, in order: torch's BatchNorm
+    applied to each virtual batch in turn, num_batches_tracked counting each. Eval is BatchNorm.
+    momentum is a float in [0, 1] (not None: the cumulative average would change per virtual batch)."""
+
+    def __init__(self, num_features, virtual_batch_size, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+            raise ValueError(f"bnorm.torch.{type(self).__name__}: virtual_batch_size: expected an int >= 1, "
+                             f"got {virtual_batch_size!r}")
+        _check_unit_momentum(type(self).__name__, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+    def forward(self, input):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"bnorm.torch.{type(self).__name__}: input must be a torch.Tensor, not {type(input).__name__}")
+        self._check_input_dim(input)
+        training, track = self.training, self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not track:
+            running_mean = running_var = None
+        vbs = self.virtual_batch_size
+        if _exporting_onnx():
+            return torch.cat([torch.nn.functional.batch_norm(part, running_mean, running_var, self.weight, self.bias,
+                                                             use_batch_stats, self.momentum, self.eps)
+                              for part in input.split(vbs)]) if use_batch_stats else \
+                torch.nn.functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, False,
+                                               self.momentum, self.eps)
+        out = _ops.ghost_batch_norm(input, self.weight, self.bias, running_mean, running_var, vbs, use_batch_stats,
+                                    float(self.momentum), float(self.eps))
+        if training and track and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(-(-input.shape[0] // vbs))  # one per virtual batch
+        return out
+
+
+class GhostBatchNorm1d(_GhostBatchNorm):
+    """Ghost Batch Normalization for (N, C) or (N, C, L) inputs."""
+    _check_input_dim = torch.nn.BatchNorm1d._check_input_dim
+
+
+class GhostBatchNorm2d(_GhostBatchNorm):
+    """Ghost Batch Normalization for (N, C, H, W) inputs, contiguous or channels_last."""
+    _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
+
+
+class GhostBatchNorm3d(_GhostBatchNorm):
+    """Ghost Batch Normalization for (N, C, D, H, W) inputs, contiguous or channels_last_3d."""
+    _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
+
+
+class _BatchRenorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch Renormalization (Ioffe 2017, Algorithm 1). In training, with sigma = sqrt(running_var +
+    eps) from the running statistics before this step's update and sigma_B = sqrt(var_B + eps):
+    r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - running_mean) / sigma, -d_max, d_max),
+    constants in backward, y = weight * ((x - mu_B) / sigma_B * r + d) + bias; the running statistics
+    are then updated as torch's BatchNorm's (momentum in [0, 1], or None: the cumulative average).
+    Eval is BatchNorm. r_max and d_max are plain attributes, to change between steps (the paper's
+    warm-up from 1 and 0). It always tracks running statistics (it reads them in training)."""
+
+    def __init__(self, num_features, r_max=3.0, d_max=5.0, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        name = type(self).__name__
+        if not track_running_stats:
+            raise ValueError(f"bnorm.torch.{name}: track_running_stats: expected True (Batch Renormalization reads "
+                             "the running statistics in training), got False")
+        if momentum is not None:
+            _check_unit_momentum(name, momentum)
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        self.r_max, self.d_max = float(r_max), float(d_max)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
+
+    def forward(self, input):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"bnorm.torch.{type(self).__name__}: input must be a torch.Tensor, not {type(input).__name__}")
+        self._check_input_dim(input)
+        training = self.training
+        momentum = self.momentum
+        if momentum is None:  # a cumulative moving average, this batch included
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0) if training else 0.0
+        if _exporting_onnx() and not training:
+            return torch.nn.functional.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                                  False, momentum, self.eps)
+        out = _ops.batch_renorm(input, self.weight, self.bias, self.running_mean, self.running_var, training,
+                                float(self.r_max), float(self.d_max), float(momentum), float(self.eps))
+        if training:
+            self.num_batches_tracked.add_(1)
+        return out
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renormalization for (N, C) or (N, C, L) inputs."""
+    _check_input_dim = torch.nn.BatchNorm1d._check_input_dim
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renormalization for (N, C, H, W) inputs, contiguous or channels_last."""
+    _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """Batch Renormalization for (N, C, D, H, W) inputs, contiguous or channels_last_3d."""
+    _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
+
+
 _REPLACEMENTS = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
@@ -403,6 +536,70 @@ def _convert_tree(module, replace):
         return new
 
     return visit(module)
+
+
+# The rank of each BatchNorm class that to_ghost / to_renorm convert (torch's and bnorm's, exact
+# classes, and each other's variants).
+_VARIANT_RANKS = {
+    **{cls: 1 for cls in (torch.nn.BatchNorm1d, BatchNorm1d, GhostBatchNorm1d, BatchRenorm1d)},
+    **{cls: 2 for cls in (torch.nn.BatchNorm2d, BatchNorm2d, GhostBatchNorm2d, BatchRenorm2d)},
+    **{cls: 3 for cls in (torch.nn.BatchNorm3d, BatchNorm3d, GhostBatchNorm3d, BatchRenorm3d)},
+}
+
+
+def _to_variant(fn, module, classes, check, extra):
+    """Swaps every BatchNorm of _VARIANT_RANKS in `module` (itself included) for classes[rank],
+    sharing parameters and buffers as convert() does, then sets `extra`'s attributes. check(m) names
+    what a module cannot become; all are checked before anything changes."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"bnorm.torch.{fn}: expected a torch.nn.Module, not {type(module).__name__}")
+    for name, m in module.named_modules(remove_duplicate=True):
+        if type(m) in _VARIANT_RANKS and (problem := check(m)):
+            raise ValueError(f"bnorm.torch.{fn}: {name or type(m).__name__}: {problem}")
+
+    def replace(m):
+        rank = _VARIANT_RANKS.get(type(m))
+        if rank is None:
+            return m
+        cls = classes[rank]
+        new = _replacement(m, lambda num_features, **kw: cls(num_features, *extra.values(), **kw))
+        for key in ("virtual_batch_size", "r_max", "d_max"):  # a variant's own, copied from another variant
+            new.__dict__.pop(key, None)
+        new.__dict__.update(extra)
+        return new
+
+    return _convert_tree(module, replace)
+
+
+def to_ghost(module: torch.nn.Module, virtual_batch_size: int) -> torch.nn.Module:
+    """Every torch or bnorm BatchNorm1d/2d/3d (or Batch Renorm) in `module` becomes GhostBatchNorm1d/
+    2d/3d with this virtual_batch_size, sharing its parameters and buffers (convert()'s rules).
+    BatchNorms with momentum=None are refused (before anything changes). Returns `module`, or its
+    replacement when it is a BatchNorm itself."""
+    def check(m):
+        if m.momentum is None:
+            return "momentum: expected a float in [0, 1] (Ghost BN has no cumulative average), got None"
+        return None
+
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+        raise ValueError(f"bnorm.torch.to_ghost: virtual_batch_size: expected an int >= 1, got {virtual_batch_size!r}")
+    return _to_variant("to_ghost", module, {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}, check,
+                       {"virtual_batch_size": virtual_batch_size})
+
+
+def to_renorm(module: torch.nn.Module, r_max: float = 3.0, d_max: float = 5.0) -> torch.nn.Module:
+    """Every torch or bnorm BatchNorm1d/2d/3d (or Ghost BN) in `module` becomes BatchRenorm1d/2d/3d
+    with these limits (change them later through each module's r_max / d_max), sharing its
+    parameters and buffers. BatchNorms without running statistics are refused (before anything
+    changes). Returns `module`, or its replacement when it is a BatchNorm itself."""
+    def check(m):
+        if not m.track_running_stats or m.running_mean is None:
+            return ("track_running_stats: expected True (Batch Renormalization reads the running statistics), "
+                    "got False")
+        return None
+
+    return _to_variant("to_renorm", module, {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}, check,
+                       {"r_max": float(r_max), "d_max": float(d_max)})
 
 
 def fuse(module: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:

@@ -1,6 +1,8 @@
 #include "kernels/reference.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 
 namespace bnorm::reference {
 namespace {
@@ -116,6 +118,129 @@ Backward backward(const Problem& p, const std::vector<double>& x, const std::vec
     }
     for (std::int64_t n = 0; n < p.N; ++n)
       for (std::int64_t s = 0; s < p.S; ++s) b.dx[at(p, n, c, s)] = dx1[static_cast<std::size_t>(n * p.S + s)];
+  }
+  return b;
+}
+
+namespace {
+std::vector<double> slice(const std::vector<double>& v, std::size_t from, std::size_t n) {
+  return {v.begin() + static_cast<std::ptrdiff_t>(from), v.begin() + static_cast<std::ptrdiff_t>(from + n)};
+}
+void append(std::vector<double>& to, const std::vector<double>& v) { to.insert(to.end(), v.begin(), v.end()); }
+}  // namespace
+
+Forward ghost_forward(const Problem& p, std::int64_t virtual_batch_size, const std::vector<double>& x,
+                      const std::vector<double>& weight, const std::vector<double>& bias,
+                      const std::vector<double>& running_mean, const std::vector<double>& running_var) {
+  if (!p.training) return forward(p, x, weight, bias, running_mean, running_var);
+  Forward f;
+  f.running_mean = running_mean;
+  f.running_var = running_var;
+  for (std::int64_t n0 = 0; n0 < p.N; n0 += virtual_batch_size) {
+    Problem q = p;
+    q.N = std::min(virtual_batch_size, p.N - n0);
+    const auto per_sample = static_cast<std::size_t>(p.C * p.S);
+    const Forward part = forward(q, slice(x, static_cast<std::size_t>(n0) * per_sample,
+                                          static_cast<std::size_t>(q.N) * per_sample),
+                                 weight, bias, f.running_mean, f.running_var);
+    append(f.y, part.y);
+    append(f.mean, part.mean);
+    append(f.var, part.var);
+    append(f.invstd, part.invstd);
+    f.running_mean = part.running_mean;
+    f.running_var = part.running_var;
+  }
+  return f;
+}
+
+Backward ghost_backward(const Problem& p, std::int64_t virtual_batch_size, const std::vector<double>& x,
+                        const std::vector<double>& weight, const Forward& fwd, const std::vector<double>& dy) {
+  if (!p.training) return backward(p, x, weight, fwd, dy);
+  Backward b;
+  const auto C = static_cast<std::size_t>(p.C), per_sample = static_cast<std::size_t>(p.C * p.S);
+  b.dweight.assign(C, 0.0);
+  b.dbias.assign(C, 0.0);
+  std::size_t j = 0;
+  for (std::int64_t n0 = 0; n0 < p.N; n0 += virtual_batch_size, ++j) {
+    Problem q = p;
+    q.N = std::min(virtual_batch_size, p.N - n0);
+    const std::size_t from = static_cast<std::size_t>(n0) * per_sample, n = static_cast<std::size_t>(q.N) * per_sample;
+    Forward part;
+    part.y = slice(fwd.y, from, n);
+    part.mean = slice(fwd.mean, j * C, C);
+    part.var = slice(fwd.var, j * C, C);
+    const Backward pb = backward(q, slice(x, from, n), weight, part, slice(dy, from, n));
+    append(b.dx, pb.dx);
+    for (std::size_t c = 0; c < C; ++c) {
+      b.dweight[c] += pb.dweight[c];
+      b.dbias[c] += pb.dbias[c];
+    }
+  }
+  return b;
+}
+
+Renorm renorm_forward(const Problem& p, double r_max, double d_max, const std::vector<double>& x,
+                      const std::vector<double>& weight, const std::vector<double>& bias,
+                      const std::vector<double>& running_mean, const std::vector<double>& running_var) {
+  Renorm out;
+  // The batch statistics and the running update are batch normalization's.
+  out.fwd = forward(p, x, {}, {}, running_mean, running_var);
+  if (!p.training) {
+    out.fwd = forward(p, x, weight, bias, running_mean, running_var);
+    return out;
+  }
+  const auto C = static_cast<std::size_t>(p.C);
+  out.r.assign(C, 0.0);
+  out.d.assign(C, 0.0);
+  for (std::int64_t c = 0; c < p.C; ++c) {
+    const auto ci = static_cast<std::size_t>(c);
+    const double sigma = std::sqrt(running_var[ci] + p.eps);
+    const double sigma_b = std::sqrt(out.fwd.var[ci] + p.eps);
+    const double r = std::min(std::max(sigma_b / sigma, 1.0 / r_max), r_max);
+    const double d = std::min(std::max((out.fwd.mean[ci] - running_mean[ci]) / sigma, -d_max), d_max);
+    out.r[ci] = r;
+    out.d[ci] = d;
+    const double gamma = param(weight, c, 1.0), beta = param(bias, c, 0.0);
+    for (std::int64_t n = 0; n < p.N; ++n)
+      for (std::int64_t s = 0; s < p.S; ++s) {
+        const double xhat = (x[at(p, n, c, s)] - out.fwd.mean[ci]) / sigma_b;
+        out.fwd.y[at(p, n, c, s)] = gamma * (xhat * r + d) + beta;
+      }
+  }
+  return out;
+}
+
+Backward renorm_backward(const Problem& p, const std::vector<double>& x, const std::vector<double>& weight,
+                         const Renorm& fwd, const std::vector<double>& dy) {
+  if (!p.training) return backward(p, x, weight, fwd.fwd, dy);
+  const auto C = static_cast<std::size_t>(p.C);
+  const double m = static_cast<double>(p.N * p.S);
+  Backward b;
+  b.dx.assign(x.size(), 0.0);
+  b.dweight.assign(C, 0.0);
+  b.dbias.assign(C, 0.0);
+  for (std::int64_t c = 0; c < p.C; ++c) {
+    const auto ci = static_cast<std::size_t>(c);
+    const double gamma = param(weight, c, 1.0), r = fwd.r[ci], d = fwd.d[ci];
+    const double sigma_b = std::sqrt(fwd.fwd.var[ci] + p.eps), mu = fwd.fwd.mean[ci];
+    // out = gamma * (xhat * r + d) + beta: dgamma = sum(dy (xhat r + d)), dbeta = sum(dy), dxhat = dy gamma r
+    double sum_dxhat = 0, sum_dxhat_xhat = 0;
+    for (std::int64_t n = 0; n < p.N; ++n)
+      for (std::int64_t s = 0; s < p.S; ++s) {
+        const double g = dy[at(p, n, c, s)], xhat = (x[at(p, n, c, s)] - mu) / sigma_b;
+        b.dweight[ci] += g * (xhat * r + d);
+        b.dbias[ci] += g;
+        sum_dxhat += g * gamma * r;
+        sum_dxhat_xhat += g * gamma * r * xhat;
+      }
+    // xhat = (x - mu_B) / sigma_B with mu_B and sigma_B functions of the batch:
+    // dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / sigma_B
+    for (std::int64_t n = 0; n < p.N; ++n)
+      for (std::int64_t s = 0; s < p.S; ++s) {
+        const double xhat = (x[at(p, n, c, s)] - mu) / sigma_b;
+        b.dx[at(p, n, c, s)] =
+            (dy[at(p, n, c, s)] * gamma * r - sum_dxhat / m - xhat * sum_dxhat_xhat / m) / sigma_b;
+      }
   }
   return b;
 }

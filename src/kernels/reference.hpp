@@ -38,4 +38,29 @@ struct Backward {
 Backward backward(const Problem& p, const std::vector<double>& x, const std::vector<double>& weight,
                   const Forward& fwd, const std::vector<double>& dy);
 
+// Ghost Batch Normalization: the batch split along N into virtual batches of `virtual_batch_size`
+// samples (the last may be smaller), forward() applied to each in turn with the running statistics
+// carried from one to the next. mean/var/invstd hold one row of C per virtual batch.
+Forward ghost_forward(const Problem& p, std::int64_t virtual_batch_size, const std::vector<double>& x,
+                      const std::vector<double>& weight, const std::vector<double>& bias,
+                      const std::vector<double>& running_mean, const std::vector<double>& running_var);
+// backward() of each virtual batch; the parameter gradients summed.
+Backward ghost_backward(const Problem& p, std::int64_t virtual_batch_size, const std::vector<double>& x,
+                        const std::vector<double>& weight, const Forward& fwd, const std::vector<double>& dy);
+
+// Batch Renormalization (Ioffe 2017, Algorithm 1), training: sigma = sqrt(running_var + eps) before
+// the update, sigma_B = sqrt(var_B + eps), r = clip(sigma_B / sigma, 1/r_max, r_max),
+// d = clip((mu_B - running_mean) / sigma, -d_max, d_max), y = gamma (xhat r + d) + beta; running
+// statistics updated as forward()'s.
+struct Renorm {
+  Forward fwd;  // y, the batch statistics, the updated running statistics
+  std::vector<double> r, d;
+};
+Renorm renorm_forward(const Problem& p, double r_max, double d_max, const std::vector<double>& x,
+                      const std::vector<double>& weight, const std::vector<double>& bias,
+                      const std::vector<double>& running_mean, const std::vector<double>& running_var);
+// Its backward with r and d constants: dxhat = dy gamma r through xhat = (x - mu_B) / sigma_B.
+Backward renorm_backward(const Problem& p, const std::vector<double>& x, const std::vector<double>& weight,
+                         const Renorm& fwd, const std::vector<double>& dy);
+
 }  // namespace bnorm::reference
