@@ -7,7 +7,6 @@ BatchNormalization(renorm=True) on the torch backend where its semantics match (
 opcheck of the operators; errors that change nothing."""
 
 import copy
-import importlib.util
 import os
 
 import pytest
@@ -193,7 +192,6 @@ def test_renorm_with_limits_1_and_0_is_batch_norm():
 # ---- against Keras 3 (torch backend) ------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
 def test_renorm_agrees_with_keras_where_semantics_match():
     """Keras's r and d come from its renorm_mean / renorm_stddev (their own moving averages, with
     renorm_momentum); ours from the running statistics. Set ours to Keras's before each step (running_var
