@@ -488,8 +488,13 @@ def _replacement(module, cls=None):
     return new
 
 
-def convert(module: torch.nn.Module, fuse: bool = False) -> torch.nn.Module:
+def convert(module: torch.nn.Module, fuse: bool = False, *, virtual_batch_size: int | None = None,
+            renorm: tuple[float, float] | bool | None = None) -> torch.nn.Module:
     """Swaps every torch.nn.BatchNorm1d/2d/3d in `module` (itself included) for bnorm's.
+
+    With virtual_batch_size=V they become Ghost BN over virtual batches of V samples (to_ghost), with
+    renorm=(r_max, d_max) (or True: 3 and 5) Batch Renormalization (to_renorm); at most one of the two,
+    and neither with fuse=True (the fused operators are plain BatchNorm's).
 
     The new modules share the old ones' parameters and buffers (the same tensors: state, device,
     dtype, requires_grad and optimizer references carry over) and training flag. Children are
@@ -506,6 +511,19 @@ def convert(module: torch.nn.Module, fuse: bool = False) -> torch.nn.Module:
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"bnorm.torch.convert: expected a torch.nn.Module, not {type(module).__name__}")
+    variant = [name for name, v in (("virtual_batch_size", virtual_batch_size), ("renorm", renorm))
+               if v is not None and v is not False]
+    if len(variant) > 1 or (variant and fuse):
+        raise ValueError("bnorm.torch.convert: expected at most one of fuse, virtual_batch_size and renorm, got "
+                         + ", ".join((["fuse"] if fuse else []) + variant))
+    if virtual_batch_size is not None:
+        return to_ghost(module, virtual_batch_size)  # checks every BN before it changes any
+    if renorm is not None and renorm is not False:
+        if renorm is True:
+            renorm = (3.0, 5.0)
+        if not (isinstance(renorm, (tuple, list)) and len(renorm) == 2):
+            raise ValueError(f"bnorm.torch.convert: renorm: expected (r_max, d_max) or True, got {renorm!r}")
+        return to_renorm(module, *renorm)
     converted = _convert_tree(module, _replacement)
     if not fuse:
         return converted

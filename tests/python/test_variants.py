@@ -266,6 +266,25 @@ def test_to_ghost_and_to_renorm_share_state_and_keep_state_dict():
     torch.nn.BatchNorm2d(4).load_state_dict(renorm[1].state_dict())
 
 
+def test_convert_takes_the_variants_as_options():
+    ghost = bt.convert(_model(), virtual_batch_size=3)
+    assert type(ghost[1]) is bt.GhostBatchNorm2d and ghost[1].virtual_batch_size == 3
+    renorm = bt.convert(_model(), renorm=(2.0, 1.5))
+    assert type(renorm[1]) is bt.BatchRenorm2d and (renorm[1].r_max, renorm[1].d_max) == (2.0, 1.5)
+    assert (bt.convert(_model(), renorm=True)[1].r_max, bt.convert(_model(), renorm=True)[1].d_max) == (3.0, 5.0)
+    x, base = torch.randn(8, 3, 6, 6), _model()
+    ref = bt.to_ghost(copy.deepcopy(base), 3)
+    torch.testing.assert_close(bt.convert(base, virtual_batch_size=3)(x), ref(x))
+    model = _model()
+    for kwargs, names in (({"virtual_batch_size": 2, "renorm": True}, "virtual_batch_size, renorm"),
+                          ({"fuse": True, "virtual_batch_size": 2}, "fuse, virtual_batch_size")):
+        with pytest.raises(ValueError, match=f"expected at most one of fuse, virtual_batch_size and renorm, got {names}"):
+            bt.convert(model, **kwargs)
+        assert type(model[1]) is torch.nn.BatchNorm2d
+    with pytest.raises(ValueError, match=r"renorm: expected \(r_max, d_max\) or True, got 2.0"):
+        bt.convert(model, renorm=2.0)
+
+
 def test_conversion_refusals_change_nothing():
     model = _model()
     model[5] = torch.nn.BatchNorm1d(6, track_running_stats=False)
