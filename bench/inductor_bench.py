@@ -37,14 +37,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# Before any OpenMP runtime starts (torch's bundled libgomp and bnorm's): idle OpenMP threads sleep
+# instead of spinning. The three implementations alternate call by call, on 2 threads on a shared
+# 2-CPU machine; a runtime spinning after its region would take the CPUs the next call's threads
+# need (see variants_bench.py: times in steps of scheduler slices without it). The output says
+# which policy ran; set OMP_WAIT_POLICY to choose another.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch_bench as tb
-from torch_bench import log, num, sci
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import torch_bench as tb  # noqa: E402
+from torch_bench import log, num, sci  # noqa: E402
 
 MODES = ("train_fwd", "infer", "infer_relu", "backward")
 IMPLS = ("eager", "inductor", "bnorm")
@@ -174,6 +182,41 @@ def run_case(shape, fmt, dtype_name, mode, rounds, warmup, batch_ns):
     return timed, check, errs, compile_s
 
 
+def run_all(shapes, dtypes, modes, quick, timing, report, rows, notes, summary):
+    """Every case in turn; its row into rows (the table), summary (ratios, errors) and the JSON."""
+    rounds, warmup, batch_ns = timing
+    for shape in shapes:
+        layouts = [("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)] if len(shape) == 4 \
+            else [("NC", torch.contiguous_format)]
+        for dtype_name in dtypes:
+            these = layouts[:1] if quick else layouts  # --quick: one layout
+            nbytes = DTYPES[dtype_name].itemsize * torch.Size(shape).numel()
+            label = "x".join(map(str, shape)) + (" *" if nbytes > tb.MMAP_THRESHOLD_MAX else "")
+            for layout, fmt in these:
+                for mode in modes:
+                    log(f"[inductor] {label} {layout} {dtype_name} {mode}")
+                    timed, check, errs, compile_s = run_case(shape, fmt, dtype_name, mode, rounds, warmup, batch_ns)
+                    ms = timed.medians(1e6)
+                    r_ind, r_eag = tb.ratio(ms["bnorm"], ms["inductor"]), tb.ratio(ms["bnorm"], ms["eager"])
+                    report.write({"kind": "case", "shape": list(shape), "layout": layout, "dtype": dtype_name,
+                                  "mode": mode, "ms": ms, "bnorm_over_inductor": r_ind, "bnorm_over_eager": r_eag,
+                                  "compile_s": compile_s, "check": check, "err_offset_1e4": errs,
+                                  "calls_per_batch": timed.calls, "batches": rounds, "others": timed.others,
+                                  "errors": timed.errors()})
+                    summary.append((dtype_name, mode, layout, r_ind, errs))
+                    worst_check = max((v for v in check.values() if v is not None), default=None)
+                    rows.append([label, layout, dtype_name, mode, num(ms["eager"], 3), num(ms["inductor"], 3),
+                                 num(ms["bnorm"], 3), num(r_ind, 2), num(r_eag, 2), sci(worst_check),
+                                 *(sci(errs.get(n)) if dtype_name == "f32" else "-" for n in IMPLS),
+                                 num(compile_s, 1), num(timed.others, 2)])
+                    log("  " + " | ".join(rows[-1]))
+                    tb.failures(f"{label} {layout} {dtype_name} {mode}", timed, notes)
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 class Tee:
     """stdout that also goes into the Markdown file."""
 
@@ -223,6 +266,7 @@ def main():
         sys.stdout = Tee(sys.stdout, md)
     say = print
 
+    signal.signal(signal.SIGTERM, interrupted)
     torch.set_num_threads(tb.THREADS)
     tb.bnorm.set_num_threads(tb.THREADS)
     info = tb.meta(args)
@@ -233,7 +277,7 @@ def main():
     say(f"- CPU: {info['cpu']} ({info['cpus']} CPUs); threads: torch {tb.THREADS}, bnorm {tb.THREADS}; "
         f"load average {info['loadavg']:.2f} at start")
     say(f"- torch {info['torch']}, bnorm {info['bnorm']}, Python {info['python']}; "
-        f"GLIBC_TUNABLES {info['glibc_tunables'] or 'unset'}; "
+        f"GLIBC_TUNABLES {info['glibc_tunables'] or 'unset'}; OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}; "
         f"TORCHINDUCTOR_CACHE_DIR {os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'unset (torch default)'}\n")
     say(
         f"ms per call, median of {rounds} interleaved batches (~{batch_ns // 1_000_000} ms each, at least one call) after {warmup} "
@@ -249,33 +293,10 @@ def main():
         f"{tb.OTHERS_NOTE}\n")
 
     rows, notes, summary = [], [], []
-    for shape in shapes:
-        layouts = [("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)] if len(shape) == 4 \
-            else [("NC", torch.contiguous_format)]
-        for dtype_name in dtypes:
-            these = layouts[:1] if args.quick else layouts  # --quick: one layout
-            nbytes = DTYPES[dtype_name].itemsize * torch.Size(shape).numel()
-            label = "x".join(map(str, shape)) + (" *" if nbytes > tb.MMAP_THRESHOLD_MAX else "")
-            for layout, fmt in these:
-                for mode in modes:
-                    log(f"[inductor] {label} {layout} {dtype_name} {mode}")
-                    timed, check, errs, compile_s = run_case(shape, fmt, dtype_name, mode, rounds, warmup, batch_ns)
-                    ms = timed.medians(1e6)
-                    r_ind, r_eag = tb.ratio(ms["bnorm"], ms["inductor"]), tb.ratio(ms["bnorm"], ms["eager"])
-                    report.write({"kind": "case", "shape": list(shape), "layout": layout, "dtype": dtype_name,
-                                  "mode": mode, "ms": ms, "bnorm_over_inductor": r_ind, "bnorm_over_eager": r_eag,
-                                  "compile_s": compile_s, "check": check, "err_offset_1e4": errs,
-                                  "calls_per_batch": timed.calls, "batches": rounds, "others": timed.others,
-                                  "errors": timed.errors()})
-                    summary.append((dtype_name, mode, layout, r_ind, errs))
-                    worst_check = max((v for v in check.values() if v is not None), default=None)
-                    rows.append([label, layout, dtype_name, mode, num(ms["eager"], 3), num(ms["inductor"], 3),
-                                 num(ms["bnorm"], 3), num(r_ind, 2), num(r_eag, 2), sci(worst_check),
-                                 *(sci(errs.get(n)) if dtype_name == "f32" else "-" for n in IMPLS),
-                                 num(compile_s, 1), num(timed.others, 2)])
-                    log("  " + " | ".join(rows[-1]))
-                    tb.failures(f"{label} {layout} {dtype_name} {mode}", timed, notes)
-
+    try:
+        run_all(shapes, dtypes, modes, args.quick, (rounds, warmup, batch_ns), report, rows, notes, summary)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the tables of the rows done so far
+        notes.append(f"- interrupted after {len(rows)} rows: the run is partial")
     table = tb.Report.table
     table(["shape", "layout", "dtype", "mode", "eager ms", "inductor ms", "bnorm ms", "bnorm/ind", "bnorm/eager",
            "check", "err@1e4 eager", "err@1e4 inductor", "err@1e4 bnorm", "compile s", "others"], rows, 4)
