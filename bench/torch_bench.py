@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -45,10 +46,51 @@ THREADS = 2
 # page-faults in on first touch at every allocating call, whichever library computes it.
 MMAP_THRESHOLD_MAX = 32 << 20
 
-# bnorm-bench's default shapes (bench/options.cpp: "seed", "resnet50" at batch 32, "2d").
-BENCH_SHAPES = [(32, 64, 68, 68)] + [(32, c, h, w) for c, h, w in (
-    (64, 112, 112), (256, 56, 56), (64, 56, 56), (512, 28, 28), (128, 28, 28),
-    (1024, 14, 14), (256, 14, 14), (2048, 7, 7), (512, 7, 7))] + [(256, 1024)]
+OPTIONS_CPP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "options.cpp")
+
+
+def _options_source() -> str:
+    with open(OPTIONS_CPP) as f:
+        return f.read()
+
+
+def _found(pattern: str, src: str, what: str):
+    m = re.search(pattern, src, re.S)
+    if m is None:
+        raise RuntimeError(f"{OPTIONS_CPP}: cannot find {what} (pattern {pattern!r}); update {__file__}")
+    return m
+
+
+def named_shapes(name: str, src: str) -> list:
+    """bnorm-bench's shapes for one --shapes word, read from bench/options.cpp (named_shapes there:
+    "seed", "2d", "resnet50"), so that the Python harnesses share the C++ bench's list instead of
+    keeping a copy of it; other words are shapes like 32x64x68x68 or 256x1024."""
+    simple = dict(re.findall(r'if \(name == "(\w+)"\) return \{\{([\d, ]+)\}\};', src))
+    if name in simple:
+        return [tuple(int(d) for d in simple[name].split(","))]
+    if name == "resnet50":
+        table = _found(r"r50\[\]\[3\] = \{(.*?)\};", src, "the resnet50 table").group(1)
+        batch = int(_found(r"v\.push_back\(\{(\d+), s\[0\]", src, "the resnet50 batch").group(1))
+        return [(batch, *map(int, chw)) for chw in re.findall(r"\{(\d+), (\d+), (\d+)\}", table)]
+    dims = tuple(int(d) for d in name.split("x"))
+    if len(dims) not in (2, 4) or min(dims) < 1:
+        raise ValueError(f"--shapes: expected seed, resnet50, 2d or NxC / NxCxHxW, got {name!r}")
+    return [dims]
+
+
+def bench_shapes(names: str | None = None) -> list:
+    """bnorm-bench's shapes for a --shapes list (default: its default list, kDefaultShapes)."""
+    src = _options_source()
+    if names is None:
+        names = _found(r'kDefaultShapes = "([^"]*)"', src, "kDefaultShapes").group(1)
+    return [shape for name in names.split(",") if name for shape in named_shapes(name, src)]
+
+
+def quick_bf16_shape() -> tuple:
+    """The shape bnorm-bench --quick runs bf16 on (kQuickBf16Shape in bench/options.cpp)."""
+    dims = _found(r"kQuickBf16Shape\{([\d, ]+)\}", _options_source(), "kQuickBf16Shape").group(1)
+    return tuple(int(d) for d in dims.split(","))
+
 QUICK_BENCH_SHAPES = [(32, 256, 14, 14), (32, 512, 7, 7)]
 
 SMALL_CASES = [("BatchNorm2d", (4, 256, 7, 7)), ("BatchNorm2d", (1, 64, 56, 56)),
@@ -332,7 +374,7 @@ def section_small(report, quick):
 
 
 def section_shapes(report, quick):
-    shapes = QUICK_BENCH_SHAPES if quick else BENCH_SHAPES
+    shapes = QUICK_BENCH_SHAPES if quick else bench_shapes()
     rounds, warmup = (5, 1) if quick else (20, 2)
     print("## 2. bnorm-bench's shapes through the modules (f32, ms per call)\n")
     print(f"Median over {rounds} batches (a batch: calls enough for ~20 ms, at least one). "
