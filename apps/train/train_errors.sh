@@ -57,6 +57,13 @@ expect "batch 0" "--batch" --data "$tmp/good" --batch 0
 expect "threads 0" "--threads" --data "$tmp/good" --threads 0
 expect "unknown option" "--learning-rate" --data "$tmp/good" --learning-rate 0.1
 expect "init scale 0" "--init-scale must be > 0" --data "$tmp/good" --init-scale 0
+expect "unknown optimizer" "unknown optimizer 'adam'" --data "$tmp/good" --optimizer momentum,adam
+expect "depth 1" "--depth must be between 2 and 200.*got 1" --data "$tmp/good" --model plain --depth 2,1
+expect "depth not a number" "--depth" --data "$tmp/good" --model plain --depth deep
+expect "width 0" "--width" --data "$tmp/good" --model plain --width 0
+expect "trainable 1.5" "--trainable must be in \(0, 1\)" --data "$tmp/good" --trainable 1.5
+expect "curve lr not in the grid" "--curve-lr 0.3 is not one of the --lr values" --data "$tmp/good" --lr 0.1,1 --curve-lr 0.3
+expect "seed not a number" "--seed" --data "$tmp/good" --seeds 1,two
 expect "batch larger than the data" "larger than the training set" --data "$tmp/good" --batch 64
 touch "$tmp/file"
 expect "unwritable output folder" "cannot write to the output folder" --data "$tmp/good" --out "$tmp/file/sub"
