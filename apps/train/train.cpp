@@ -476,9 +476,15 @@ std::string verdict(double a, double sd_a, double b, double sd_b, bool higher_is
   return "not shown here";
 }
 
-std::string lr_range(const std::vector<double>& lrs) {
+// "0.01 - 0.3 (4 values)" where every grid value between the two trains, else the list.
+std::string lr_range(const std::vector<double>& lrs, const std::vector<double>& grid) {
   if (lrs.empty()) return "none";
-  return lrs.size() == 1 ? cat(lrs.front()) : cat(lrs.front(), " - ", lrs.back(), " (", lrs.size(), " values)");
+  if (lrs.size() == 1) return cat(lrs.front());
+  const auto between = std::count_if(grid.begin(), grid.end(), [&](double g) { return g >= lrs.front() && g <= lrs.back(); });
+  if (static_cast<std::size_t>(between) == lrs.size()) return cat(lrs.front(), " - ", lrs.back(), " (", lrs.size(), " values)");
+  std::string l;
+  for (double lr : lrs) l += cat(l.empty() ? "" : ", ", lr);
+  return l;
 }
 
 // The experiment's summary and a row per claim (for grids of several seeds or learning rates).
@@ -493,7 +499,7 @@ std::string report_summary(const Options& o, const std::vector<Cell>& cells) {
      << "| net | optimizer | variant | lrs that train | best lr | best test acc | train - test gap there | fastest lr | steps to "
      << o.target * 100 << "% there |\n|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& s : sums)
-    md << "| " << net_name(s.key) << " | " << s.key.optimizer << " | " << s.key.variant << " | " << lr_range(s.trained)
+    md << "| " << net_name(s.key) << " | " << s.key.optimizer << " | " << s.key.variant << " | " << lr_range(s.trained, o.lrs)
        << " | " << s.best->spec.lr << " | " << pm(s.best->acc) << " | " << pm(s.best->gap) << " | "
        << (s.fastest ? cat(s.fastest->spec.lr) : std::string("-")) << " | "
        << (s.fastest ? pm(s.fastest->steps, "%.0f") : std::string("not reached")) << " |\n";
