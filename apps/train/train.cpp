@@ -186,7 +186,7 @@ struct RunResult {
   double acc1 = 0, accN = 0, train_accN = 0, final_loss = 0;
   std::optional<std::int64_t> steps_to_target;
   std::optional<std::int64_t> diverged_at;
-  double sec_per_epoch = 0, sec_per_step = 0;
+  double sec_per_epoch = 0, sec_per_step = 0, init_checksum = 0;
   // Eval points for the plot: (step, mean train loss since the previous one) and (step, test accuracy).
   std::vector<std::pair<std::int64_t, double>> loss_curve, acc_curve;
 };
@@ -300,8 +300,13 @@ RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, co
     for (auto& p : net->named_parameters())
       if (p.key().find("weight") != std::string::npos && p.value().dim() > 1) p.value().mul_(spec.init);
   }
-  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(spec.lr).momentum(spec.optimizer == "momentum" ? 0.9 : 0.0));
   RunResult r;
+  {  // A checksum of the initial conv/linear weights: equal across variants of one seed (train_errors.sh checks it).
+    torch::NoGradGuard g;
+    for (auto& p : net->parameters())
+      if (p.dim() > 1) r.init_checksum += p.abs().sum().item<double>();
+  }
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(spec.lr).momentum(spec.optimizer == "momentum" ? 0.9 : 0.0));
   r.spec = spec;
   const std::string tag = cat(spec.model, ",", spec.variant, ",", spec.lr, ",", spec.init);
   // Columns added for the depth experiment go last, so the first nine keep their places.
@@ -710,14 +715,15 @@ std::string report(const Options& o, const std::vector<RunResult>& results, std:
                                                        : std::string())
      << ".\n\n";
   md << "| net | variant | optimizer | lr | init x | seed | test acc after 1 epoch | test acc after " << o.epochs
-     << " | train acc after " << o.epochs << " | steps to " << o.target * 100 << "% | diverged | s / epoch | ms / step |\n"
-     << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+     << " | train acc after " << o.epochs << " | steps to " << o.target * 100 << "% | diverged | s / epoch | ms / step | initial sum of abs(w) |\n"
+     << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& r : results)
     md << "| " << net_name(r.spec) << " | " << r.spec.variant << " | " << r.spec.optimizer << " | " << r.spec.lr << " | "
        << r.spec.init << " | " << r.spec.seed << " | " << fmt("%.4f", r.acc1) << " | " << fmt("%.4f", r.accN) << " | "
        << (r.diverged_at ? std::string("-") : fmt("%.4f", r.train_accN)) << " | "
        << (r.steps_to_target ? std::to_string(*r.steps_to_target) : std::string("not reached")) << " | " << outcome(r)
-       << " | " << fmt("%.2f", r.sec_per_epoch) << " | " << fmt("%.1f", r.sec_per_step * 1e3) << " |\n";
+       << " | " << fmt("%.2f", r.sec_per_epoch) << " | " << fmt("%.1f", r.sec_per_step * 1e3) << " | "
+       << fmt("%.6f", r.init_checksum) << " |\n";
 
   // bnorm's BN and torch's, same placement, side by side.
   std::ostringstream pairs;

@@ -89,6 +89,16 @@ if [ -e "$data/train-images-idx3-ubyte.gz" ] || [ -e "$data/train-images-idx3-ub
   else
     echo "FAIL determinism:"; diff "$tmp/det1.cut" "$tmp/det2.cut" | head; fails=$((fails + 1))
   fi
+  # The plain CNN: per seed, every variant starts from the same conv/linear weights (results.md's last column).
+  "$exe" --no-bench --data "$data" --model plain --depth 3 --variants none,bn_before,bn_after,torch_bn,torch_bn_before \
+    --lr 0.1 --seeds 1,2 --epochs 1 --train-subset 128 --test-subset 100 --out "$tmp/plain" >/dev/null 2>"$tmp/stderr" ||
+    { echo "FAIL plain run:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
+  sums=$(awk -F'|' 'NF == 16 && $2 ~ /plain3/ { print $7, $(NF-1) }' "$tmp/plain/results.md" | sort -u)
+  if [ "$(echo "$sums" | wc -l)" -eq 2 ] && [ "$(echo "$sums" | cut -d' ' -f2 | sort -u | wc -l)" -eq 2 ]; then
+    echo "ok   same initial weights per seed across the 5 variants:" $sums
+  else
+    echo "FAIL initial weights differ across variants of a seed (seed, sum |w|):"; echo "$sums"; fails=$((fails + 1))
+  fi
   for m in mlp cnn; do
     [ -s "$tmp/det1/plot_$m.png" ] || ! command -v gnuplot >/dev/null ||
       { echo "FAIL no plot_$m.png"; fails=$((fails + 1)); }
