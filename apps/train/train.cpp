@@ -239,7 +239,7 @@ struct Options {
   std::vector<std::string> optimizers{"momentum"};
   std::vector<std::int64_t> seeds{0};
   int epochs = 2, batch = 64, threads = 2, eval_every = 100, width = 16;
-  std::int64_t train_limit = 0, test_limit = 2000;
+  std::int64_t train_limit = 0, test_limit = 2000, train_eval_limit = 10000;
   double target = 0.85, trainable = 0.5;
   bool bench = true;
   std::string command;
@@ -270,7 +270,8 @@ void validate(const Options& o) {
   for (double lr : o.curve_lrs)
     if (std::find(o.lrs.begin(), o.lrs.end(), lr) == o.lrs.end())
       throw UsageError(cat("--curve-lr ", lr, " is not one of the --lr values"));
-  if (o.train_limit < 0 || o.test_limit < 0) throw UsageError("--train-subset and --test-subset must be >= 0");
+  if (o.train_limit < 0 || o.test_limit < 0 || o.train_eval_limit < 0)
+    throw UsageError("--train-subset, --test-subset and --train-eval-subset must be >= 0");
   // The m == 1 rule: in training, BN normalizes each channel with the mean and variance of its m values in
   // the batch (m = N for BatchNorm1d on (N, C), N x H x W for BatchNorm2d). With m == 1 the variance is 0,
   // the output is identically beta and the gradient to the input is 0; torch refuses it too.
@@ -379,7 +380,7 @@ RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, co
   }
   r.sec_per_epoch = train_seconds / o.epochs;
   r.sec_per_step = step > 0 ? train_seconds / static_cast<double>(step) : 0;
-  if (!r.diverged_at) r.train_accN = accuracy(*net, train, 10000);
+  if (!r.diverged_at) r.train_accN = accuracy(*net, train, o.train_eval_limit);
   return r;
 }
 
@@ -873,6 +874,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1000000));
   app.add_option("--train-subset", o.train_limit, "use the first N training images (0 = all 60000)");
   app.add_option("--test-subset", o.test_limit, "evaluate on the first N test images (0 = all 10000)");
+  app.add_option("--train-eval-subset", o.train_eval_limit,
+                 "the final train accuracy (for the train-test gap) on the first N training images (0 = all)");
   app.add_option("--eval-every", o.eval_every, "steps between logged test accuracies")->check(CLI::Range(1, 100000000));
   app.add_option("--target", o.target, "target test accuracy for 'steps to target'");
   app.add_option("--threads", o.threads, "intra-op threads (torch and bnorm)")->check(CLI::Range(1, 1024));

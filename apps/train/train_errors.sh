@@ -64,6 +64,7 @@ expect "width 0" "--width" --data "$tmp/good" --model plain --width 0
 expect "trainable 1.5" "--trainable must be in \(0, 1\)" --data "$tmp/good" --trainable 1.5
 expect "curve lr not in the grid" "--curve-lr 0.3 is not one of the --lr values" --data "$tmp/good" --lr 0.1,1 --curve-lr 0.3
 expect "seed not a number" "--seed" --data "$tmp/good" --seeds 1,two
+expect "train eval subset < 0" "--train-eval-subset must be >= 0" --data "$tmp/good" --train-eval-subset=-1
 expect "batch larger than the data" "larger than the training set" --data "$tmp/good" --batch 64
 touch "$tmp/file"
 expect "unwritable output folder" "cannot write to the output folder" --data "$tmp/good" --out "$tmp/file/sub"
