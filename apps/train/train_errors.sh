@@ -57,6 +57,14 @@ expect "batch 0" "--batch" --data "$tmp/good" --batch 0
 expect "threads 0" "--threads" --data "$tmp/good" --threads 0
 expect "unknown option" "--learning-rate" --data "$tmp/good" --learning-rate 0.1
 expect "init scale 0" "--init-scale must be > 0" --data "$tmp/good" --init-scale 0
+expect "unknown optimizer" "unknown optimizer 'adam'" --data "$tmp/good" --optimizer momentum,adam
+expect "depth 1" "--depth must be between 2 and 200.*got 1" --data "$tmp/good" --model plain --depth 2,1
+expect "depth not a number" "--depth" --data "$tmp/good" --model plain --depth deep
+expect "width 0" "--width" --data "$tmp/good" --model plain --width 0
+expect "trainable 1.5" "--trainable must be in \(0, 1\)" --data "$tmp/good" --trainable 1.5
+expect "curve lr not in the grid" "--curve-lr 0.3 is not one of the --lr values" --data "$tmp/good" --lr 0.1,1 --curve-lr 0.3
+expect "seed not a number" "--seed" --data "$tmp/good" --seeds 1,two
+expect "train eval subset < 0" "--train-eval-subset must be >= 0" --data "$tmp/good" --train-eval-subset=-1
 expect "batch larger than the data" "larger than the training set" --data "$tmp/good" --batch 64
 touch "$tmp/file"
 expect "unwritable output folder" "cannot write to the output folder" --data "$tmp/good" --out "$tmp/file/sub"
@@ -81,6 +89,16 @@ if [ -e "$data/train-images-idx3-ubyte.gz" ] || [ -e "$data/train-images-idx3-ub
     echo "ok   determinism: two runs with --seed 7 logged the same $(wc -l <"$tmp/det1.cut") lines"
   else
     echo "FAIL determinism:"; diff "$tmp/det1.cut" "$tmp/det2.cut" | head; fails=$((fails + 1))
+  fi
+  # The plain CNN: per seed, every variant starts from the same conv/linear weights (results.md's last column).
+  "$exe" --no-bench --data "$data" --model plain --depth 3 --variants none,bn_before,bn_after,torch_bn,torch_bn_before \
+    --lr 0.1 --seeds 1,2 --epochs 1 --train-subset 128 --test-subset 100 --out "$tmp/plain" >/dev/null 2>"$tmp/stderr" ||
+    { echo "FAIL plain run:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
+  sums=$(awk -F'|' 'NF == 16 && $2 ~ /plain3/ { print $7, $(NF-1) }' "$tmp/plain/results.md" | sort -u)
+  if [ "$(echo "$sums" | wc -l)" -eq 2 ] && [ "$(echo "$sums" | cut -d' ' -f2 | sort -u | wc -l)" -eq 2 ]; then
+    echo "ok   same initial weights per seed across the 5 variants:" $sums
+  else
+    echo "FAIL initial weights differ across variants of a seed (seed, sum |w|):"; echo "$sums"; fails=$((fails + 1))
   fi
   for m in mlp cnn; do
     [ -s "$tmp/det1/plot_$m.png" ] || ! command -v gnuplot >/dev/null ||
