@@ -17,7 +17,6 @@ Writes a Markdown table (stdout, and --out).
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,16 +27,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from torch_bench import cpu_model  # noqa: E402  (bench/ is on the path: the script's own folder)
 
 
 def timed_steps(model, x, y, steps, warmup=10):
@@ -127,7 +117,7 @@ def main():
         os.remove(init[len("file://"):])
     med = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
     lines = [
-        f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {world} processes x 1 thread, Gloo "
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; {world} processes x 1 thread, Gloo "
         f"on loopback; model {args.model}; global batch {args.batch}; median of {len(next(iter(rows.values())))} steps per variant "
         "(3 alternating rounds)",
         "",
