@@ -77,6 +77,33 @@ fi
 "$exe" --no-bench --data "$tmp/good" --model cnn --variants bn_after --batch 1 --epochs 1 --out "$tmp/cnn1" \
   >/dev/null 2>"$tmp/stderr" || { echo "FAIL cnn batch 1:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
 
+# --resume: a grid stopped midway and continued gives what one uninterrupted run gives. The stop is made by
+# hand: runs.txt keeps its header, two finished runs and half of the third line (a kill during the write), and
+# steps.csv keeps every run's rows, so --resume must drop the unfinished runs' rows and train those runs again.
+resume_args="--no-bench --data $tmp/good --model plain --depth 2 --variants none,bn_after --lr 0.01,0.1 --batch 2 --epochs 2 --eval-every 1"
+# shellcheck disable=SC2086
+"$exe" $resume_args --out "$tmp/whole" >/dev/null 2>"$tmp/stderr" || { echo "FAIL resume, whole run:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
+mkdir -p "$tmp/cut"; cp "$tmp/whole/steps.csv" "$tmp/cut/"
+{ head -n 3 "$tmp/whole/runs.txt"; sed -n 4p "$tmp/whole/runs.txt" | cut -c1-40 | tr -d '\n'; } >"$tmp/cut/runs.txt"
+# shellcheck disable=SC2086
+"$exe" $resume_args --out "$tmp/cut" --resume >/dev/null 2>"$tmp/stderr" || { echo "FAIL resume run:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
+for d in whole cut; do
+  cut -d, -f1-8,10- "$tmp/$d/steps.csv" | sort >"$tmp/$d.steps"
+  grep '^| plain2 ' "$tmp/$d/results.md" | cut -d'|' -f1-11 >"$tmp/$d.table"
+done
+cp "$tmp/stderr" "$tmp/resume1"
+# shellcheck disable=SC2086
+"$exe" $resume_args --out "$tmp/cut" --resume >/dev/null 2>"$tmp/stderr"  # again: every run is in runs.txt now
+if grep -q "2 of 4 runs were finished" "$tmp/resume1" && grep -q "4 of 4 runs were finished" "$tmp/stderr" && cmp -s "$tmp/whole.steps" "$tmp/cut.steps" &&
+   [ -s "$tmp/whole.table" ] && cmp -s "$tmp/whole.table" "$tmp/cut.table" && [ "$(wc -l <"$tmp/cut/runs.txt")" -eq 5 ]; then
+  echo "ok   --resume after a stop: 2 runs kept, 2 trained again, the same steps.csv and results as one run"
+else
+  echo "FAIL --resume:"; cat "$tmp/resume1" "$tmp/stderr"; diff "$tmp/whole.steps" "$tmp/cut.steps" | head; diff "$tmp/whole.table" "$tmp/cut.table"
+  fails=$((fails + 1))
+fi
+expect "resume with other settings" "--resume: .*runs.txt was made with other settings" \
+  --data "$tmp/good" --model plain --depth 2 --variants none --batch 2 --epochs 3 --out "$tmp/cut" --resume
+
 # Determinism: the same command twice gives the same logged losses and accuracies (all columns but wall_s).
 if [ -e "$data/train-images-idx3-ubyte.gz" ] || [ -e "$data/train-images-idx3-ubyte" ]; then
   for i in 1 2; do
