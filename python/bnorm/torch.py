@@ -147,6 +147,15 @@ def _torch_composition(input, weight, bias, running_mean, running_var, training,
     return torch.relu(out) if relu else out
 
 
+def _counting_and_momentum(module, training, track, momentum):
+    """Whether a call of `module` counts a batch (num_batches_tracked), and the momentum it runs with:
+    torch's rule for every BatchNorm-like module here (momentum None: a cumulative moving average)."""
+    counting = training and track and module.num_batches_tracked is not None
+    if momentum is None:  # a cumulative moving average, this batch included
+        momentum = 1.0 / (float(module.num_batches_tracked) + 1.0) if counting else 0.0
+    return counting, momentum
+
+
 class _BnormForward:
     """forward() for the subclasses of torch.nn.BatchNorm*d below: torch's module rules, bnorm's
     operators. num_batches_tracked and the running statistics change only once the operator has
@@ -168,7 +177,7 @@ class _BnormForward:
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not track:  # the buffers are read in eval, and updated in training only when tracking
             running_mean = running_var = None
-        counting, momentum = self._counting_and_momentum(training, track, momentum)
+        counting, momentum = _counting_and_momentum(self, training, track, momentum)
         args = (self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps)
         if _exporting_onnx():
             out = _torch_composition(input, *args, residual, relu)
@@ -185,13 +194,6 @@ class _BnormForward:
             self.num_batches_tracked.add_(1)
         return out
 
-
-    def _counting_and_momentum(self, training, track, momentum):
-        """Whether this call counts a batch (num_batches_tracked), and the momentum it runs with."""
-        counting = training and track and self.num_batches_tracked is not None
-        if momentum is None:  # a cumulative moving average, this batch included
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0) if counting else 0.0
-        return counting, momentum
 
 
 class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
@@ -259,7 +261,7 @@ class SyncBatchNorm(_BnormForward, torch.nn.modules.batchnorm._BatchNorm):
         # The input's own checks (rank, channels, dtype, layout) are the operator's: made on every
         # rank together, where a check here would raise on one rank and leave the others waiting.
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
-        counting, momentum = self._counting_and_momentum(training, track, self.momentum)
+        counting, momentum = _counting_and_momentum(self, training, track, self.momentum)
         out = _ops.sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, momentum, self.eps,
                                    group.group_name)
         if counting:
@@ -431,15 +433,13 @@ class _BatchRenorm(torch.nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"bnorm.torch.{type(self).__name__}: input must be a torch.Tensor, not {type(input).__name__}")
         self._check_input_dim(input)
         training = self.training
-        momentum = self.momentum
-        if momentum is None:  # a cumulative moving average, this batch included
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0) if training else 0.0
+        counting, momentum = _counting_and_momentum(self, training, True, self.momentum)  # always tracks
         if _exporting_onnx() and not training:
             return torch.nn.functional.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                                   False, momentum, self.eps)
         out = _ops.batch_renorm(input, self.weight, self.bias, self.running_mean, self.running_var, training,
                                 float(self.r_max), float(self.d_max), float(momentum), float(self.eps))
-        if training:
+        if counting:
             self.num_batches_tracked.add_(1)
         return out
 
