@@ -562,6 +562,28 @@ std::string report_summary(const Options& o, const std::vector<Cell>& cells) {
         row("less init sensitivity", n, v, "-", "-", "not shown here (no --init-scale other than 1 in this run)");
     }
   }
+  // Seed 002: BN matters more as nets get deeper. The gain, a BN variant's best test accuracy minus no-BN's, at
+  // the shallowest and the deepest plain net of the run; its spread is the sum of the two sds.
+  auto find_sum = [&](const RunSpec& like, int depth, const std::string& variant) -> const Summary* {
+    for (const auto& s : sums)
+      if (s.key.model == like.model && s.key.optimizer == like.optimizer && s.key.depth == depth && s.key.variant == variant)
+        return &s;
+    return nullptr;
+  };
+  if (o.depths.size() > 1 && std::find(o.models.begin(), o.models.end(), "plain") != o.models.end()) {
+    const int d0 = *std::min_element(o.depths.begin(), o.depths.end()), d1 = *std::max_element(o.depths.begin(), o.depths.end());
+    for (const auto& v : sums) {
+      if (v.key.model != "plain" || v.key.depth != d1 || v.key.variant == "none") continue;
+      const Summary *n1 = find_sum(v.key, d1, "none"), *n0 = find_sum(v.key, d0, "none"), *v0 = find_sum(v.key, d0, v.key.variant);
+      if (!n1 || !n0 || !v0) continue;
+      const double g0 = v0->best->acc.mean - n0->best->acc.mean, s0 = v0->best->acc.sd + n0->best->acc.sd;
+      const double g1 = v.best->acc.mean - n1->best->acc.mean, s1 = v.best->acc.sd + n1->best->acc.sd;
+      rows << "| BN gains more at depth " << d1 << " than at " << d0 << " (best test acc, BN - none) | plain" << d0
+           << " / plain" << d1 << " | " << v.key.optimizer << " | " << v.key.variant << " | " << fmt("%+.4f", g0) << " ± "
+           << fmt("%.4f", s0) << " | " << fmt("%+.4f", g1) << " ± " << fmt("%.4f", s1) << " | "
+           << (o.seeds.size() > 1 ? verdict(g1, s1, g0, s0, true) : "not shown here (one seed: no spread)") << " |\n";
+    }
+  }
   // Before vs after the ReLU: bnorm's BN, best test accuracy.
   for (const auto& a : sums) {
     if (a.key.variant != "bn_after") continue;
@@ -575,7 +597,8 @@ std::string report_summary(const Options& o, const std::vector<Cell>& cells) {
        << "Rule: a claim is **shown** where the difference of the means exceeds the sum of the two standard deviations "
           "across seeds (for the learning rate: where the largest rate at which every seed trains is larger on the grid); "
           "**opposite shown** where that holds the other way; otherwise not shown here. Speed compares each variant's "
-          "fastest learning rate, the gap and before/after each one's best.\n\n"
+          "fastest learning rate, the gap and before/after each one's best. Depth: the gain (the variant's best test "
+          "accuracy minus no-BN's) at the deepest net against the shallowest, each with the sum of its two sds.\n\n"
        << "| claim | net | optimizer | variant | none (or before) | variant | verdict |\n|---|---|---|---|---|---|---|\n"
        << rows.str();
   return md.str();
