@@ -376,7 +376,8 @@ RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, co
       }
     }
     train_seconds += seconds_since(te) - eval_seconds;
-    const double acc = r.diverged_at ? 0.0 : accuracy(*net, test);
+    // An epoch that did not diverge ended with a test evaluation (above), at this very step: its accuracy.
+    const double acc = r.diverged_at ? 0.0 : r.acc_curve.back().second;
     if (epoch == 1) r.acc1 = acc;
     r.accN = acc;
     if (r.diverged_at)
