@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -55,8 +56,22 @@ std::string runtime_info() {
 #endif
   o << "fused channels-first passes: when a channel's cached slices fit in " << bytes(fuse_budget_bytes())
     << " (3/4 of L2) and the channels spread evenly over the threads\n";
-  o << "non-temporal output stores: outputs of at least " << bytes(static_cast<long>(kStreamBytes))
-    << " (unless the output is fresh memory)\n";
+  const StreamThreshold& st = stream_threshold();
+  o << "non-temporal output stores: outputs of at least "
+    << (st.bytes == std::numeric_limits<std::int64_t>::max() ? std::string("(none)")
+        : st.bytes == 0                                       ? std::string("0 B (every output)")
+                                                              : bytes(static_cast<long>(st.bytes)))
+    << " (unless the output is fresh memory; " << st.source << ")\n";
+  if (!st.probes.empty()) {
+    o << "  single-thread copies timed, ordinary / non-temporal stores:";
+    char b[96];
+    for (const StreamProbe& p : st.probes) {
+      std::snprintf(b, sizeof b, " %s %.3f / %.3f ms%s;", bytes(static_cast<long>(p.bytes)).c_str(), p.cached_s * 1e3,
+                    p.streamed_s * 1e3, stream_wins(p) ? " (streaming wins)" : "");
+      o << b;
+    }
+    o << "\n";
+  }
   o << "variants taken (float32; forward = training forward, backward = training backward):\n";
   struct Example {
     std::int64_t N, C, S;

@@ -5,6 +5,7 @@
 #include "kernels/kernels.hpp"
 
 #include <cstring>
+#include <limits>
 
 namespace bnorm::test {
 namespace {
@@ -175,14 +176,53 @@ INSTANTIATE_TEST_SUITE_P(Shapes, KernelVsReference, ::testing::Range<std::size_t
                            return name;
                          });
 
-// Outputs of kernels::kStreamBytes or more are written with non-temporal stores (after a scalar
+// The measured threshold is the first probed size at which the streamed copy wins twice in a row,
+// or twice the last size when none does; the sizes double from the first, and a size is probed again
+// only after a win. (Small sizes, to keep it quick: which size wins here depends on the machine and
+// its load, the rule by which it is picked does not.)
+TEST(Kernels, StreamThresholdIsTheFirstSizeThatStreamingWinsTwice) {
+  const std::int64_t first = std::int64_t{1} << 20, last = std::int64_t{8} << 20;
+  const kernels::StreamThreshold t = kernels::calibrate_stream_threshold(first, last);
+#if defined(__SSE2__)
+  ASSERT_FALSE(t.probes.empty());
+  std::int64_t size = first, expect = 2 * last;
+  for (std::size_t i = 0; i < t.probes.size(); ++i) {
+    const kernels::StreamProbe& p = t.probes[i];
+    EXPECT_EQ(p.bytes, size) << "probe " << i;
+    EXPECT_GT(p.cached_s, 0.0);
+    EXPECT_GT(p.streamed_s, 0.0);
+    EXPECT_EQ(kernels::stream_wins(p), p.streamed_s <= 0.97 * p.cached_s);
+    const bool again = i > 0 && t.probes[i - 1].bytes == p.bytes;
+    if (again && kernels::stream_wins(p)) {
+      expect = p.bytes;
+      EXPECT_EQ(i + 1, t.probes.size()) << "probing went on after streaming won twice";
+      break;
+    }
+    if (kernels::stream_wins(p) && !again) continue;  // the same size once more
+    size *= 2;
+  }
+  if (expect == 2 * last) {
+    EXPECT_EQ(t.probes.back().bytes, last);
+  }
+  EXPECT_EQ(t.bytes, expect);
+#else
+  EXPECT_TRUE(t.probes.empty());
+  EXPECT_EQ(t.bytes, std::numeric_limits<std::int64_t>::max());
+#endif
+  // Not measured below the first size: outputs that small are never streamed.
+  EXPECT_FALSE(kernels::stream_output_bytes(std::int64_t{64} << 10));
+}
+
+// Outputs of the stream threshold or more are written with non-temporal stores (after a scalar
 // head up to the vector boundary; channels-last only when every row is vector-aligned). y and dx
 // against the reference, both layouts, the fused channels-first path (256 KiB channels) and the
 // unfused one, output buffers 64-byte aligned and 4 bytes off, with the ReLU masks.
 TEST(Kernels, StreamedLargeOutputsMatchReference) {
   ThreadScope threads(2);
+  const StreamThresholdScope streamed(std::int64_t{32} << 20);  // both shapes, wherever this runs
   for (const Dims& d : {Dims{{8, 160, 8192}}, Dims{{2, 6, 1 << 20}}}) {
-    ASSERT_GE(d.numel() * 4, kernels::kStreamBytes);
+    ASSERT_GE(d.numel() * 4, std::int64_t{32} << 20);
+    ASSERT_TRUE(kernels::stream_output_bytes(d.numel() * 4));
     std::mt19937_64 rng(99);
     const std::vector<double> x = random_input<float>(d, rng), dy = random_input<float>(d, rng, 0.5);
     const reference::Problem p{d.N(), d.C(), d.S(), true, 0.1, 1e-5, true};

@@ -4,6 +4,7 @@
 
 #include <bnorm/bnorm.hpp>
 
+#include "kernels/kernels.hpp"
 #include "kernels/reference.hpp"
 
 #include <gtest/gtest.h>
@@ -169,6 +170,13 @@ struct ThreadScope {
   int saved = num_threads();
   explicit ThreadScope(int n) { set_num_threads(n); }
   ~ThreadScope() { set_num_threads(saved); }
+};
+
+// Outputs of at least `bytes` streamed while in scope, instead of at this machine's measured threshold
+// (stream_threshold.cpp): for tests that must take the streamed path wherever they run.
+struct StreamThresholdScope {
+  explicit StreamThresholdScope(std::int64_t bytes) { kernels::set_stream_threshold_for_testing(bytes); }
+  ~StreamThresholdScope() { kernels::set_stream_threshold_for_testing(-1); }
 };
 
 }  // namespace bnorm::test

@@ -10,9 +10,11 @@
 #include <array>
 #include <atomic>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
+#include <string>
 #include <type_traits>
 
 #include <unistd.h>
@@ -127,8 +129,17 @@ Isa best_isa(Isa cap) {
 Isa initial_isa() {
   Isa cap = kAllIsas[kIsaCount - 1];
   if (const char* env = std::getenv("BNORM_ISA")) {
+    bool known = false;
     for (Isa isa : kAllIsas)
-      if (std::strcmp(env, isa_name(isa)) == 0) cap = isa;
+      if (std::strcmp(env, isa_name(isa)) == 0) {
+        cap = isa;
+        known = true;
+      }
+    if (!known) {  // said once (the first call picks the row), then ignored: no cap
+      std::string names;
+      for (Isa isa : kAllIsas) names += std::string(names.empty() ? "" : ", ") + isa_name(isa);
+      std::fprintf(stderr, "bnorm: BNORM_ISA: expected one of this build's rows (%s), got '%s'; ignored\n", names.c_str(), env);
+    }
   }
   return best_isa(cap);
 }
@@ -175,15 +186,20 @@ std::int64_t cl_rows_per_block(const Geometry& g) {
   return rows < 16 ? 16 : (rows > 64 ? 64 : rows);
 }
 
-std::int64_t fuse_budget_bytes() {
-  static const std::int64_t budget = [] {
-    long l2 = -1;
+std::int64_t l2_cache_bytes() {
+  static const std::int64_t l2 = [] {
+    long v = -1;
 #ifdef _SC_LEVEL2_CACHE_SIZE
-    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-    return l2 > 0 ? static_cast<std::int64_t>(l2) / 4 * 3 : std::int64_t{1} << 20;
+    return v > 0 ? static_cast<std::int64_t>(v) : std::int64_t{0};
   }();
-  return budget;
+  return l2;
+}
+
+std::int64_t fuse_budget_bytes() {
+  const std::int64_t l2 = l2_cache_bytes();
+  return l2 > 0 ? l2 / 4 * 3 : std::int64_t{1} << 20;
 }
 
 std::int64_t reduce_workspace_doubles(const Geometry& g, int threads) {

@@ -10,7 +10,9 @@
 #include "kernels/isa_table.hpp"
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 namespace bnorm::kernels {
 
@@ -48,17 +50,39 @@ inline constexpr std::int64_t kBlock = 2048;
 // rows), so that a tile's values and its per-channel sums stay in L1 between the two passes.
 inline constexpr std::int64_t kTileChannels = 256;
 
-// Outputs of at least this many bytes are written with non-temporal stores (simd.hpp): a tensor
-// this large does not stay in the caches for its consumer anyway, and streaming it saves the read
-// of every destination line and keeps the input's lines in cache for the kernel's second pass.
-inline constexpr std::int64_t kStreamBytes = std::int64_t{32} << 20;
+// Outputs of at least the threshold are written with non-temporal stores (simd.hpp): a tensor that
+// large does not stay in the caches for its consumer anyway, and streaming it saves the read of every
+// destination line and keeps the input's lines in cache for the kernel's second pass. The threshold
+// is this machine's (stream_threshold.cpp): BNORM_STREAM_BYTES, or measured once, on the first call
+// large enough to need it.
+struct StreamProbe {
+  std::int64_t bytes = 0;                   // a copy of this many bytes into as many
+  double cached_s = 0, streamed_s = 0;      // best of 5, ordinary and non-temporal stores
+};
+struct StreamThreshold {
+  std::int64_t bytes = 0;                   // outputs of at least this many bytes are streamed
+  std::string source;                       // where it came from (bnorm info prints it)
+  std::vector<StreamProbe> probes;          // the timings it was chosen from (none if not measured)
+};
+// This process's threshold (computed on the first call: measuring takes up to a few hundred ms).
+const StreamThreshold& stream_threshold();
+// The measurement: copies of first, 2 first, ... bytes up to last, until streaming wins (stream_wins)
+// twice in a row at one size; that size, or 2 last if none.
+StreamThreshold calibrate_stream_threshold(std::int64_t first, std::int64_t last);
+// Streaming wins a probe where it takes at most 97% of the ordinary stores' time.
+bool stream_wins(const StreamProbe& p);
+// Whether an output of `bytes` is streamed (measures the threshold only for outputs that need it).
+bool stream_output_bytes(std::int64_t bytes);
+// Tests: a fixed threshold instead of this machine's (-1: back to it).
+void set_stream_threshold_for_testing(std::int64_t bytes);
+
 template <class T>
 bool stream_output(const Geometry& g) {
   // Not bfloat16: streaming its outputs (half-line or, paired, whole-line stores) measured slower on
   // 32x64x112x112, inference 9.1-11.3 ms against 4.5-5.3 with ordinary stores, backward 13.7-16.3
   // against 11.1-12.2 (three alternating runs each), training forward no better.
   if constexpr (std::is_same_v<T, bfloat16>) return false;
-  return g.may_stream && g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
+  return g.may_stream && stream_output_bytes(g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)));
 }
 
 // The instruction sets the kernels are compiled for: one enumerator per row of the ISA table
@@ -193,6 +217,8 @@ bool use_fused_backward(const Geometry& g, bool relu_output, bool writes_dx);
 // Three quarters of one core's L2 (sysconf; 1 MiB when the system does not say): the room a
 // channel's slices may take between the two passes.
 std::int64_t fuse_budget_bytes();
+// A core's L2 as the system reports it (sysconf), 0 when it does not.
+std::int64_t l2_cache_bytes();
 
 // The tensors whose slices a fused pass keeps in cache between its two passes. use_fused_* size
 // the path with them, and the kernels size their channel blocks with them. An output written with
