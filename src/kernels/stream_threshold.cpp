@@ -19,6 +19,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
+#include <optional>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -79,13 +81,15 @@ std::int64_t env_threshold() {
 std::atomic<std::int64_t> g_test_threshold{-1};
 
 #if defined(__SSE2__)
-// Best of 5 alternated timings of each kind of store, on a copy of `bytes` into as many.
-StreamProbe probe(std::int64_t bytes) {
+// Best of 5 alternated timings of each kind of store, on a copy of `bytes` into as many; nothing
+// when its buffers cannot be had (a kernel call must not throw).
+std::optional<StreamProbe> probe(std::int64_t bytes) {
   const std::int64_t n = bytes / static_cast<std::int64_t>(sizeof(float));
   // One input and an output for each kind of store: a streamed store evicts its lines, and the
   // ordinary stores would then pay for that on a shared output. 64-byte aligned, and touched
   // before timing so that no page fault is timed.
-  std::unique_ptr<float[]> buf(new float[static_cast<std::size_t>(3 * (n + 16))]);
+  std::unique_ptr<float[]> buf(new (std::nothrow) float[static_cast<std::size_t>(3 * (n + 16))]);
+  if (!buf) return std::nullopt;
   const auto a = reinterpret_cast<std::uintptr_t>(buf.get());
   float* x = buf.get() + ((64 - a % 64) % 64) / sizeof(float);
   float* y_cached = x + n + 16;
@@ -116,13 +120,20 @@ StreamThreshold calibrate_stream_threshold(std::int64_t first, std::int64_t last
   // A size counts once streaming wins there twice in a row: one win can be another process's burst
   // of traffic during the ordinary stores' timing.
   for (std::int64_t bytes = first; bytes <= last; bytes *= 2) {
-    t.probes.push_back(probe(bytes));
-    if (!stream_wins(t.probes.back())) continue;
-    t.probes.push_back(probe(bytes));
-    if (stream_wins(t.probes.back())) {
-      t.bytes = bytes;
-      t.source = "measured on first use";
-      return t;
+    for (int round = 0; round < 2; ++round) {
+      const std::optional<StreamProbe> p = probe(bytes);
+      if (!p) {  // no memory for the buffers: stream from here (it also keeps the caches for others)
+        t.bytes = bytes;
+        t.source = "measured on first use, up to the size whose buffers could not be allocated";
+        return t;
+      }
+      t.probes.push_back(*p);
+      if (!stream_wins(*p)) break;
+      if (round == 1) {
+        t.bytes = bytes;
+        t.source = "measured on first use";
+        return t;
+      }
     }
   }
   t.bytes = 2 * last;
