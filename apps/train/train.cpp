@@ -288,6 +288,15 @@ void validate(const Options& o) {
         "(m == 1 is refused, as in torch); use --batch 2 or more (the CNN's BatchNorm2d has m = batch x H x W)");
 }
 
+// How steps.csv names a run: its first four columns (model, variant, lr, init_scale) and its last three
+// (depth, optimizer, seed). train_one writes them; --resume reads them back to keep a finished run's rows.
+struct StepsColumns {
+  std::string head, tail;
+};
+StepsColumns steps_columns(const RunSpec& s) {
+  return {cat(s.model, ",", s.variant, ",", s.lr, ",", s.init), cat(s.depth, ",", s.optimizer, ",", s.seed)};
+}
+
 // Runs one configuration; appends its logged steps to `csv`.
 RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, const Data& test, std::ostream& csv) {
   // The same seed gives every variant the same conv/linear weights (BN layers draw no random numbers) and
@@ -315,9 +324,10 @@ RunResult train_one(const RunSpec& spec, const Options& o, const Data& train, co
   }
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(spec.lr).momentum(spec.optimizer == "momentum" ? 0.9 : 0.0));
   r.spec = spec;
-  const std::string tag = cat(spec.model, ",", spec.variant, ",", spec.lr, ",", spec.init);
+  const StepsColumns columns = steps_columns(spec);
+  const std::string& tag = columns.head;
   // Columns added for the depth experiment go last, so the first nine keep their places.
-  const std::string tail = cat(",", spec.depth, ",", spec.optimizer, ",", spec.seed, "\n");
+  const std::string tail = cat(",", columns.tail, "\n");
   const std::int64_t n = train.x.size(0);
   const std::int64_t steps_per_epoch = n / o.batch;
   const bool progress_tty = isatty(fileno(stderr)) != 0;
@@ -890,8 +900,8 @@ std::vector<RunResult> load_runs(const Options& o) {
 void keep_steps_of(const fs::path& path, const std::vector<RunResult>& done) {
   std::set<std::string> keys;
   for (const auto& r : done) {
-    const auto& s = r.spec;
-    keys.insert(cat(s.model, ",", s.variant, ",", s.lr, ",", s.init, "|", s.depth, ",", s.optimizer, ",", s.seed));
+    const StepsColumns c = steps_columns(r.spec);
+    keys.insert(c.head + "|" + c.tail);
   }
   std::ifstream in(path);
   std::ostringstream kept;
