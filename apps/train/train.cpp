@@ -29,6 +29,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <unistd.h>
@@ -896,6 +897,21 @@ std::vector<RunResult> load_runs(const Options& o) {
   return runs;
 }
 
+// `path` replaced by `contents` through a temporary file, renamed over it only once written in full: a
+// failed write (a full disk) leaves the old file as it was, never a half-written one.
+void replace_file(const fs::path& path, const std::string& contents) {
+  const fs::path tmp = path.string() + ".tmp";
+  std::ofstream out(tmp, std::ios::trunc);
+  out << contents;
+  out.close();
+  if (!out) {
+    std::error_code ignored;
+    fs::remove(tmp, ignored);
+    throw std::runtime_error(cat("writing ", tmp.string(), " failed; ", path.string(), " is unchanged"));
+  }
+  fs::rename(tmp, path);
+}
+
 // steps.csv keeps only the rows of the runs in `done` (a killed run's rows go; it is trained again).
 void keep_steps_of(const fs::path& path, const std::vector<RunResult>& done) {
   std::set<std::string> keys;
@@ -921,9 +937,7 @@ void keep_steps_of(const fs::path& path, const std::vector<RunResult>& done) {
       kept << line << '\n';
   }
   in.close();
-  const fs::path tmp = path.string() + ".tmp";
-  std::ofstream(tmp) << kept.str();
-  fs::rename(tmp, path);
+  replace_file(path, kept.str());
 }
 
 int run(const Options& o) {
@@ -938,9 +952,7 @@ int run(const Options& o) {
     std::ostringstream kept;
     kept << run_settings(o) << '\n';
     for (const auto& r : done) kept << encode_run(r) << '\n';
-    const fs::path tmp = runs_path.string() + ".tmp";
-    std::ofstream(tmp) << kept.str();
-    fs::rename(tmp, runs_path);
+    replace_file(runs_path, kept.str());
   }
   std::ofstream csv(steps_path, append ? std::ios::app : std::ios::trunc);
   if (!csv) throw UsageError(cat("cannot write to the output folder '", o.out_dir, "'", ec ? cat(" (", ec.message(), ")") : ""));
@@ -982,9 +994,12 @@ int run(const Options& o) {
   std::vector<RunResult> results;
   std::size_t resumed = 0;
   double resumed_seconds = 0;
+  std::unordered_map<std::string, const RunResult*> done_by_key;  // one lookup per grid run, not a scan of `done`
+  for (const auto& r : done) done_by_key.emplace(spec_key(r.spec), &r);
   for (const auto& spec : specs) {
-    auto earlier = std::find_if(done.begin(), done.end(), [&](const RunResult& r) { return spec_key(r.spec) == spec_key(spec); });
-    if (earlier != done.end()) {
+    const auto found = done_by_key.find(spec_key(spec));
+    if (found != done_by_key.end()) {
+      const RunResult* earlier = found->second;
       results.push_back(*earlier);
       ++resumed;
       resumed_seconds += earlier->sec_per_epoch * o.epochs;

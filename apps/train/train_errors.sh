@@ -104,6 +104,21 @@ fi
 expect "resume with other settings" "--resume: .*runs.txt was made with other settings" \
   --data "$tmp/good" --model plain --depth 2 --variants none --batch 2 --epochs 3 --out "$tmp/cut" --resume
 
+# A failed rewrite of runs.txt (a full disk: here its temporary file is a link to /dev/full) stops with an
+# error and leaves runs.txt as it was, with no temporary file left behind.
+cp "$tmp/cut/runs.txt" "$tmp/runs.before"
+ln -s /dev/full "$tmp/cut/runs.txt.tmp"
+# shellcheck disable=SC2086
+"$exe" $resume_args --out "$tmp/cut" --resume >/dev/null 2>"$tmp/stderr"
+rc=$?
+if [ "$rc" -ne 0 ] && grep -q "runs.txt is unchanged" "$tmp/stderr" && cmp -s "$tmp/runs.before" "$tmp/cut/runs.txt" &&
+   [ ! -e "$tmp/cut/runs.txt.tmp" ] && [ ! -L "$tmp/cut/runs.txt.tmp" ]; then
+  echo "ok   --resume on a full disk: exit $rc, runs.txt unchanged"
+else
+  echo "FAIL --resume on a full disk: exit $rc"; cat "$tmp/stderr"; diff "$tmp/runs.before" "$tmp/cut/runs.txt" | head
+  fails=$((fails + 1))
+fi
+
 # Determinism: the same command twice gives the same logged losses and accuracies (all columns but wall_s).
 if [ -e "$data/train-images-idx3-ubyte.gz" ] || [ -e "$data/train-images-idx3-ubyte" ]; then
   for i in 1 2; do
