@@ -318,6 +318,13 @@ inline std::int64_t elements_to_alignment(const T* p, std::int64_t n) {
   return k < n ? k : n;
 }
 
+// Whether store_row takes a row two vectors at a time (store_pair): the builds without masked stores
+// (AVX2 and below), where it halves the loop's instructions and, for bfloat16, packs a pair with one
+// VPACKUSDW into one store. The AVX-512 builds end a row with one masked vector and keep one vector
+// at a time (measured no faster there).
+template <class S>
+inline constexpr bool kStorePairs = !kMaskedStores;
+
 // Writes vec(j, load) to y + j for j = i, i + W, ... up to n (W: the lanes of Compute<S>), `load`
 // reading the inputs at j: LoadAll, or LoadFirst for a partial vector, whose lanes past its end
 // are neither read nor written. With `stream`, the values before the first kVectorBytes boundary
@@ -332,8 +339,12 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
   constexpr std::int64_t W = kWidth<Compute<S>>;
   // A local copy: through the caller's object, whose address escapes when store_row is not
   // inlined, the compiler must assume each store to y may change the captured pointers and
-  // coefficients, and it reloads all of them for every vector (measured: 4 extra loads per vector).
-  const F vec = vec_in;
+  // coefficients, and it reloads all of them for every vector (4 extra loads per vector). Measured
+  // (bench/tail_ab.cpp, BENCHMARKS.md): the copy makes AVX2 rows and bfloat16 rows 4-20% faster, but
+  // float32 rows of 7x7 and 14x14 9-12% slower on AVX-512 (the copy per row outweighs the reloads of
+  // a 3-vector row), so those keep the caller's object.
+  const F copy = vec_in;
+  const F& vec = (!kMaskedStores || std::is_same_v<S, bfloat16>) ? copy : vec_in;
   auto partial = [&](std::int64_t j, std::int64_t k) {  // the k (<= W) values at j
     store_first(y + j, vec(j, LoadFirst{static_cast<int>(k)}), static_cast<int>(k));
   };
@@ -345,14 +356,15 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
     for (; i < aligned; i += W) partial(i, aligned - i < W ? aligned - i : W);
     for (i = aligned; i + W <= n; i += W) store_stream(y + i, vec(i, LoadAll{}));
   } else {
-    for (; i + 2 * W <= n; i += 2 * W) {
-      // In address order: as function arguments GCC computed the second vector first and stored it
-      // first, and the descending pair made float32 inference 1.2-1.7x slower (tail_ab, 1 thread,
-      // AVX-512 and AVX2, 8x64x28x28 in L2 and 8x256x56x56 from memory) for the same instructions.
-      const auto a = vec(i, LoadAll{});
-      const auto b = vec(i + W, LoadAll{});
-      store_pair(y + i, a, b);
-    }
+    if constexpr (kStorePairs<S>)
+      for (; i + 2 * W <= n; i += 2 * W) {
+        // In address order: as function arguments GCC computed the second vector first and stored it
+        // first, and the descending pair made float32 inference 1.2-1.7x slower (tail_ab, 1 thread,
+        // AVX-512 and AVX2, 8x64x28x28 in L2 and 8x256x56x56 from memory) for the same instructions.
+        const auto a = vec(i, LoadAll{});
+        const auto b = vec(i + W, LoadAll{});
+        store_pair(y + i, a, b);
+      }
     for (; i + W <= n; i += W) store(y + i, vec(i, LoadAll{}));
   }
   if (i < n) {
