@@ -144,9 +144,9 @@ inline void store(bfloat16* p, Vec<float> v) {
 }
 // Two vectors to p and p + kWidth<float>: as two stores, but the AVX2 build (no bfloat16
 // instructions) rounds both with one NaN test and packs them with one VPACKUSDW and one VPERMQ
-// into one 32-byte store. Every build takes a row two vectors at a time, which also halves the
-// loop's own instructions (callgrind, bf16 inference of 56x56 rows on AVX2: 2.40 -> 1.91 per
-// value; BENCHMARKS.md).
+// into one 32-byte store. store_row takes rows a pair at a time where kStorePairs says so, which
+// also halves the loop's own instructions (callgrind, bf16 inference of 56x56 rows on AVX2: 2.40
+// -> 1.91 per value; BENCHMARKS.md).
 template <class T>
 inline void store_pair(T* p, Vec<Compute<T>> a, Vec<Compute<T>> b) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -322,7 +322,6 @@ inline std::int64_t elements_to_alignment(const T* p, std::int64_t n) {
 // (AVX2 and below), where it halves the loop's instructions and, for bfloat16, packs a pair with one
 // VPACKUSDW into one store. The AVX-512 builds end a row with one masked vector and keep one vector
 // at a time (measured no faster there).
-template <class S>
 inline constexpr bool kStorePairs = !kMaskedStores;
 
 // Writes vec(j, load) to y + j for j = i, i + W, ... up to n (W: the lanes of Compute<S>), `load`
@@ -356,7 +355,7 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
     for (; i < aligned; i += W) partial(i, aligned - i < W ? aligned - i : W);
     for (i = aligned; i + W <= n; i += W) store_stream(y + i, vec(i, LoadAll{}));
   } else {
-    if constexpr (kStorePairs<S>)
+    if constexpr (kStorePairs)
       for (; i + 2 * W <= n; i += 2 * W) {
         // In address order: as function arguments GCC computed the second vector first and stored it
         // first, and the descending pair made float32 inference 1.2-1.7x slower (tail_ab, 1 thread,
