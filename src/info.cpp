@@ -63,7 +63,8 @@ std::string runtime_info() {
                                                               : bytes(static_cast<long>(st.bytes)))
     << " (unless the output is fresh memory; " << st.source << ")\n";
   if (!st.probes.empty()) {
-    o << "  single-thread copies timed, ordinary / non-temporal stores:";
+    o << "  copies timed on " << st.threads << (st.threads == 1 ? " thread" : " threads")
+      << ", ordinary / non-temporal stores:";
     char b[96];
     for (const StreamProbe& p : st.probes) {
       std::snprintf(b, sizeof b, " %s %.3f / %.3f ms%s;", bytes(static_cast<long>(p.bytes)).c_str(), p.cached_s * 1e3,

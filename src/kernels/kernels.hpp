@@ -63,11 +63,13 @@ struct StreamThreshold {
   std::int64_t bytes = 0;                   // outputs of at least this many bytes are streamed
   std::string source;                       // where it came from (bnorm info prints it)
   std::vector<StreamProbe> probes;          // the timings it was chosen from (none if not measured)
+  int threads = 0;                          // the threads that ran each timed copy (0 if not measured)
 };
 // This process's threshold (computed on the first call: measuring takes up to a few hundred ms).
 const StreamThreshold& stream_threshold();
-// The measurement: copies of first, 2 first, ... bytes up to last, until streaming wins (stream_wins)
-// twice in a row at one size; that size, or 2 last if none.
+// The measurement: copies of first, 2 first, ... bytes up to last, each split over the library's
+// threads (num_threads()), until streaming wins (stream_wins) twice in a row at one size; that size,
+// or 2 last if none.
 StreamThreshold calibrate_stream_threshold(std::int64_t first, std::int64_t last);
 // Streaming wins a probe where it takes at most 97% of the ordinary stores' time.
 bool stream_wins(const StreamProbe& p);

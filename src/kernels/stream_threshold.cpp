@@ -6,10 +6,16 @@
 // whole L3 (this project's Sapphire Rapids VM reports 480 MiB for 2 vCPUs; its measured crossover
 // lies between 38 and 51 MB: bench/results/full-run.txt's copy rows), and a core may own only a
 // slice of what is reported. So the threshold is measured: on the first call whose output is large
-// enough to need the answer, one thread times a streamed and a cached copy of doubling sizes and keeps
-// the first size at which streaming wins (twice). BNORM_STREAM_BYTES=<bytes> sets it instead (no
-// measurement).
+// enough to need the answer, the library's threads time a streamed and a cached copy of doubling sizes
+// and keep the first size at which streaming wins (twice). They are as many threads as the kernels
+// take: one core cannot draw the bandwidth of two, so a single-thread copy answers for another load
+// than the kernels'. BNORM_STREAM_BYTES=<bytes> sets it instead (no measurement).
+//
+// On a shared host the answer is the host's state at that moment, not a constant of the CPU: on this
+// project's Sapphire Rapids VM, the same copies put the crossover at 4-8 MiB and, minutes later, at
+// 32 MiB, as the neighbours' use of the L3 changed (BENCHMARKS.md, "The stream threshold").
 #include "kernels/kernels.hpp"
+#include "parallel.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -51,9 +57,11 @@ void add_one(const float* x, float* y, std::int64_t n, bool stream) {
   }
 }
 
-double seconds_of(const float* x, float* y, std::int64_t n, bool stream) {
+// The copy split into `threads` contiguous parts of whole 64-byte lines, one a thread, as the kernels
+// split a pass.
+double seconds_of(const float* x, float* y, std::int64_t n, bool stream, int threads) {
   const auto t0 = std::chrono::steady_clock::now();
-  add_one(x, y, n, stream);
+  detail::parallel_ranges(n, 16, threads, [&](int, std::int64_t b, std::int64_t e) { add_one(x + b, y + b, e - b, stream); });
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 #endif
@@ -83,7 +91,7 @@ std::atomic<std::int64_t> g_test_threshold{-1};
 #if defined(__SSE2__)
 // Best of 5 alternated timings of each kind of store, on a copy of `bytes` into as many; nothing
 // when its buffers cannot be had (a kernel call must not throw).
-std::optional<StreamProbe> probe(std::int64_t bytes) {
+std::optional<StreamProbe> probe(std::int64_t bytes, int threads) {
   const std::int64_t n = bytes / static_cast<std::int64_t>(sizeof(float));
   // One input and an output for each kind of store: a streamed store evicts its lines, and the
   // ordinary stores would then pay for that on a shared output. 64-byte aligned, and touched
@@ -98,8 +106,8 @@ std::optional<StreamProbe> probe(std::int64_t bytes) {
   // Alternated: both see the same load, and the best of each is the least disturbed.
   StreamProbe p{bytes, 1e300, 1e300};
   for (int rep = 0; rep < 5; ++rep) {
-    p.cached_s = std::min(p.cached_s, seconds_of(x, y_cached, n, false));
-    p.streamed_s = std::min(p.streamed_s, seconds_of(x, y_streamed, n, true));
+    p.cached_s = std::min(p.cached_s, seconds_of(x, y_cached, n, false, threads));
+    p.streamed_s = std::min(p.streamed_s, seconds_of(x, y_streamed, n, true, threads));
   }
   return p;
 }
@@ -119,9 +127,11 @@ StreamThreshold calibrate_stream_threshold(std::int64_t first, std::int64_t last
 #else
   // A size counts once streaming wins there twice in a row: one win can be another process's burst
   // of traffic during the ordinary stores' timing.
+  t.threads = detail::threads_for(first / static_cast<std::int64_t>(sizeof(float)),
+                                  first / static_cast<std::int64_t>(sizeof(float)));
   for (std::int64_t bytes = first; bytes <= last; bytes *= 2) {
     for (int round = 0; round < 2; ++round) {
-      const std::optional<StreamProbe> p = probe(bytes);
+      const std::optional<StreamProbe> p = probe(bytes, t.threads);
       if (!p) {  // no memory for the buffers: stream from here (it also keeps the caches for others)
         t.bytes = bytes;
         t.source = "measured on first use, up to the size whose buffers could not be allocated";
