@@ -16,14 +16,20 @@
 // needs no more (the same or fewer channels, the same or fewer threads) takes everything from the
 // block: zero heap allocations on the hot path.
 //
-// A span is value-initialized or filled (as the std::vector it replaces was), 64-byte aligned, and
-// holds trivially copyable values only. The arena is thread_local: the OpenMP threads of a kernel
+// A span from take() is value-initialized or filled (as the std::vector it replaces was); one from
+// take_for_overwrite() is not initialized, for the per-channel buffers that the next loop writes in
+// full: zeroing a call's dozen buffers of C doubles cost more than the loops that fill them (about
+// half of a 2048-channel call's fixed cost). In the sanitizer build (BNORM_POISON_WORKSPACE) those
+// start as all-ones bytes, NaN in every floating type, so a value read before it is written spoils
+// the results that the tests compare. Every span is 64-byte aligned and holds trivially copyable
+// values only. The arena is thread_local: the OpenMP threads of a kernel
 // only read and write spans that the calling thread took for them.
 #pragma once
 
 #include <algorithm>
 #include <cassert>
 #include <cstddef>
+#include <cstring>
 #include <new>
 #include <span>
 #include <type_traits>
@@ -75,6 +81,23 @@ class Workspace {
       assert(ws_.depth_ == level_ && "take from the innermost scope only (stack discipline)");
       P* p = static_cast<P*>(ws_.take_bytes(n * sizeof(P)));
       for (std::size_t i = 0; i < n; ++i) ::new (static_cast<void*>(p + i)) P(fill);
+      return {std::launder(p), n};
+    }
+
+    // n values of P, not initialized: each must be written before it is read.
+    template <class P>
+    std::span<P> take_for_overwrite(std::size_t n) {
+      static_assert(std::is_trivially_copyable_v<P> && std::is_trivially_default_constructible_v<P> &&
+                    alignof(P) <= kAlign);
+      assert(ws_.depth_ == level_ && "take from the innermost scope only (stack discipline)");
+      void* bytes = ws_.take_bytes(n * sizeof(P));
+#if defined(BNORM_POISON_WORKSPACE)
+      if (n > 0) std::memset(bytes, 0xFF, n * sizeof(P));  // (an empty take has no address)
+#endif
+      // Default-initialization of a trivial type: starts each object's lifetime and writes nothing
+      // (the loop compiles to nothing).
+      P* p = static_cast<P*>(bytes);
+      for (std::size_t i = 0; i < n; ++i) ::new (static_cast<void*>(p + i)) P;
       return {std::launder(p), n};
     }
 
