@@ -215,10 +215,10 @@ TEST(Kernels, StreamThresholdIsTheFirstSizeThatStreamingWinsTwice) {
   EXPECT_FALSE(kernels::stream_output_bytes(std::int64_t{64} << 10));
 }
 
-// Outputs of the stream threshold or more are written with non-temporal stores (after a scalar
-// head up to the vector boundary; channels-last only when every row is vector-aligned). y and dx
-// against the reference, both layouts, the fused channels-first path (256 KiB channels) and the
-// unfused one, output buffers 64-byte aligned and 4 bytes off, with the ReLU masks.
+// Outputs of the stream threshold or more are written with non-temporal stores, in either layout
+// only when every row is whole cache lines and starts on a vector boundary. y and dx against the
+// reference, both layouts, the fused channels-first path (256 KiB channels) and the unfused one,
+// output buffers 64-byte aligned (streamed) and 4 bytes off (ordinary stores), with the ReLU masks.
 TEST(Kernels, StreamedLargeOutputsMatchReference) {
   ThreadScope threads(2);
   const StreamThresholdScope streamed(std::int64_t{32} << 20);  // both shapes, wherever this runs
@@ -256,6 +256,24 @@ TEST(Kernels, StreamedLargeOutputsMatchReference) {
                           0, "dx"));
       }
   }
+}
+
+// The rule of stream_output: only rows of whole cache lines are streamed (a line shared by two rows
+// would take ordinary and streamed stores at once), never bfloat16, never fresh outputs.
+TEST(Kernels, OnlyRowsOfWholeCacheLinesAreStreamed) {
+  const StreamThresholdScope every(1);
+  using kernels::Geometry;
+  EXPECT_TRUE(kernels::stream_output<float>(Geometry{32, 64, 56 * 56, Layout::ChannelsFirst}));     // 196 lines
+  EXPECT_FALSE(kernels::stream_output<float>(Geometry{32, 2048, 7 * 7, Layout::ChannelsFirst}));    // 196 bytes
+  EXPECT_FALSE(kernels::stream_output<float>(Geometry{32, 1024, 14 * 14, Layout::ChannelsFirst}));  // 784 bytes
+  EXPECT_TRUE(kernels::stream_output<float>(Geometry{32, 512, 28 * 28, Layout::ChannelsFirst}));    // 49 lines
+  EXPECT_TRUE(kernels::stream_output<double>(Geometry{32, 2048, 8 * 8, Layout::ChannelsFirst}));    // 8 lines
+  EXPECT_TRUE(kernels::stream_output<float>(Geometry{32, 64, 7 * 7, Layout::ChannelsLast}));        // rows of C
+  EXPECT_FALSE(kernels::stream_output<float>(Geometry{32, 6, 56 * 56, Layout::ChannelsLast}));
+  EXPECT_FALSE(kernels::stream_output<bfloat16>(Geometry{32, 64, 56 * 56, Layout::ChannelsFirst}));
+  Geometry fresh{32, 64, 56 * 56, Layout::ChannelsFirst};
+  fresh.may_stream = false;
+  EXPECT_FALSE(kernels::stream_output<float>(fresh));
 }
 
 // The fused residual: y = act(bn(x) + z), training and eval, both layouts, fused and unfused

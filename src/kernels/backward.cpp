@@ -224,7 +224,7 @@ void apply_channels_last_row(const S* dy, const S* x, const S* out, S* dx, std::
 template <class S, bool Relu, class T = Compute<S>>
 void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
-    const bool stream = stream_output<S>(g);
+    const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.S);
     parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
       const std::int64_t off = nc * g.S;
       apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S,
@@ -245,7 +245,7 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
   using T = Compute<S>;
   using Coeffs = RowCoeffs<T>;
   const double m = static_cast<double>(g.per_channel());
-  const bool stream = stream_output<S>(g);
+  const bool stream = stream_output<S>(g) && dx != nullptr && rows_stay_aligned(dx, g.S);
   const double *mean = f.mean, *invstd = f.invstd, *gamma = f.gamma;
   fused_channel_passes<S>(
       g, fused_backward_cached<S>(g, Relu, dx != nullptr), stream, {dy, x, out},

@@ -84,7 +84,16 @@ bool stream_output(const Geometry& g) {
   // 32x64x112x112, inference 9.1-11.3 ms against 4.5-5.3 with ordinary stores, backward 13.7-16.3
   // against 11.1-12.2 (three alternating runs each), training forward no better.
   if constexpr (std::is_same_v<T, bfloat16>) return false;
-  return g.may_stream && stream_output_bytes(g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)));
+  // Only rows of whole cache lines (channels-first rows of S values, channels-last rows of C; the
+  // kernels check too that the output starts on a vector boundary, rows_stay_aligned). Otherwise a
+  // line where one row ends and the next begins takes ordinary stores from one row and streamed ones
+  // from the other, and streaming turns into a loss: 32x2048x7x7 float inference (rows of 196 bytes)
+  // took 1.09-1.15 ms streamed against 0.68-0.75 with ordinary stores, 2 threads, three alternating
+  // runs on the Sapphire Rapids VM, training forward 1.58-1.63 against 1.11-1.36
+  // (bench/results/sapphire-rapids-2026-12-02/stream-rows.md).
+  const std::int64_t row_bytes = (g.layout == Layout::ChannelsFirst ? g.S : g.C) * static_cast<std::int64_t>(sizeof(T));
+  return g.may_stream && row_bytes % 64 == 0 &&
+         stream_output_bytes(g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)));
 }
 
 // The instruction sets the kernels are compiled for: one enumerator per row of the ISA table
