@@ -87,8 +87,21 @@ inline S from_compute(Compute<S> v) {
 // the upper half of each 32-bit lane.
 typedef std::uint16_t Bf16Bits __attribute__((vector_size(kVectorBytes / 2)));
 typedef std::uint32_t Bf16Wide __attribute__((vector_size(kVectorBytes)));
+#if defined(__AVX512F__)
+// 16 bfloat16 bit patterns as floats with one VPMOVZXWD (ymm to zmm) and a shift: GCC 12 compiles the
+// generic widening below as two 8-lane VPMOVZXWDs and a VINSERTI32X8, two more instructions for every
+// vector that the bfloat16 kernels read (BENCHMARKS.md, "bf16 loads on AVX-512").
+// (The zero-masked widening with every lane kept, and the shift as vector arithmetic: the plain
+// intrinsics trip -Wmaybe-uninitialized in GCC 12.)
+inline Vec<float> widen_bf16(__m256i h) {
+  const __m512i wide = _mm512_maskz_cvtepu16_epi32(static_cast<__mmask16>(0xffff), h);
+  return reinterpret_cast<Vec<float>>(reinterpret_cast<Bf16Wide>(wide) << 16);
+}
+#endif
 inline Vec<float> load(const bfloat16* p) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+  return widen_bf16(_mm256_loadu_si256(static_cast<const __m256i*>(static_cast<const void*>(p))));
+#elif defined(__AVX2__)
   // One VPMOVZXWD from memory and a shift (GCC splits the generic form below into halves on AVX2).
   const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(static_cast<const void*>(p)));
   return reinterpret_cast<Vec<float>>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -203,8 +216,7 @@ inline Vec<T> load_first(const T* p, int k) {
 }
 inline Vec<float> load_first(const bfloat16* p, int k) {
 #if defined(__AVX512F__)
-  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << k) - 1), p);
-  return reinterpret_cast<Vec<float>>(__builtin_convertvector(reinterpret_cast<Bf16Bits>(h), Bf16Wide) << 16);
+  return widen_bf16(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << k) - 1), p));
 #elif defined(__AVX2__)
   // k / 2 whole pairs of bfloat16 as 32-bit lanes (a masked load: no byte past the row is read),
   // then an odd last value on its own.
