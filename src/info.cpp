@@ -84,7 +84,7 @@ std::string runtime_info() {
     for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
       if (e.S == 1 && layout == Layout::ChannelsLast) continue;  // (N, C): one layout
       const Geometry g{e.N, e.C, e.S, e.S == 1 ? Layout::ChannelsLast : layout};  // as check_tensor normalizes it
-      o << "  " << e.name << " " << to_string(layout) << ": forward "
+      o << "  " << e.name << " " << (e.S == 1 ? std::string("(N, C)") : to_string(layout)) << ": forward "
         << (use_fused_forward<float>(g) ? "fused (two passes over memory)" : "separate passes")
         << ", backward " << (use_fused_backward<float>(g, false, true) ? "fused" : "separate passes") << ", output "
         << (stream_output<float>(g) ? "streamed" : "cached");
