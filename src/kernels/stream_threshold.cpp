@@ -12,8 +12,9 @@
 // than the kernels'. BNORM_STREAM_BYTES=<bytes> sets it instead (no measurement).
 //
 // On a shared host the answer is the host's state at that moment, not a constant of the CPU: on this
-// project's Sapphire Rapids VM, the same copies put the crossover at 4-8 MiB and, minutes later, at
-// 32 MiB, as the neighbours' use of the L3 changed (BENCHMARKS.md, "The stream threshold").
+// project's Sapphire Rapids VM, two sweeps of these copies minutes apart put streaming's first clear
+// win at 24 and at 12 MiB, and processes a few minutes later picked 8 MiB, where the day before the
+// quiet machine had picked 16-32 MiB (BENCHMARKS.md, "The stream threshold").
 #include "kernels/kernels.hpp"
 #include "parallel.hpp"
 
