@@ -224,14 +224,14 @@ void apply_channels_last_row(const S* dy, const S* x, const S* out, S* dx, std::
 template <class S, bool Relu, class T = Compute<S>>
 void apply_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g, const BackwardCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
-    const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.S);
+    const bool stream = stream_to(dx, g);
     parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
       const std::int64_t off = nc * g.S;
       apply_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.S,
                          RowCoeffs<T>{k.mean_hi[c], k.k_dy[c], k.k_x[c], k.k_c[c]}, stream);
     });
   } else {
-    const bool stream = stream_output<S>(g) && rows_stay_aligned(dx, g.C);
+    const bool stream = stream_to(dx, g);
     parallel_for_streamed(g.rows(), g.numel(), stream, [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
       apply_channels_last_row<S, Relu>(dy + off, x + off, Relu ? out + off : nullptr, dx + off, g.C, k, stream);
@@ -245,7 +245,7 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
   using T = Compute<S>;
   using Coeffs = RowCoeffs<T>;
   const double m = static_cast<double>(g.per_channel());
-  const bool stream = stream_output<S>(g) && dx != nullptr && rows_stay_aligned(dx, g.S);
+  const bool stream = dx != nullptr && stream_to(dx, g);
   const double *mean = f.mean, *invstd = f.invstd, *gamma = f.gamma;
   fused_channel_passes<S>(
       g, fused_backward_cached<S>(g, Relu, dx != nullptr), stream, {dy, x, out},

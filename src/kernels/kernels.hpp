@@ -85,7 +85,7 @@ bool stream_output(const Geometry& g) {
   // against 11.1-12.2 (three alternating runs each), training forward no better.
   if constexpr (std::is_same_v<T, bfloat16>) return false;
   // Only rows of whole cache lines (channels-first rows of S values, channels-last rows of C; the
-  // kernels check too that the output starts on a vector boundary, rows_stay_aligned). Otherwise a
+  // kernels check too that the output starts on a vector boundary: stream_to in simd.hpp). Otherwise a
   // line where one row ends and the next begins takes ordinary stores from one row and streamed ones
   // from the other, and streaming turns into a loss: 32x2048x7x7 float inference (rows of 196 bytes)
   // took 1.09-1.15 ms streamed against 0.68-0.75 with ordinary stores, 2 threads, three alternating

@@ -57,14 +57,14 @@ void normalize_channels_last_row(const S* x, const S* z, S* y, std::int64_t C, c
 template <class S, bool Relu, bool Add, class T = Compute<S>>
 void normalize_impl(const S* x, const S* z, S* y, const Geometry& g, const ChannelCoeffs<T>& k) {
   if (g.layout == Layout::ChannelsFirst) {
-    const bool stream = stream_output<S>(g) && rows_stay_aligned(y, g.S);
+    const bool stream = stream_to(y, g);
     parallel_for_cf_rows(g, stream, [&](std::int64_t nc, std::int64_t c) {
       const std::int64_t off = nc * g.S;
       normalize_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.S, k.mean_hi[c], k.scale[c],
                                   k.shift[c], stream);
     });
   } else {
-    const bool stream = stream_output<S>(g) && rows_stay_aligned(y, g.C);
+    const bool stream = stream_to(y, g);
     parallel_for_streamed(g.rows(), g.numel(), stream, [&](std::int64_t r) {
       const std::int64_t off = r * g.C;
       normalize_channels_last_row<S, Relu, Add>(x + off, Add ? z + off : nullptr, y + off, g.C, k, stream);
@@ -98,7 +98,7 @@ void fused_forward_cf(const S* x, S* y, const Geometry& g, const double* gamma, 
                       Activation act, const S* residual, double* mean, double* var) {
   using T = Compute<S>;
   const double m = static_cast<double>(g.per_channel());
-  const bool stream = stream_output<S>(g) && rows_stay_aligned(y, g.S);
+  const bool stream = stream_to(y, g);
   with_epilogue(act, residual != nullptr, [&](auto relu, auto add) {
     constexpr bool Relu = decltype(relu)::value, Add = decltype(add)::value;
     struct Coeffs {

@@ -339,7 +339,8 @@ inline constexpr bool kStorePairs = !kMaskedStores;
 // Writes vec(j, load) to y + j for j = i, i + W, ... up to n (W: the lanes of Compute<S>), `load`
 // reading the inputs at j: LoadAll, or LoadFirst for a partial vector, whose lanes past its end
 // are neither read nor written. With `stream`, the values before the first kVectorBytes boundary
-// go as partial vectors and the whole vectors after it are stored non-temporally.
+// go as partial vectors and the whole vectors after it are stored non-temporally (the kernels stream
+// only rows of whole aligned vectors, stream_to, so there the head and the tail are empty).
 //
 // Without masked stores (kMaskedStores), a row of at least W values ends with one whole vector of
 // its last W values instead of a partial one: it overlaps values the loop writes too, with the same
@@ -359,7 +360,7 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
   auto partial = [&](std::int64_t j, std::int64_t k) {  // the k (<= W) values at j
     store_first(y + j, vec(j, LoadFirst{static_cast<int>(k)}), static_cast<int>(k));
   };
-  const bool overlap_tail = !kMaskedStores && n - i >= W && (stream || (n - i) % W != 0);
+  const bool overlap_tail = !kMaskedStores && n - i >= W && (n - i) % W != 0;
   Vec<Compute<S>> last{};
   if (overlap_tail) last = vec(n - W, LoadAll{});
   if (stream) {
@@ -386,11 +387,12 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
   }
 }
 
-// True when p and every row of C values after it start on a vector boundary.
+// Whether a kernel writes its output at p, of geometry g, with non-temporal stores: stream_output's
+// rule (which takes only rows of whole cache lines) and p on a vector boundary, so that every row is
+// whole aligned vectors.
 template <class T>
-inline bool rows_stay_aligned(const T* p, std::int64_t C) {
-  return reinterpret_cast<std::uintptr_t>(p) % kVectorBytes == 0 &&
-         (C * static_cast<std::int64_t>(sizeof(T))) % kVectorBytes == 0;
+inline bool stream_to(const T* p, const Geometry& g) {
+  return stream_output<T>(g) && reinterpret_cast<std::uintptr_t>(p) % kVectorBytes == 0;
 }
 
 template <class T>

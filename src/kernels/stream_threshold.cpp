@@ -128,8 +128,7 @@ StreamThreshold calibrate_stream_threshold(std::int64_t first, std::int64_t last
 #else
   // A size counts once streaming wins there twice in a row: one win can be another process's burst
   // of traffic during the ordinary stores' timing.
-  t.threads = detail::threads_for(first / static_cast<std::int64_t>(sizeof(float)),
-                                  first / static_cast<std::int64_t>(sizeof(float)));
+  t.threads = num_threads();
   for (std::int64_t bytes = first; bytes <= last; bytes *= 2) {
     for (int round = 0; round < 2; ++round) {
       const std::optional<StreamProbe> p = probe(bytes, t.threads);
