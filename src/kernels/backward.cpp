@@ -46,25 +46,28 @@ void segments_sums_exact(const S* dy, const S* x, const S* out, std::int64_t row
 template <class S, bool Relu, class T = Compute<S>>
 void segments_sums(const S* dy, const S* x, const S* out, std::int64_t rows, std::int64_t stride, std::int64_t len,
                    T mh, T ml, double& sdy, double& sdx) {
-  constexpr int A = kAccVectors<T>;
+  constexpr int A = kAccVectors<T>, P = kPairAccVectors<T>;
   constexpr std::int64_t W = kWidth<T>;
   const Vec<T> vh = splat(mh), vl = splat(ml);
-  Vec<T> a1[A] = {}, a2[A] = {};
+  Vec<T> a1[P] = {}, a2[P] = {};
   T t1 = 0, t2 = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t o = r * stride;
     const S* out_row = Relu ? out + o : nullptr;  // no arithmetic on a null pointer
     std::int64_t i = 0;
     for (; i + A * W <= len; i += A * W)
-      for (int a = 0; a < A; ++a) {
-        const Vec<T> g = masked_vec<S, Relu>(dy + o, out_row, i + a * W);
-        a1[a] += g;
-        a2[a] += g * ((load(x + o + i + a * W) - vh) - vl);
+      for (int a = 0; a < A; a += 2) {  // a pair of vectors per load (simd.hpp: load_pair)
+        const std::int64_t j = i + a * W;
+        const Vec<T> g0 = masked_vec<S, Relu>(dy + o, out_row, j, LoadPairFirst<S>{});
+        const Vec<T> g1 = masked_vec<S, Relu>(dy + o, out_row, j, LoadPairSecond<S>{});
+        const Pair<S> xv = load_pair(x + o + j);
+        add_pair<P, T>(a1, a, g0, g1);
+        add_pair<P, T>(a2, a, g0 * ((xv.first - vh) - vl), g1 * ((xv.second - vh) - vl));
       }
-    for (int a = 0; i + W <= len; i += W, ++a) {
+    for (int a = 0; i + W <= len; i += W, ++a) {  // fewer than A vectors left: vector a to its pair's accumulator
       const Vec<T> g = masked_vec<S, Relu>(dy + o, out_row, i);
-      a1[a] += g;
-      a2[a] += g * ((load(x + o + i) - vh) - vl);
+      a1[a * P / A] += g;
+      a2[a * P / A] += g * ((load(x + o + i) - vh) - vl);
     }
     for (; i < len; ++i) {
       const T g = masked<S, Relu>(dy[o + i], out, o + i);
@@ -72,25 +75,27 @@ void segments_sums(const S* dy, const S* x, const S* out, std::int64_t rows, std
       t2 += g * ((to_compute(x[o + i]) - mh) - ml);
     }
   }
-  sdy = static_cast<double>(t1) + hsum<T>(a1, A);
-  sdx = static_cast<double>(t2) + hsum<T>(a2, A);
+  sdy = static_cast<double>(t1) + hsum<T>(a1, P);
+  sdx = static_cast<double>(t2) + hsum<T>(a2, P);
   if constexpr (std::is_same_v<T, float>) {
     if (!std::isfinite(sdy) || !std::isfinite(sdx))
       segments_sums_exact<S, Relu>(dy, x, out, rows, stride, len, mh, ml, sdy, sdx);
   }
 }
 
-// Channel c of channels-first data: both sums over its blocks.
+// Channels [c0, c1) of channels-first data: both sums over their blocks, into sdy[c - c0] and
+// sdx[c - c0], in memory order (per_isa.hpp: for_each_cf_block); channel c's mean is mh[c - c0] +
+// ml[c - c0].
 template <class S, bool Relu, class T = Compute<S>>
-void channel_sums_cf(const S* dy, const S* x, const S* out, const Geometry& g, std::int64_t c, T mh, T ml, double& sdy,
-                     double& sdx) {
-  sdy = sdx = 0;
-  for_each_cf_block(g, c, [&](std::int64_t offset, std::int64_t rows, std::int64_t len) {
+void channel_sums_cf(const S* dy, const S* x, const S* out, const Geometry& g, std::int64_t c0, std::int64_t c1,
+                     const T* mh, const T* ml, double* sdy, double* sdx) {
+  for (std::int64_t c = 0; c < c1 - c0; ++c) sdy[c] = sdx[c] = 0;
+  for_each_cf_block(g, c0, c1, [&](const CfBlock& b) {
+    const std::int64_t o = b.offset, c = b.c - c0;
     double bdy, bdx;
-    segments_sums<S, Relu>(dy + offset, x + offset, Relu ? out + offset : nullptr, rows, g.C * g.S, len, mh, ml, bdy,
-                           bdx);
-    sdy += bdy;
-    sdx += bdx;
+    segments_sums<S, Relu>(dy + o, x + o, Relu ? out + o : nullptr, b.rows, g.C * g.S, b.len, mh[c], ml[c], bdy, bdx);
+    sdy[c] += bdy;
+    sdx[c] += bdx;
   });
 }
 
@@ -166,8 +171,8 @@ void reduce_impl(const S* dy, const S* x, const S* out, const Geometry& g, const
                  double* sum_dy_xmu, double* ws) {
   const std::int64_t C = g.C;
   if (g.layout == Layout::ChannelsFirst) {
-    detail::parallel_for(C, g.numel(), [&](std::int64_t c) {
-      channel_sums_cf<S, Relu>(dy, x, out, g, c, mh[c], ml[c], sum_dy[c], sum_dy_xmu[c]);
+    detail::parallel_ranges(C, 1, detail::threads_for(C, g.numel()), [&](int, std::int64_t c0, std::int64_t c1) {
+      channel_sums_cf<S, Relu>(dy, x, out, g, c0, c1, mh + c0, ml + c0, sum_dy + c0, sum_dy_xmu + c0);
     });
     return;
   }
@@ -206,7 +211,7 @@ template <class S, bool Relu, class T = Compute<S>>
 void apply_row(const S* dy, const S* x, const S* out, S* dx, std::int64_t len, const RowCoeffs<T>& k, bool stream) {
   const Vec<T> vh = splat(k.hi), vdy = splat(k.kdy), vx = splat(k.kx), vc = splat(k.kc);
   // Captured by value (normalize.cpp's normalize_row says why).
-  store_row(dx, 0, len, stream, [dy, x, out, vh, vdy, vx, vc](std::int64_t j, auto ld) {
+  store_row<LaneOrder::Any>(dx, 0, len, stream, [dy, x, out, vh, vdy, vx, vc](std::int64_t j, auto ld) {
     return masked_vec<S, Relu>(dy, out, j, ld) * vdy - (ld(x + j) - vh) * vx - vc;
   });
 }
@@ -254,7 +259,7 @@ void fused_impl(const S* dy, const S* x, const S* out, S* dx, const Geometry& g,
         T lo;
         split_mean(mean[c], k.hi, lo);
         double sdy, sdx;
-        channel_sums_cf<S, Relu>(dy, x, out, g, c, k.hi, lo, sdy, sdx);  // first pass: from memory (or L2)
+        channel_sums_cf<S, Relu>(dy, x, out, g, c, c + 1, &k.hi, &lo, &sdy, &sdx);  // first pass: from memory (or L2)
         sum_dy[c] = sdy;
         sum_dy_xmu[c] = sdx;
         if (dx) backward_coeffs(gamma ? gamma[c] : 1.0, invstd[c], sdy, sdx, m, training, lo, k.kdy, k.kx, k.kc);

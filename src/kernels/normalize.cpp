@@ -40,7 +40,7 @@ void normalize_row(const S* x, const S* z, S* y, std::int64_t len, T mh, T sc, T
   const Vec<T> vh = splat(mh), vsc = splat(sc), vsh = splat(sh);
   // Captured by value: through references the compiler reloads them after every store to y, which
   // it cannot prove does not change them (a bfloat16 store is a byte copy, which may alias anything).
-  store_row(y, 0, len, stream, [x, z, vh, vsc, vsh](std::int64_t j, auto ld) {
+  store_row<LaneOrder::Any>(y, 0, len, stream, [x, z, vh, vsc, vsh](std::int64_t j, auto ld) {
     return normalize_vec<T, Relu, Add>(ld(x + j), residual_vec<S, Add>(z, j, ld), vh, vsc, vsh);
   });
 }

@@ -26,19 +26,49 @@ inline void zero(double* p, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) p[i] = 0.0;
 }
 
-// The blocks of channel c of channels-first data, in a fixed order: f(offset, rows, len) for a
-// block of `rows` segments of `len` contiguous values starting at `offset`, the segments C * S
-// apart. Whole rows (n, c) make a block when a row is short, pieces of a row when it is long;
-// a block has at most kBlock values. Statistics and backward sums use the same blocks.
+// One block of channel c of channels-first data: `rows` segments of `len` contiguous values starting
+// at `offset`, the segments C * S apart, after `before` values of channel c in its earlier blocks;
+// `next` is the offset of the block that the walk visits after this one (-1 for the last).
+struct CfBlock {
+  std::int64_t c, offset, rows, len, before, next;
+};
+
+// f(block) for the blocks of channels [c0, c1) of channels-first data. Whole rows (n, c) make a
+// block when a row is short, pieces of a row when it is long; a block has at most kBlock values.
+// Each channel's blocks come in one fixed order (by sample group, then piece), whatever the range,
+// so per-channel merges in that order give the same bits for any c0, c1 (and thread count).
+// Statistics and backward sums use the same blocks.
+//
+// The channels go innermost: one group of samples of the whole range before the next. A pass over
+// a range then reads memory in order, the group's rows of consecutive channels being adjacent (one
+// sample's rows c0..c1 are one contiguous run); channel by channel it would jump C * S values at
+// every row, N concurrent streams too many for the hardware prefetchers to follow.
 template <class F>
-void for_each_cf_block(const Geometry& g, std::int64_t c, F&& f) {
+void for_each_cf_block(const Geometry& g, std::int64_t c0, std::int64_t c1, F&& f) {
   const std::int64_t N = g.N, C = g.C, S = g.S;
   const std::int64_t rows_per_block = S >= kBlock ? 1 : greater(1, kBlock / greater(S, 1));
   const std::int64_t piece = S >= kBlock ? kBlock : S;
+  CfBlock pending{};
+  bool have = false;
   for (std::int64_t n0 = 0; n0 < N; n0 += rows_per_block) {
     const std::int64_t rows = lesser(rows_per_block, N - n0);
-    for (std::int64_t s0 = 0; s0 < S; s0 += piece) f((n0 * C + c) * S + s0, rows, lesser(piece, S - s0));
+    for (std::int64_t c = c0; c < c1; ++c)
+      for (std::int64_t s0 = 0; s0 < S; s0 += piece) {
+        const CfBlock b{c, (n0 * C + c) * S + s0, rows, lesser(piece, S - s0), n0 * S + rows * s0, -1};
+        if (have) {
+          pending.next = b.offset;
+          f(pending);
+        }
+        pending = b;
+        have = true;
+      }
   }
+  if (have) f(pending);
+}
+
+// Asks for the cache lines of `bytes` bytes at p (a hint: no fault, whatever the address).
+inline void prefetch_lines(const void* p, std::int64_t bytes) {
+  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
 }
 
 // ---- Channel blocks of the fused channels-first passes.

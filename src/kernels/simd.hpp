@@ -22,12 +22,13 @@
 namespace bnorm::kernels {
 namespace {
 
+// The vector width, and the vector registers the loops can keep their accumulators in.
 #if defined(__AVX512F__)
-inline constexpr int kVectorBytes = 64;
+inline constexpr int kVectorBytes = 64, kVectorRegisters = 32;
 #elif defined(__AVX__)
-inline constexpr int kVectorBytes = 32;
+inline constexpr int kVectorBytes = 32, kVectorRegisters = 16;
 #else
-inline constexpr int kVectorBytes = 16;
+inline constexpr int kVectorBytes = 16, kVectorRegisters = 16;
 #endif
 
 template <class T>
@@ -60,6 +61,28 @@ inline constexpr int kAccVectors = 256 / kVectorBytes;
 template <class T>
 inline constexpr std::int64_t kAccLanes = kAccVectors<T> * kWidth<T>;
 
+// The reductions that keep two sums (the statistics' deviation pass, the backward sums) need two
+// accumulator sets, 2 kAccVectors registers, beside the loop's own few. AVX-512 has 32 vector
+// registers, room for them; AVX2 and SSE2 have 16, and 2 x 8 accumulators left some on the stack,
+// where every add became a store-to-load round trip (seen in the AVX2 bfloat16 deviation loop on
+// the AMD EPYC: BENCHMARKS.md). There each set has half as many vectors, and a pair of vectors is
+// added together before it joins its accumulator (add_pair): every lane then takes pair sums, and
+// its rounding bound is that of the sequential sum of the same terms (docs/numerics.md).
+template <class T>
+inline constexpr int kPairAccVectors =
+    2 * kAccVectors<T> + 4 > kVectorRegisters ? kAccVectors<T> / 2 : kAccVectors<T>;
+// Adds vectors a and a + 1 of an accumulator set's group (a even) to acc, which has P vectors:
+// each to its own accumulator (P = kAccVectors), or their sum to one (P = half of it).
+template <int P, class T>
+inline void add_pair(Vec<T>* acc, int a, Vec<T> first, Vec<T> second) {
+  if constexpr (P == kAccVectors<T>) {
+    acc[a] += first;
+    acc[a + 1] += second;
+  } else {
+    acc[a / 2] += first + second;
+  }
+}
+
 template <class T>
 inline Vec<T> load(const T* p) {
   Vec<T> v;
@@ -77,11 +100,6 @@ inline T to_compute(T v) {
   return v;
 }
 inline float to_compute(bfloat16 v) { return v.to_float(); }
-template <class S>
-inline S from_compute(Compute<S> v) {
-  if constexpr (std::is_same_v<S, bfloat16>) return bfloat16::from_float(v);
-  else return v;
-}
 
 // A vector of kWidth<float> bfloat16 values (half a vector register) as floats: the bits move to
 // the upper half of each 32-bit lane.
@@ -118,6 +136,21 @@ inline Bf16Wide bf16_rounded(Bf16Wide u) { return (u + 0x7fffu + ((u >> 16) & 1u
 inline Bf16Wide bf16_with_nans(Bf16Wide rounded, Bf16Wide u, Bf16Wide nan) {
   return (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
 }
+// Whether any lane of a comparison's result is set (one VMOVMSKPS on AVX2, a test on AVX-512).
+template <class M>
+inline bool any_lane(M m) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(m), reinterpret_cast<__m512i>(m)) != 0;
+#elif defined(__AVX2__)
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(m)) != 0;
+#else
+  typedef std::uint32_t Words __attribute__((vector_size(kVectorBytes)));
+  const Words w = reinterpret_cast<Words>(m);
+  std::uint32_t any = 0;
+  for (int i = 0; i < kVectorBytes / 4; ++i) any |= w[i];
+  return any != 0;
+#endif
+}
 inline Bf16Bits round_to_bf16(Vec<float> v) {
   const Bf16Wide u = reinterpret_cast<Bf16Wide>(v);
   Bf16Wide rounded = bf16_rounded(u);
@@ -125,7 +158,7 @@ inline Bf16Bits round_to_bf16(Vec<float> v) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   // NaN is rare: one test per vector (VMOVMSKPS) keeps its blend off the common path, and the
   // lanes (each <= 0xffff) pack with one VPACKUSDW and a lane fix-up (VPERMQ).
-  if (__builtin_expect(_mm256_movemask_ps(reinterpret_cast<__m256>(nan)) != 0, 0)) rounded = bf16_with_nans(rounded, u, nan);
+  if (__builtin_expect(any_lane(nan), 0)) rounded = bf16_with_nans(rounded, u, nan);
   const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(rounded), reinterpret_cast<__m256i>(rounded));
   const __m128i low = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0xd8));
   Bf16Bits bits;
@@ -167,7 +200,7 @@ inline void store_pair(T* p, Vec<Compute<T>> a, Vec<Compute<T>> b) {
     const Bf16Wide ua = reinterpret_cast<Bf16Wide>(a), ub = reinterpret_cast<Bf16Wide>(b);
     Bf16Wide ra = bf16_rounded(ua), rb = bf16_rounded(ub);
     const Bf16Wide na = reinterpret_cast<Bf16Wide>(a != a), nb = reinterpret_cast<Bf16Wide>(b != b);
-    if (__builtin_expect(_mm256_movemask_ps(reinterpret_cast<__m256>(na | nb)) != 0, 0)) {
+    if (__builtin_expect(any_lane(na | nb), 0)) {
       ra = bf16_with_nans(ra, ua, na);
       rb = bf16_with_nans(rb, ub, nb);
     }
@@ -180,6 +213,87 @@ inline void store_pair(T* p, Vec<Compute<T>> a, Vec<Compute<T>> b) {
   store(p, a);
   store(p + kWidth<Compute<T>>, b);
 }
+// ---- Pairs: 2W consecutive values (W = kWidth<Compute<S>>) as two vectors, for the loops that
+// take a row or a block two vectors at a time.
+//
+// Float and double pairs are values [0, W) and [W, 2W). A bfloat16 pair on the x86 builds without
+// the CPU's bfloat16 conversion (AVX2, and AVX-512 before avx512_bf16) is instead the even-indexed
+// values and the odd-indexed ones: one full-width load holds 2W bfloat16 as W 32-bit words, and
+// the even value of each word becomes a float by a 16-bit left shift, the odd one by clearing the
+// low half. The natural order needs a widening shuffle per vector (VPMOVZXWD) and a shift; on Zen 3
+// shuffles and shifts share two of the four FP pipes with the adds, and the bfloat16 loops ran at
+// their float twins' time per value (BENCHMARKS.md, "AMD EPYC"). Where the pair's two vectors only
+// meet splats and other pairs loaded the same way (sums, and channels-first rows, whose
+// coefficients are per-row scalars), the lane order cannot change a result; store_pair puts the
+// values back in their places. Channels-last rows load per-channel float vectors beside the data, so
+// they keep the natural order (LaneOrder::Natural below).
+#if defined(__AVX2__) && !defined(__AVX512BF16__)
+inline constexpr bool kBf16Deinterleaved = true;
+#else
+inline constexpr bool kBf16Deinterleaved = false;
+#endif
+template <class S>
+struct Pair {
+  Vec<Compute<S>> first, second;
+};
+template <class S>
+inline Pair<S> load_pair(const S* p) {
+  if constexpr (std::is_same_v<S, bfloat16> && kBf16Deinterleaved) {
+    Bf16Wide words;
+    std::memcpy(&words, p, sizeof words);
+    return {reinterpret_cast<Vec<float>>(words << 16), reinterpret_cast<Vec<float>>(words & 0xffff0000u)};
+  } else {
+    return {load(p), load(p + kWidth<Compute<S>>)};
+  }
+}
+// Each lane of u (float bits) rounded to bfloat16 (nearest, ties to even), the result in the upper
+// half: u + 0x7fff + (bit 16 of u), with the bit's test as a compare (its -1 or 0 replaces 0x7fff +
+// bit 16 by 0x8000 - 1 or 0x8000) rather than a shift, which would go to the shift pipes again.
+// Not for NaN lanes (the add could carry out of them).
+inline Bf16Wide bf16_rounded_high(Bf16Wide u) {
+  return u + 0x8000u + reinterpret_cast<Bf16Wide>((u & 0x10000u) == 0u);
+}
+// u's bfloat16 in the upper half: rounded, or a NaN made quiet as from_float does.
+inline Bf16Wide bf16_high(Bf16Wide u, Bf16Wide nan) {
+  return (bf16_rounded_high(u) & ~nan) | ((u | 0x400000u) & nan);
+}
+// Writes the pair (first, second) of load_pair's order to p: 2W values.
+template <class T>
+inline void store_pair_interleaved(T* p, Vec<Compute<T>> first, Vec<Compute<T>> second) {
+  if constexpr (std::is_same_v<T, bfloat16> && kBf16Deinterleaved) {
+    const Bf16Wide ua = reinterpret_cast<Bf16Wide>(first), ub = reinterpret_cast<Bf16Wide>(second);
+    const auto na = first != first, nb = second != second;  // NaN lanes: all ones
+    Bf16Wide ra, rb;
+    if (__builtin_expect(any_lane(na | nb), 0)) {
+      ra = bf16_high(ua, reinterpret_cast<Bf16Wide>(na));
+      rb = bf16_high(ub, reinterpret_cast<Bf16Wide>(nb));
+    } else {
+      ra = bf16_rounded_high(ua);
+      rb = bf16_rounded_high(ub);
+    }
+    const Bf16Wide words = (ra >> 16) | (rb & 0xffff0000u);
+    std::memcpy(static_cast<void*>(p), &words, sizeof words);
+  } else {
+    store_pair(p, first, second);
+  }
+}
+// How a pair loop reads a row's inputs: the first or the second vector of load_pair at each pointer.
+// Only for rows of storage type S whose other operands are splats: a per-channel vector of floats
+// beside bfloat16 data would come in the other order, so loading one does not compile.
+template <class S, bool Second>
+struct LoadPairHalf {
+  template <class U>
+  Vec<Compute<U>> operator()(const U* p) const {
+    static_assert(std::is_same_v<U, S>, "a pair row reads only its storage type (per-channel vectors: LaneOrder::Natural)");
+    const Pair<U> v = load_pair(p);
+    return Second ? v.second : v.first;
+  }
+};
+template <class S>
+using LoadPairFirst = LoadPairHalf<S, false>;
+template <class S>
+using LoadPairSecond = LoadPairHalf<S, true>;
+
 // ---- The first k lanes (0 < k <= the vector's lanes): for the ends of a row, in place of a scalar
 // loop. Lanes k and up load as 0 and are not stored. AVX-512 masks loads and stores, AVX2 loads (a
 // masked-out lane is never touched, so reading past the row's end cannot fault); other builds go
@@ -346,7 +460,12 @@ inline constexpr bool kStorePairs = !kMaskedStores;
 // its last W values instead of a partial one: it overlaps values the loop writes too, with the same
 // values. It is computed before the loop stores anything, so that a row normalized in place (y is
 // the input) reads its original values there.
-template <class S, class F>
+// Whether a row's lanes may be permuted within a pair (load_pair): LaneOrder::Any for rows whose
+// vector operands are all of the storage type at the same index (channels-first rows, with
+// per-row scalar coefficients); Natural where a per-channel vector is loaded beside them.
+enum class LaneOrder { Natural, Any };
+
+template <LaneOrder Order = LaneOrder::Natural, class S, class F>
 void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_in) {
   constexpr std::int64_t W = kWidth<Compute<S>>;
   // A local copy: through the caller's object, whose address escapes when store_row is not
@@ -368,7 +487,13 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
     for (; i < aligned; i += W) partial(i, aligned - i < W ? aligned - i : W);
     for (i = aligned; i + W <= n; i += W) store_stream(y + i, vec(i, LoadAll{}));
   } else {
-    if constexpr (kStorePairs)
+    if constexpr (Order == LaneOrder::Any && std::is_same_v<S, bfloat16> && kBf16Deinterleaved) {
+      for (; i + 2 * W <= n; i += 2 * W) {  // one load per input pair, no widening shuffle (load_pair)
+        const auto a = vec(i, LoadPairFirst<S>{});
+        const auto b = vec(i, LoadPairSecond<S>{});
+        store_pair_interleaved(y + i, a, b);
+      }
+    } else if constexpr (kStorePairs) {
       for (; i + 2 * W <= n; i += 2 * W) {
         // In address order: as function arguments GCC computed the second vector first and stored it
         // first, and the descending pair made float32 inference 1.2-1.7x slower (tail_ab, 1 thread,
@@ -377,6 +502,7 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
         const auto b = vec(i + W, LoadAll{});
         store_pair(y + i, a, b);
       }
+    }
     for (; i + W <= n; i += W) store(y + i, vec(i, LoadAll{}));
   }
   if (i < n) {
