@@ -6,9 +6,8 @@
 // whole L3 (this project's Sapphire Rapids VM reports 480 MiB for 2 vCPUs; its measured crossover
 // lies between 38 and 51 MB: bench/results/full-run.txt's copy rows), and a core may own only a
 // slice of what is reported. So the threshold is measured: on the first call whose output is large
-// enough to need the answer, the library's threads time a streamed and a cached copy of doubling sizes,
-// each followed by a read of its output (the consumer), and keep the first size at which streaming
-// wins (twice). They are as many threads as the kernels
+// enough to need the answer, the library's threads time a streamed and a cached copy of doubling sizes
+// and keep the first size at which streaming wins (twice). They are as many threads as the kernels
 // take: one core cannot draw the bandwidth of two, so a single-thread copy answers for another load
 // than the kernels'. BNORM_STREAM_BYTES=<bytes> sets it instead (no measurement).
 //
@@ -59,30 +58,12 @@ void add_one(const float* x, float* y, std::int64_t n, bool stream) {
   }
 }
 
-// The output's consumer (the next layer): a read of all n floats at y, whose sum is returned.
-float read_back(const float* y, std::int64_t n) {
-  __m128 sum = _mm_setzero_ps();
-  for (std::int64_t i = 0; i < n; i += 4) sum = _mm_add_ps(sum, _mm_load_ps(y + i));
-  float lanes[4];
-  _mm_storeu_ps(lanes, sum);
-  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
-}
-
-// The copy, then its consumer's read of the output, each split into `threads` contiguous parts of
-// whole 64-byte lines, one a thread, as the kernels split a pass. The read counts because the
-// choice is the consumer's too: a streamed output is in memory, not in the cache, when the next
-// layer reads it. On the AMD EPYC (Zen 3) the copy alone was faster streamed from 1 MiB up, with
-// input and output well inside the L3, so every output was streamed past the cache that its
-// consumer would have read it from (BENCHMARKS.md, "The stream threshold").
+// The copy split into `threads` contiguous parts of whole 64-byte lines, one a thread, as the kernels
+// split a pass.
 double seconds_of(const float* x, float* y, std::int64_t n, bool stream, int threads) {
-  std::atomic<float> sink{0};
   const auto t0 = std::chrono::steady_clock::now();
   detail::parallel_ranges(n, 16, threads, [&](int, std::int64_t b, std::int64_t e) { add_one(x + b, y + b, e - b, stream); });
-  detail::parallel_ranges(n, 16, threads, [&](int, std::int64_t b, std::int64_t e) {
-    sink.fetch_add(read_back(y + b, e - b), std::memory_order_relaxed);
-  });
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return sink.load(std::memory_order_relaxed) == -1.0f ? s + 1e-300 : s;  // the reads must happen
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 #endif
 
