@@ -53,6 +53,7 @@ def run_mca(folder, loop, *args, extra=""):
     asm = Path(folder) / "asm" / "avx2" / "normalize.s"
     asm.parent.mkdir(parents=True, exist_ok=True)
     asm.write_text(assembly(loop) + extra)
+    (asm.parent / "flags").write_text("c++ -O3 -mavx2 -mfma -mf16c\n")
     return subprocess.run([sys.executable, str(MCA), "--asm-dir", str(Path(folder) / "asm"),
                            "-q", *args], capture_output=True, text=True)
 
