@@ -111,6 +111,24 @@ def test_new_loop_is_reported_not_failed():
     with_baseline(check)
 
 
+# A loop with a branch inside it: not modelled, but a spill in it still fails the check.
+BRANCHY_LOOP = FAST_LOOP + "\ttestq\t%rdx, %rdx\n\tje\t.L6\n\tvmovups\t%ymm0, (%r9,%rax)\n.L6:\n"
+
+
+def test_spill_in_a_loop_with_branches_fails():
+    with tempfile.TemporaryDirectory() as folder:
+        baseline = str(Path(folder) / "baseline.json")
+        made = run_mca(folder, BRANCHY_LOOP, "--update", baseline)
+        assert made.returncode == 0, made.stderr
+        (entry,) = json.loads(Path(baseline).read_text())["loops"].values()
+        assert entry["cycles_per_iter"] == {} and entry["stack_operands"] == 0
+        spilled = BRANCHY_LOOP.replace("\tvaddps\t%ymm1, %ymm1, %ymm0",
+                                       "\tvaddps\t32(%rsp), %ymm1, %ymm0")
+        result = run_mca(folder, spilled, "--check", baseline)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "new spill" in result.stderr
+
+
 if __name__ == "__main__":
     for name, test in sorted(globals().items()):
         if name.startswith("test_"):
