@@ -129,6 +129,33 @@ def test_spill_in_a_loop_with_branches_fails():
         assert "new spill" in result.stderr
 
 
+def test_values_per_iteration_count_bytes_once_across_a_pointer_advance():
+    # bfloat16 data read twice at the same address, the pointer advanced mid-loop: 64 bytes of
+    # 2-byte values per iteration = 32 values, not 48 or 64.
+    bf16 = "_ZN5bnorm7kernels4avx25scaleINS_8bfloat16EEEvPKT_PS4_l"
+    loop = """\
+\tvmovdqu\t(%rdi,%rax), %ymm1
+\tvpand\t(%rdi,%rax), %ymm4, %ymm2
+\taddq\t$32, %rax
+\tvpslld\t$16, %ymm1, %ymm1
+\tvpand\t(%rdi,%rax), %ymm4, %ymm3
+\tvaddps\t%ymm1, %ymm2, %ymm0
+\tvaddps\t%ymm3, %ymm0, %ymm0
+\tvmovups\t%ymm0, (%r8,%rax)
+"""
+    with tempfile.TemporaryDirectory() as folder:
+        asm = Path(folder) / "asm" / "avx2" / "stats.s"
+        asm.parent.mkdir(parents=True)
+        asm.write_text(assembly(loop, bf16).replace("\taddq\t$32, %rax\n\tcmpq", "\tcmpq"))
+        (asm.parent / "flags").write_text("c++ -O3 -mavx2\n")
+        baseline = Path(folder) / "baseline.json"
+        made = subprocess.run([sys.executable, str(MCA), "--asm-dir", str(asm.parent.parent), "-q",
+                               "--update", str(baseline)], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        (entry,) = json.loads(baseline.read_text())["loops"].values()
+        assert entry["values_per_iter"] == 32, entry
+
+
 if __name__ == "__main__":
     for name, test in sorted(globals().items()):
         if name.startswith("test_"):
