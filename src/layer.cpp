@@ -164,7 +164,8 @@ template <class P>
 BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims,
                                   std::shared_ptr<const detail::StatsReducer> reducer)
     : reducer_(std::move(reducer)), num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
-  // reducer_ is never null: every constructor passes one of detail::*_reducer (reducer.hpp).
+  // The protected constructor is open to subclasses, which may pass null (Layer.NullReducerIsRefused).
+  if (!reducer_) detail::fail("BatchNorm", "reducer: expected a source of batch statistics, got null");
   const char* fn = reducer_->layer_name();
   if (num_features < 1) detail::fail(fn, "num_features: expected >= 1, got " + std::to_string(num_features));
   // Refused before allocating: the layer's own state is ~(6 * sizeof(P) + 16) bytes per channel.
