@@ -4,7 +4,7 @@
 // Each public operator calls its forward operator through the dispatcher, below autograd, so that
 // AOTAutograd traces the forward and the backward operators into its graphs; the forward operators
 // mutate nothing, and the running statistics are copied into the buffers here once the forward has
-// succeeded. Where a graph is recorded, one template, OpFunction<Op>, is the torch::autograd::Function
+// succeeded. Where a graph is recorded, one template, OpFunction<Op, Self>, is the torch::autograd::Function
 // of every operator: Op says how to call the forward, what to save (a struct of named fields) and how
 // to call the backward.
 #include "op_table.hpp"
@@ -126,8 +126,11 @@ constexpr std::size_t arity(R (*)(A...)) {
 //   save(results, args...)    the Saved of this call
 //   backward(saved, g, grads) the backward operator's gradients into grads (one per argument of call)
 //   kCollective               every rank must run the backward, also one whose output got no gradient
-template <class Op>
-struct OpFunction : public torch::autograd::Function<OpFunction<Op>> {
+// Each operator's Function is a named subclass (struct BatchNormFunction : OpFunction<BatchNormOp,
+// BatchNormFunction>), whose name its graph nodes carry (grad_fn.name()).
+template <class Op, class Self>
+struct OpFunction : public torch::autograd::Function<Self> {
+  using OpType = Op;
   static constexpr std::size_t kArgs = arity(&Op::call);
 
   template <class... Args>
@@ -162,15 +165,14 @@ bool wants_graph(const Tensor& input, const OptTensor& weight, const OptTensor& 
   return input.requires_grad() || req(weight) || req(bias) || req(residual);
 }
 
-// A public operator's kernel: with autograd and a graph to record, Op's Function; otherwise straight
+// A public operator's kernel: with autograd and a graph to record, its Function; otherwise straight
 // to the forward operator. `residual`: the argument besides input, weight and bias that takes a gradient.
-template <class Op, bool Autograd, class... Args>
+template <class Function, bool Autograd, class... Args>
 Tensor run(const OptTensor& residual, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
            const Args&... rest) {
-  if (Autograd && wants_graph(input, weight, bias, residual))
-    return OpFunction<Op>::apply(input, weight, bias, rest...);
+  if (Autograd && wants_graph(input, weight, bias, residual)) return Function::apply(input, weight, bias, rest...);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return std::get<0>(Op::call(input, weight, bias, rest...));
+  return std::get<0>(Function::OpType::call(input, weight, bias, rest...));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -235,12 +237,13 @@ struct BatchNormOp {
     if (s.residual) result[5] = at::threshold_backward(g, s.output, 0);
   }
 };
+struct BatchNormFunction final : OpFunction<BatchNormOp, BatchNormFunction> {};
 
 template <bool Autograd>
 Tensor run_batch_norm(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                       double eps, bool relu) {
-  return run<BatchNormOp, Autograd>(residual, input, weight, bias, running_mean, running_var, residual, training,
+  return run<BatchNormFunction, Autograd>(residual, input, weight, bias, running_mean, running_var, residual, training,
                                     momentum, eps, relu);
 }
 
@@ -283,6 +286,7 @@ struct SyncBatchNormOp {
                                                                      s.invstd, s.eps, s.group));
   }
 };
+struct SyncBatchNormFunction final : OpFunction<SyncBatchNormOp, SyncBatchNormFunction> {};
 
 // Ghost Batch Normalization and Batch Renormalization: in eval batch_norm's (with its autograd), in
 // training their own forward and backward.
@@ -316,6 +320,7 @@ struct GhostOp {
                                                                       s.invstd, s.vbs));
   }
 };
+struct GhostFunction final : OpFunction<GhostOp, GhostFunction> {};
 
 struct RenormOp {
   static constexpr bool kCollective = false;
@@ -351,17 +356,18 @@ struct RenormOp {
                                                                   s.invstd, s.r, s.d));
   }
 };
+struct RenormFunction final : OpFunction<RenormOp, RenormFunction> {};
 
 // A variant's public operator: batch_norm's in eval, Op's in training (`rest`: Op::call's arguments
 // after the running statistics).
-template <class Op, bool Autograd, class... Rest>
+template <class Function, bool Autograd, class... Rest>
 Tensor variant(bool training, double momentum, double eps, const Tensor& input, const OptTensor& weight,
                const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
                const Rest&... rest) {
   if (!training)
     return run_batch_norm<Autograd>(input, std::nullopt, weight, bias, running_mean, running_var, false, momentum,
                                     eps, false);
-  return run<Op, Autograd>(std::nullopt, input, weight, bias, running_mean, running_var, rest...);
+  return run<Function, Autograd>(std::nullopt, input, weight, bias, running_mean, running_var, rest...);
 }
 
 }  // namespace
@@ -392,15 +398,15 @@ template <bool Autograd>
 Tensor sync_batch_norm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                           const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
                           c10::string_view group_name) {
-  return run<SyncBatchNormOp, Autograd>(std::nullopt, input, weight, bias, running_mean, running_var, momentum, eps,
-                                        group_name);
+  return run<SyncBatchNormFunction, Autograd>(std::nullopt, input, weight, bias, running_mean, running_var,
+                                              momentum, eps, group_name);
 }
 
 template <bool Autograd>
 Tensor ghost_batch_norm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& running_mean, const OptTensor& running_var,
                            std::int64_t virtual_batch_size, bool training, double momentum, double eps) {
-  return variant<GhostOp, Autograd>(training, momentum, eps, input, weight, bias, running_mean, running_var,
+  return variant<GhostFunction, Autograd>(training, momentum, eps, input, weight, bias, running_mean, running_var,
                                     virtual_batch_size, momentum, eps);
 }
 
@@ -408,7 +414,7 @@ template <bool Autograd>
 Tensor batch_renorm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                        const OptTensor& running_mean, const OptTensor& running_var, bool training, double r_max,
                        double d_max, double momentum, double eps) {
-  return variant<RenormOp, Autograd>(training, momentum, eps, input, weight, bias, running_mean, running_var, r_max,
+  return variant<RenormFunction, Autograd>(training, momentum, eps, input, weight, bias, running_mean, running_var, r_max,
                                      d_max, momentum, eps);
 }
 
