@@ -285,9 +285,6 @@ TEST_F(NoAlloc, SmallerChannelCountAfterWarmup) {
   }
 }
 
-}  // namespace
-}  // namespace bnorm
-
 // A layer's training step (forward, backward, with its saved statistics and parameter gradients
 // taken from the workspace: src/layer.cpp) allocates nothing after the first, for BatchNorm and for
 // the variants, whose reducers save more rows.
@@ -312,3 +309,7 @@ TEST_F(NoAlloc, GhostAndRenormLayerTrainingSteps) {
   BatchRenormT<float> renorm(8, {}, {}, 2);
   expect_layer_step_allocates_nothing(renorm);
 }
+
+}  // namespace
+}  // namespace bnorm
+
