@@ -2,7 +2,7 @@
 #   bench/ab.py OUT.md A1.jsonl B1.jsonl A2.jsonl B2.jsonl ...   (A = old build, B = new, in run order)
 # Per row: the median over the runs of each build, their ratio, and the range of the ratios of the
 # pairs run back to back; then the geometric mean and median of the ratios.
-import json, sys, statistics as st, collections
+import json, sys, statistics as st
 out = sys.argv[1]; files = sys.argv[2:]
 runs = {'A': [], 'B': []}
 for i, f in enumerate(files):

@@ -48,3 +48,13 @@ function(bnorm_find_torch python found_var)
   target_link_options(bnorm_torch_deps INTERFACE "LINKER:-rpath,${dir}/lib")
   set(${found_var} TRUE PARENT_SCOPE)
 endfunction()
+
+# The torch operators' sources (adapters/torch, docs/architecture.md): linked into the libtorch
+# adapter (bnorm_torch) and built as the Python package's bnorm/libbnorm_torch_ops.so.
+set(BNORM_TORCH_OPS_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/../adapters/torch/registration.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/../adapters/torch/tensor_rules.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/../adapters/torch/cpu.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/../adapters/torch/meta.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/../adapters/torch/autograd.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/../adapters/torch/process_group.cpp)

@@ -5,7 +5,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -21,29 +20,10 @@ std::string to_string(WeightLayout l) {
 
 namespace {
 
+using detail::check_data;
+using detail::check_dtype;
+using detail::num;
 using detail::Problem;
-
-std::string num(double v) {
-  std::ostringstream s;
-  s << v;
-  return s.str();
-}
-
-bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float64 || d == DType::BFloat16; }
-
-Problem check_dtype(const std::string& arg, DType d) {
-  if (!valid_dtype(d))
-    return Problem(arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(d), ErrorKind::Type);
-  return {};
-}
-
-Problem check_pointer(const std::string& arg, const void* p, DType d, std::int64_t n) {
-  if (n > 0 && p == nullptr) return Problem(arg + ": expected a data pointer, got null for " + std::to_string(n) + " values");
-  if (reinterpret_cast<std::uintptr_t>(p) % size_of(d) != 0)
-    return Problem(arg + ": expected a data pointer aligned to " + std::to_string(size_of(d)) + " bytes (" + to_string(d) +
-                   ")");
-  return {};
-}
 
 // A per-channel vector of length C (or absent, when it may be).
 Problem check_channels(const char* name, const ConstVectorView& v, std::int64_t C, bool required) {
@@ -55,7 +35,7 @@ Problem check_channels(const char* name, const ConstVectorView& v, std::int64_t 
   BNORM_CHECK(check_dtype(arg, v.dtype()));
   if (v.size() != C)
     return Problem(arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
-  return check_pointer(arg, v.data(), v.dtype(), C);
+  return check_data(arg, v.data(), v.dtype(), C);
 }
 
 // The bfloat16 nearest to a float64, rounded once. float32 keeps 16
@@ -145,11 +125,15 @@ detail::Checked<Geometry> check_layer(const FoldLayer& layer) {
     return Problem("layer.weight: expected a shape whose size in bytes fits in int64, got " + s.str());
   if (w.layout() != Layout::ChannelsFirst && g.K != 1)
     return Problem("layer.weight: expected layout channels_first (contiguous), got " + to_string(w.layout()));
-  BNORM_CHECK(check_pointer("layer.weight", w.data(), w.dtype(), g.numel));
+  BNORM_CHECK(check_data("layer.weight", w.data(), w.dtype(), g.numel));
   if (layer.groups < 1) return Problem("layer.groups: expected a value >= 1, got " + std::to_string(layer.groups));
-  if (g.A % layer.groups != 0 || __builtin_mul_overflow(g.B, g.groups, &bytes))
+  if (g.A % layer.groups != 0)
     return Problem("layer.groups: expected a divisor of the weight's dim 0 (" + std::to_string(g.A) + "), got " +
                    std::to_string(layer.groups));
+  // The channels of the weight's dim 1 side are dim 1 * groups (an empty weight's dim 1 may be any size).
+  if (__builtin_mul_overflow(g.B, g.groups, &bytes))
+    return Problem("layer.groups: expected a value whose product with the weight's dim 1 (" + std::to_string(g.B) +
+                   ") fits in int64, got " + std::to_string(layer.groups));
   BNORM_CHECK(check_channels("layer.bias", layer.bias, g.c_out(), false));
   return g;
 }
@@ -182,7 +166,7 @@ Problem check_outputs(const FoldLayer& layer, const FoldBatchNorm& bn, const Geo
   BNORM_CHECK(check_dtype("out_weight", out_weight.dtype()));
   if (out_weight.layout() != Layout::ChannelsFirst && g.K != 1)
     return Problem("out_weight: expected layout channels_first (contiguous), got " + to_string(out_weight.layout()));
-  BNORM_CHECK(check_pointer("out_weight", out_weight.data(), out_weight.dtype(), g.numel));
+  BNORM_CHECK(check_data("out_weight", out_weight.data(), out_weight.dtype(), g.numel));
   BNORM_CHECK(check_channels("out_bias", out_bias, g.c_out(), true));
   const std::int64_t wb = g.numel * static_cast<std::int64_t>(size_of(layer.weight.dtype()));
   const std::int64_t owb = g.numel * static_cast<std::int64_t>(size_of(out_weight.dtype()));

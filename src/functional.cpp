@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <span>
 
 namespace bnorm {
@@ -234,13 +235,14 @@ void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, c
 }
 
 // dgamma = sum(dy' * (x - mean)) * invstd, dbeta = sum(dy').
+// An input of no values has zero gradients, whatever its statistics (torch's rule: not 0 * invstd).
 template <class T>
 void write_param_grads(ParamGrads grads, const double* sum_dy, const double* sum_dy_xmu,
-                       std::span<const double> invstd) {
+                       std::span<const double> invstd, double m) {
   if (grads.weight.present()) {
     Scope scope;
     const std::span<double> dgamma = scope.take_for_overwrite<double>(invstd.size());
-    for (std::size_t c = 0; c < invstd.size(); ++c) dgamma[c] = sum_dy_xmu[c] * invstd[c];
+    for (std::size_t c = 0; c < invstd.size(); ++c) dgamma[c] = m > 0 ? sum_dy_xmu[c] * invstd[c] : 0.0;
     write_channels<T>(grads.weight, dgamma);
   }
   write_channels<T>(grads.bias, std::span<const double>(sum_dy, invstd.size()));
@@ -273,7 +275,7 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
     if (need_sums) reduce_sums(dy, x, out, g, means, sum_dy.data(), sum_dy_xmu.data());
     if (dx) apply_dx(dy, x, out, dx, g, means, {gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m}, training);
   }
-  write_param_grads<T>(grads, sum_dy.data(), sum_dy_xmu.data(), invstd);
+  write_param_grads<T>(grads, sum_dy.data(), sum_dy_xmu.data(), invstd, m);
 }
 
 template <class T>
@@ -309,8 +311,8 @@ Checked<TensorInfo> check_forward_args(ConstTensorView input, TensorView output,
   if (save.mean.present()) BNORM_CHECK(check_vector("save_mean", save.mean, C, dt, true));
   if (save.invstd.present()) BNORM_CHECK(check_vector("save_invstd", save.invstd, C, dt, true));
   BNORM_CHECK(check_activation(options.activation));
-  BNORM_CHECK(check_eps(options.eps));
-  BNORM_CHECK(check_momentum(options.momentum));
+  BNORM_CHECK(check_eps(options));
+  BNORM_CHECK(check_momentum(options));
   return in;
 }
 
@@ -334,10 +336,12 @@ void run_forward(const TensorInfo& in, ConstTensorView input, TensorView output,
                  RunningStats update, Affine affine, const Options& options, SavedStats save,
                  ConstTensorView residual) {
   const Geometry g = output_geometry(in, options);
+  Options run = options;
+  run.eps = kernel_eps(options);
   with_storage(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
     forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, frozen, update,
-                 affine, options, save, data_or_null<T>(residual));
+                 affine, run, save, data_or_null<T>(residual));
   });
 }
 
@@ -377,7 +381,7 @@ Checked<TensorInfo> check_backward_args(ConstTensorView grad_output, const Forwa
       return Problem("running_mean: expected running_mean and running_var when training=false, got none");
     BNORM_CHECK(check_vector("running_mean", forward.running.mean, C, dt));
     BNORM_CHECK(check_vector("running_var", forward.running.var, C, dt));
-    BNORM_CHECK(check_eps(options.eps));
+    BNORM_CHECK(check_eps(options));
   }
   if (grads.weight.present()) BNORM_CHECK(check_vector("grad_weight", grads.weight, C, dt));
   if (grads.bias.present()) BNORM_CHECK(check_vector("grad_bias", grads.bias, C, dt));
@@ -387,13 +391,14 @@ Checked<TensorInfo> check_backward_args(ConstTensorView grad_output, const Forwa
 void run_backward(const TensorInfo& in, ConstTensorView grad_output, const ForwardState& forward,
                   const Options& options, TensorView grad_input, ParamGrads grads) {
   const bool relu = options.activation == Activation::Relu;
+  Options run = options;
+  run.eps = kernel_eps(options);
   with_storage(forward.input.dtype(), [&](auto tag) {
     using T = decltype(tag);
     backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
                   relu ? static_cast<const T*>(forward.output.data()) : nullptr,
                   grad_input.empty() ? nullptr : static_cast<T*>(grad_input.data()), output_geometry(in, options),
-                  forward, options,
-                  grads);
+                  forward, run, grads);
   });
 }
 
@@ -406,6 +411,11 @@ void batch_norm(ConstTensorView input, TensorView output, RunningStats running, 
       detail::check_forward_args(input, output, running, affine, options, save);
   detail::raise_if(fn, in.problem);
   detail::raise_if(fn, detail::check_residual(residual, input, output, in.value));
+  if (detail::torch_empty_batch(options, in.value)) {  // nothing to compute, and nothing changes
+    for (const VectorView& v : {save.mean, save.invstd})
+      if (v.present()) std::memset(v.data(), 0, static_cast<std::size_t>(v.size()) * size_of(v.dtype()));
+    return;
+  }
   if (options.training) detail::raise_if(fn, detail::check_training_count(input, in.value));
   detail::run_forward(in.value, input, output, running, running, affine, options, save, residual);
 }
@@ -495,7 +505,7 @@ void backward_finish_t(ConstTensorView dy, const ForwardState& forward, const Ge
              data_or_null<T>(forward.output), static_cast<T*>(dx.data()), g, means,
              {read_channels<T>(scope, forward.weight, g.C, 1.0), invstd, global.dy, global.dy_xmu, count}, true);
   }
-  write_param_grads<T>(grads, local.dy, local.dy_xmu, invstd);
+  write_param_grads<T>(grads, local.dy, local.dy_xmu, invstd, static_cast<double>(g.per_channel()));  // this rank's part
 }
 
 }  // namespace

@@ -4,12 +4,14 @@
 #include "reducer.hpp"
 #include "safetensors.hpp"
 #include "validate.hpp"
+#include "workspace.hpp"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <span>
 #include <type_traits>
 
 namespace bnorm {
@@ -162,6 +164,7 @@ template <class P>
 BasicBatchNorm<P>::BasicBatchNorm(std::int64_t num_features, BatchNormOptions options, int spatial_dims,
                                   std::shared_ptr<const detail::StatsReducer> reducer)
     : reducer_(std::move(reducer)), num_features_(num_features), options_(options), spatial_dims_(spatial_dims) {
+  // The protected constructor is open to subclasses, which may pass null (Layer.NullReducerIsRefused).
   if (!reducer_) detail::fail("BatchNorm", "reducer: expected a source of batch statistics, got null");
   const char* fn = reducer_->layer_name();
   if (num_features < 1) detail::fail(fn, "num_features: expected >= 1, got " + std::to_string(num_features));
@@ -249,13 +252,17 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
   const bool use_batch = training_ || !track;
   const bool update = training_ && track;
   double factor = 0;
-  if (update) factor = options_.momentum ? *options_.momentum : 1.0 / static_cast<double>(num_batches_tracked_ + 1);
+  if (update) factor = options_.momentum ? *options_.momentum : cumulative_momentum(num_batches_tracked_);
   RunningStats running;
   if (track) running = {VectorView(running_mean_), VectorView(running_var_)};
   // The rows of C values the reducer saves (1 for BN), sized only for an input the layer accepts.
   const detail::Problem problem = input_problem(x);
   const std::int64_t rows = use_batch && !problem ? reducer_->saved_rows(x) : 1;
-  std::vector<double> sm(static_cast<std::size_t>(rows * num_features_)), si(sm.size());
+  // This step's saved statistics, from the thread's workspace (no allocation once a step has needed
+  // as much), copied into the layer's only when the step has succeeded.
+  detail::Workspace::Scope scope;
+  const std::span<double> sm = scope.take<double>(static_cast<std::size_t>(rows * num_features_)),
+                          si = scope.take<double>(sm.size());
   const Affine affine = options_.affine ? Affine{weight_, bias_} : Affine{};
   const SavedStats save = use_batch ? SavedStats{sm, si} : SavedStats{};
   // A failed check of the layer's own goes to the reducer, which raises it (on every rank at once for
@@ -265,10 +272,9 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
   // Only reached when the call succeeded: commit what backward needs.
   if (update) num_batches_tracked_ += reducer_->batches_counted(x);
   if (use_batch) {
-    save_mean_.swap(sm);
-    save_invstd_.swap(si);
+    save_mean_.assign(sm.begin(), sm.end());  // reallocates only when the number of rows grows
+    save_invstd_.assign(si.begin(), si.end());
     forward_shape_ = x.shape();
-    forward_layout_ = x.layout();
   }
   // An eval forward with running statistics writes no member (these two flags only when they
   // change, atomically), so one layer in eval mode may serve many threads at once
@@ -282,7 +288,9 @@ template <class P>
 void BasicBatchNorm<P>::backward(ConstTensorView x, ConstTensorView dy, TensorView dx, ConstTensorView y) {
   const char* fn = reducer_->backward_name();
   const auto C = static_cast<std::size_t>(num_features_);
-  std::vector<P> gw(options_.affine ? C : 0), gb(options_.affine ? C : 0);
+  // This step's parameter gradients, from the thread's workspace, added to the layer's on success.
+  detail::Workspace::Scope scope;
+  const std::span<P> gw = scope.take<P>(options_.affine ? C : 0), gb = scope.take<P>(gw.size());
   ForwardState forward{.input = x, .output = y};
   if (options_.affine) forward.weight = ConstVectorView(weight_);
   if (forward_used_batch_stats_)
@@ -321,7 +329,7 @@ void BasicBatchNorm<P>::save(const std::string& path, const std::string& prefix)
 
 template <class P>
 void BasicBatchNorm<P>::load(const std::string& path, const std::string& prefix) {
-  const std::string fn = "BatchNorm::load('" + path + "')";
+  const std::string fn = std::string(reducer_->layer_name()) + "::load('" + path + "')";
   const detail::SafeTensorsFile f = detail::read_safetensors(path);
   std::set<std::string> expected;
   if (options_.affine) expected.insert({"weight", "bias"});

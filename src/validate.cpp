@@ -7,11 +7,6 @@
 
 namespace bnorm::detail {
 namespace {
-std::string num(double v) {
-  std::ostringstream s;
-  s << v;
-  return s.str();
-}
 bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float64 || d == DType::BFloat16; }
 bool valid_layout(Layout l) { return l == Layout::ChannelsFirst || l == Layout::ChannelsLast; }
 // The kernels read through float* / double*: a pointer off the element's alignment is undefined
@@ -29,6 +24,25 @@ Problem check_aligned(const std::string& arg, const void* p, DType dtype) {
 }
 }  // namespace
 
+std::string num(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+Problem check_dtype(const std::string& arg, DType dtype) {
+  if (!valid_dtype(dtype))
+    return Problem(arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(dtype),
+                   ErrorKind::Type);
+  return {};
+}
+
+Problem check_data(const std::string& arg, const void* p, DType dtype, std::int64_t n) {
+  if (n > 0 && p == nullptr)
+    return Problem(arg + ": expected a data pointer, got null for " + std::to_string(n) + " values");
+  return check_aligned(arg, p, dtype);
+}
+
 void fail(const char* fn, const std::string& what, ErrorKind kind) {
   throw Error(std::string("bnorm::") + fn + ": " + what, kind);
 }
@@ -39,9 +53,7 @@ Checked<TensorInfo> check_tensor(const char* name, const ConstTensorView& t) {
   if (s.rank() < 2)
     return Problem(arg + ": expected a tensor of rank >= 2 (N, C, ...), got rank " + std::to_string(s.rank()) +
                  " with shape " + s.str());
-  if (!valid_dtype(t.dtype()))
-    return Problem(arg + ": expected dtype float32, float64 or bfloat16, got unsupported " + to_string(t.dtype()),
-                   ErrorKind::Type);
+  BNORM_CHECK(check_dtype(arg, t.dtype()));
   if (!valid_layout(t.layout()))
     return Problem(arg + ": expected layout channels_first or channels_last, got unsupported " + to_string(t.layout()));
   std::int64_t numel = 1, spatial = 1;
@@ -97,9 +109,7 @@ Problem check_vector(const char* name, const ConstVectorView& v, std::int64_t C,
     return Problem(arg + ": expected dtype " + to_string(dtype) +
                        (also_float64 && dtype != DType::Float64 ? " or float64" : "") + ", got " + to_string(v.dtype()),
                    ErrorKind::Type);
-  if (C > 0 && v.data() == nullptr)
-    return Problem(arg + ": expected a data pointer, got null for " + std::to_string(C) + " values");
-  return check_aligned(arg, v.data(), v.dtype());
+  return check_data(arg, v.data(), v.dtype(), C);
 }
 
 Problem check_alias(const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name, const void* b,
@@ -121,6 +131,26 @@ Problem check_eps(double eps) {
 Problem check_momentum(double momentum) {
   if (!(momentum >= 0 && momentum <= 1)) return Problem("momentum: expected a value in [0, 1], got " + num(momentum));
   return {};
+}
+
+Problem check_eps(const Options& options) {
+  if (options.policy == Policy::Strict || options.training) return check_eps(options.eps);
+  if (!(std::isfinite(options.eps) && options.eps >= 0))
+    return Problem("eps: expected a finite value >= 0 in eval, got " + num(options.eps));
+  return {};
+}
+
+Problem check_momentum(const Options& options) {
+  return options.policy == Policy::Strict ? check_momentum(options.momentum) : Problem();
+}
+
+double kernel_eps(const Options& options) {
+  const bool zero_allowed = options.policy == Policy::Torch && !options.training;
+  return zero_allowed && options.eps == 0 ? std::numeric_limits<double>::denorm_min() : options.eps;
+}
+
+bool torch_empty_batch(const Options& options, const TensorInfo& info) {
+  return options.policy == Policy::Torch && options.training && info.geometry.C > 0 && info.numel == 0;
 }
 
 Problem check_activation(Activation activation) {

@@ -7,6 +7,7 @@
 // rank's problem to every other rank before all of them throw it together.
 #pragma once
 
+#include <bnorm/functional.hpp>
 #include <bnorm/types.hpp>
 
 #include "kernels/kernels.hpp"
@@ -73,8 +74,20 @@ Problem check_vector(const char* name, const ConstVectorView& v, std::int64_t C,
 Problem check_alias(const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name, const void* b,
                     std::int64_t b_bytes);
 
+// The pieces that other checks are made of (fold.cpp's too): a number as messages print it; a
+// supported dtype (float32, float64, bfloat16); a data pointer for n > 0 values, aligned to its dtype.
+std::string num(double v);
+Problem check_dtype(const std::string& arg, DType dtype);
+Problem check_data(const std::string& arg, const void* p, DType dtype, std::int64_t n);
+
 Problem check_eps(double eps);
 Problem check_momentum(double momentum);
+// eps and momentum under the options' policy (functional.hpp, Policy), and the eps the kernels take.
+Problem check_eps(const Options& options);
+Problem check_momentum(const Options& options);
+double kernel_eps(const Options& options);
+// Policy::Torch's training batch of no values (which changes nothing; Strict refuses it).
+bool torch_empty_batch(const Options& options, const TensorInfo& info);
 Problem check_activation(Activation activation);
 Problem check_training_count(const ConstTensorView& input, const TensorInfo& info);
 

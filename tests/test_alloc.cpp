@@ -285,5 +285,31 @@ TEST_F(NoAlloc, SmallerChannelCountAfterWarmup) {
   }
 }
 
+// A layer's training step (forward, backward, with its saved statistics and parameter gradients
+// taken from the workspace: src/layer.cpp) allocates nothing after the first, for BatchNorm and for
+// the variants, whose reducers save more rows.
+template <class Layer>
+void expect_layer_step_allocates_nothing(Layer& layer) {
+  Problem<float> p({4, 8, 6, 6}, Layout::ChannelsFirst);
+  EXPECT_EQ(allocations_after_warmup([&] {
+              layer.forward(p.in(p.x), p.out(p.y));
+              layer.backward(p.in(p.x), p.in(p.dy), p.out(p.dx));
+            }),
+            0);
+}
+
+TEST_F(NoAlloc, LayerTrainingStep) {
+  BatchNorm2d bn(8);
+  expect_layer_step_allocates_nothing(bn);
+}
+
+TEST_F(NoAlloc, GhostAndRenormLayerTrainingSteps) {
+  GhostBatchNormT<float> ghost(8, 2, {}, 2);
+  expect_layer_step_allocates_nothing(ghost);
+  BatchRenormT<float> renorm(8, {}, {}, 2);
+  expect_layer_step_allocates_nothing(renorm);
+}
+
 }  // namespace
 }  // namespace bnorm
+

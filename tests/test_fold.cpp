@@ -316,6 +316,11 @@ TEST(Fold, ErrorsNameTheArgumentAndChangeNothing) {
             "bnorm::fold_into_producer: layer.groups: expected a divisor of the weight's dim 0 (4), got 3");
   EXPECT_EQ(producer({layer.weight, b, WeightLayout::OutIn, 0}, bn, out, fb),
             "bnorm::fold_into_producer: layer.groups: expected a value >= 1, got 0");
+  // An empty weight whose dim 1 times groups overflows: said as such, not as a divisor problem.
+  const Shape huge{0, std::int64_t{1} << 62};
+  EXPECT_EQ(producer({ConstTensorView(w.data(), huge), {}, WeightLayout::OutIn, 4}, bn, TensorView(fw.data(), huge), fb),
+            "bnorm::fold_into_producer: layer.groups: expected a value whose product with the weight's dim 1 "
+            "(4611686018427387904) fits in int64, got 4");
   EXPECT_EQ(producer({.weight = layer.weight, .bias = ConstVectorView(b.data(), 3)}, bn, out, fb),
             "bnorm::fold_into_producer: layer.bias: expected 4 values (one per channel), got 3");
   EXPECT_EQ(producer(layer, {.running_mean = ConstVectorView(mean.data(), 3), .running_var = var}, out, fb),

@@ -400,6 +400,88 @@ TEST(EdgeCases, EmptyBatch) {
                Error);
 }
 
+// Policy::Torch: torch's rules for the edge cases, which the bindings take (functional.hpp, Policy).
+TEST(TorchPolicy, AnyMomentumRunsTheSameUpdate) {
+  const Shape shape{4, 3, 5};
+  std::vector<double> x(60);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.7 * static_cast<double>(i)) * 3.0 + 1.0;
+  std::vector<double> y(60), mean(3), var(3);
+  batch_stats(ConstTensorView(x.data(), shape), mean, var);
+  for (double m : {-0.5, 1.5, 7.0}) {
+    std::vector<double> rm{0.25, -1.0, 2.0}, rv{1.0, 0.5, 3.0};
+    const std::vector<double> rm0 = rm, rv0 = rv;
+    const Options strict{.training = true, .momentum = m};
+    EXPECT_NE(error_of([&] {
+                batch_norm(ConstTensorView(x.data(), shape), TensorView(y.data(), shape), {rm, rv}, {}, strict);
+              }).find("momentum: expected a value in [0, 1]"),
+              std::string::npos);
+    EXPECT_EQ(rm, rm0);
+    Options torch = strict;
+    torch.policy = Policy::Torch;
+    batch_norm(ConstTensorView(x.data(), shape), TensorView(y.data(), shape), {rm, rv}, {}, torch);
+    for (std::size_t c = 0; c < 3; ++c) {
+      EXPECT_NEAR(rm[c], (1 - m) * rm0[c] + m * mean[c], 1e-12) << "momentum " << m;
+      EXPECT_NEAR(rv[c], (1 - m) * rv0[c] + m * var[c] * 20.0 / 19.0, 1e-12) << "momentum " << m;
+    }
+  }
+}
+
+TEST(TorchPolicy, ZeroEpsInEvalRunsAsTheSmallestDouble) {
+  const Shape shape{2, 2, 3};
+  const std::vector<double> x{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  std::vector<double> rm{1.0, 2.0}, rv{4.0, 0.0};
+  std::vector<double> y(12), expect(12);
+  const Options zero{.eps = 0.0, .policy = Policy::Torch};
+  batch_norm(ConstTensorView(x.data(), shape), TensorView(y.data(), shape), {rm, rv}, {}, zero);
+  batch_norm_inference(ConstTensorView(x.data(), shape), TensorView(expect.data(), shape), {rm, rv}, {},
+                       std::numeric_limits<double>::denorm_min());
+  EXPECT_EQ(y, expect);
+  EXPECT_EQ(y[0], 0.0);  // (1 - 1) / sqrt(4)
+  const Options strict{.eps = 0.0};
+  EXPECT_NE(error_of([&] {
+              batch_norm(ConstTensorView(x.data(), shape), TensorView(y.data(), shape), {rm, rv}, {}, strict);
+            }).find("eps: expected a finite value > 0, got 0"),
+            std::string::npos);
+  for (double eps : {-1e-5, std::numeric_limits<double>::infinity()}) {
+    const Options bad{.eps = eps, .policy = Policy::Torch};
+    EXPECT_NE(error_of([&] {
+                batch_norm(ConstTensorView(x.data(), shape), TensorView(y.data(), shape), {rm, rv}, {}, bad);
+              }).find("bnorm::batch_norm: eps: expected a finite value >= 0 in eval, got "),
+              std::string::npos);
+  }
+  // Training keeps eps > 0 under either policy.
+  const Options training{.training = true, .eps = 0.0, .policy = Policy::Torch};
+  EXPECT_NE(error_of([&] {
+              batch_norm(ConstTensorView(x.data(), shape), TensorView(y.data(), shape), {}, {}, training);
+            }).find("eps: expected a finite value > 0, got 0"),
+            std::string::npos);
+}
+
+TEST(TorchPolicy, AnEmptyTrainingBatchChangesNothing) {
+  std::vector<float> rm{0.5f, 1.f, 2.f}, rv{1.f, 2.f, 3.f};
+  std::vector<double> sm(3, 7.0), si(3, 7.0);
+  const ConstTensorView x(static_cast<const float*>(nullptr), Shape{0, 3, 5});
+  const TensorView y(static_cast<float*>(nullptr), Shape{0, 3, 5});
+  const Options torch{.training = true, .momentum = 0.5, .policy = Policy::Torch};
+  batch_norm(x, y, {rm, rv}, {}, torch, {sm, si});
+  EXPECT_EQ(rm, (std::vector<float>{0.5f, 1.f, 2.f}));
+  EXPECT_EQ(rv, (std::vector<float>{1.f, 2.f, 3.f}));
+  EXPECT_EQ(sm, std::vector<double>(3, 0.0));
+  EXPECT_EQ(si, std::vector<double>(3, 0.0));
+  // The other checks still run: a running_mean of the wrong length is refused.
+  std::vector<float> short_rm(2, 0.f);
+  EXPECT_NE(error_of([&] { batch_norm(x, y, {short_rm, rv}, {}, torch); })
+                .find("running_mean: expected 3 values (one per channel), got 2"),
+            std::string::npos);
+  // And its parameter gradients are zeros, whatever the statistics.
+  std::vector<float> gw(3, 7.f), gb(3, 7.f);
+  const std::vector<double> inf(3, std::numeric_limits<double>::infinity());
+  batch_norm_backward(ConstTensorView(static_cast<const float*>(nullptr), Shape{0, 3, 5}),
+                      {.input = x, .saved = {inf, inf}}, torch, {}, {gw, gb});
+  EXPECT_EQ(gw, std::vector<float>(3, 0.f));
+  EXPECT_EQ(gb, std::vector<float>(3, 0.f));
+}
+
 // The saved statistics may be float64 for float32 input: backward then keeps the mean's precision.
 TEST(EdgeCases, Float64SavedStatisticsForFloat32Input) {
   const Dims d{{8, 2, 50}};

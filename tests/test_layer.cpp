@@ -256,6 +256,20 @@ TEST(Checkpoint, MismatchedFilesAreRejectedAndChangeNothing) {
   fs::remove_all(dir);
 }
 
+TEST(Checkpoint, LoadErrorsNameTheLayerType) {
+  const fs::path dir = temp_dir();
+  const std::string path = (dir / "bn.safetensors").string();
+  trained_layer<float>(5).save(path);
+  BatchNorm bn(6, {}, 2);
+  GhostBatchNormT<float> ghost(6, 2, {}, 2);
+  BatchRenormT<float> renorm(6, {}, {}, 2);
+  const std::string at = "::load('" + path + "'): ";
+  EXPECT_EQ(error_of([&] { bn.load(path); }).rfind("bnorm::BatchNorm" + at, 0), 0u);
+  EXPECT_EQ(error_of([&] { ghost.load(path); }).rfind("bnorm::GhostBatchNorm" + at, 0), 0u);
+  EXPECT_EQ(error_of([&] { renorm.load(path); }).rfind("bnorm::BatchRenorm" + at, 0), 0u);
+  fs::remove_all(dir);
+}
+
 TEST(Checkpoint, CorruptFilesGiveClearErrors) {
   const fs::path dir = temp_dir();
   const std::string path = (dir / "bn.safetensors").string();

@@ -2,7 +2,7 @@
 # Run: pip install --no-deps "torchvision==0.29.*" pillow; scripts/build_python; PYTHONPATH=build/python python3 tools/torchvision_check.py
 # A user's check: torchvision resnet18 with bnorm's BatchNorm (bnorm.torch.convert) against torch's,
 # eval and one SGD step, both memory formats. Prints max differences.
-import copy, sys, torch, torchvision
+import copy, torch, torchvision
 import bnorm.torch as bt
 torch.set_num_threads(2)
 torch.manual_seed(0)

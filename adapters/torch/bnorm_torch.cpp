@@ -20,7 +20,7 @@ at::Tensor batch_norm(const at::Tensor& input, const at::Tensor& running_mean, c
   if (weight.defined() != bias.defined())
     throw std::invalid_argument("bnorm::torch::batch_norm: weight and bias: give both or neither");
   auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
-  // The operator (ops.cpp) makes the checks and the computation; this C++ API keeps its documented
+  // The operator (cpu.cpp) makes the checks and the computation; this C++ API keeps its documented
   // exception type, std::invalid_argument, with the operator's message.
   try {
     return torch_ops::batch_norm(input, opt(weight), opt(bias), opt(running_mean), opt(running_var), training,

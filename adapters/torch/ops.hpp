@@ -1,4 +1,4 @@
-// bnorm's operators in torch's dispatcher (ops.cpp): the C++ entry for code linked with libtorch.
+// bnorm's operators in torch's dispatcher (op_table.hpp): the C++ entry for code linked with libtorch.
 // Python reaches the same operators as torch.ops.bnorm.* (bnorm.torch loads the library that holds
 // them). See docs/torch-adapter.md.
 #pragma once

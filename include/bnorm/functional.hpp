@@ -42,25 +42,40 @@ struct SavedStats {
 };
 
 // What the output tensors' memory is, which decides how the kernels store into it.
-//   Reused: memory written before (a buffer kept between calls): outputs of 32 MiB or more are written
-//           with non-temporal stores, which save the read of every destination line.
+//   Reused: memory written before (a buffer kept between calls): outputs at least as large as this
+//           machine's stream threshold (measured at first use: BENCHMARKS.md, `bnorm info`) are
+//           written with non-temporal stores, which save the read of every destination line.
 //   Fresh : memory just allocated and not yet touched (torch's at::empty, a new NumPy array): each
 //           first write page-faults and the kernel zeroes the page through the cache, where ordinary
 //           stores then find it; non-temporal stores measured 25-30% slower there (BENCHMARKS.md,
 //           "Through PyTorch"). The bindings that allocate their outputs say Fresh.
 enum class OutputMemory : std::uint8_t { Reused, Fresh };
 
+// Whose rules decide the edge cases of batch_norm and batch_norm_backward.
+//   Strict: momentum in [0, 1]; eps > 0; a training batch has more than one value per channel.
+//   Torch : torch.nn.functional.batch_norm's, which the bindings take. Any momentum, with the same
+//           update. eps >= 0 in eval; 0 runs as the smallest double, which changes running_var + eps
+//           only where running_var is 0 or subnormal. A training batch of no values (N = 0 or a
+//           spatial size 0) changes nothing: the output is empty, the saved statistics are zeros.
+//   Both refuse a training batch of one value per channel, and the variants take Strict only.
+enum class Policy : std::uint8_t { Strict, Torch };
+
+// torch's momentum=None, a cumulative average: the momentum of the batch after `batches_seen`.
+inline double cumulative_momentum(std::int64_t batches_seen) { return 1.0 / static_cast<double>(batches_seen + 1); }
+
 // How to normalize; backward takes the forward's Options unchanged (momentum is unused there).
 //   training   : true normalizes with the batch statistics (m = N * prod(spatial) values per
 //                channel, biased variance); false with the running statistics.
 //   activation : Relu fuses y = max(y, 0); backward then needs the output.
 //   outputs    : the output's (backward: grad_input's) memory, above.
+//   policy     : the edge cases' rules, above.
 struct Options {
   bool training = false;
   double momentum = 0.1;
   double eps = 1e-5;
   Activation activation = Activation::None;
   OutputMemory outputs = OutputMemory::Reused;
+  Policy policy = Policy::Strict;
 };
 
 // Gradients of the parameters: either may be absent (not computed); overwritten, not accumulated.

@@ -110,7 +110,6 @@ class BasicBatchNorm {
   bool have_forward_ = false;
   bool forward_used_batch_stats_ = false;
   Shape forward_shape_;
-  Layout forward_layout_ = Layout::ChannelsFirst;
 };
 
 using BatchNorm = BasicBatchNorm<float>;

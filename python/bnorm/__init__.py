@@ -19,33 +19,14 @@ See docs/python.md.
 from __future__ import annotations
 
 import importlib
-import sys
 
 from . import _bnorm
 from ._folding import fold_weights
 from ._functional import batch_norm, batch_norm_backward, batch_stats
+from ._threads import num_threads, set_num_threads
 
 __version__ = "0.1.0"
 __all__ = ["batch_norm", "batch_norm_backward", "batch_stats", "fold_weights", "set_num_threads", "num_threads", "info", "torch"]
-
-
-_threads_set = None  # the last set_num_threads(n), which bnorm.torch's operators get when they load
-
-
-def set_num_threads(n: int) -> None:
-    """Sets the number of threads bnorm's kernels use (default: OpenMP's maximum). n >= 1. It holds
-    for the NumPy path and for the torch operators (bnorm.torch), whose library is a copy of its own."""
-    global _threads_set
-    _bnorm.set_num_threads(n)
-    _threads_set = n
-    bnorm_torch = sys.modules.get(__name__ + ".torch")
-    if bnorm_torch is not None:
-        bnorm_torch._sync_threads()
-
-
-def num_threads() -> int:
-    """The number of threads bnorm's kernels use."""
-    return _bnorm.num_threads()
 
 
 def info() -> str:

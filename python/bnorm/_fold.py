@@ -32,8 +32,8 @@ import torch
 import torch.fx as fx
 
 from ._folding import fold_weights
-from ._fuse import _Tracer, _first_line, _has_hooks, _keep_state
-from .torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm, FrozenBatchNorm2d
+from ._fuse import Tracer, first_line, has_hooks, keep_state
+from ._modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm, FrozenBatchNorm2d
 
 __all__ = ["fold"]
 
@@ -49,7 +49,7 @@ _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _TRANSPOSED = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
-class _FoldTracer(_Tracer):
+class _FoldTracer(Tracer):
     def is_leaf_module(self, m, module_qualified_name):
         return isinstance(m, _FOLDABLE) or super().is_leaf_module(m, module_qualified_name)
 
@@ -114,10 +114,10 @@ class _Folder:
         try:
             graph = _FoldTracer().trace(module)
             gm = fx.GraphModule(module, graph, type(module).__name__)
-            _keep_state(module, gm)
+            keep_state(module, gm)
         except Exception as error:  # whatever the model's code raises on proxies
             warnings.warn(f"bnorm fold: {path or 'the model'} ({type(module).__name__}) cannot be traced by torch.fx "
-                          f"({_first_line(error)}); folding inside its children instead")
+                          f"({first_line(error)}); folding inside its children instead")
             for name, child in list(module._modules.items()):
                 if child is not None:
                     module._modules[name] = self.visit(child, f"{path}.{name}" if path else name)
@@ -139,7 +139,7 @@ class _Folder:
         why = None
         if calls[node.target] != 1:
             why = f"is called {calls[node.target]} times"
-        elif _has_hooks(layer):
+        elif has_hooks(layer):
             why = "has hooks"
         return layer, kind, name, why
 
@@ -198,7 +198,7 @@ class _Folder:
             if bn.running_mean is None or bn.running_var is None:
                 self.report.append(f"{name}: left: it has no running statistics, so eval uses batch statistics")
                 continue
-            if _has_hooks(bn):
+            if has_hooks(bn):
                 why = "the BN has hooks"
             elif len(node.args) != 1 or node.kwargs:
                 why = "the BN is called with other arguments than its input"

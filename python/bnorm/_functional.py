@@ -1,15 +1,16 @@
 """The functional API: torch.nn.functional.batch_norm's signature and rules on NumPy arrays and
 torch tensors, backed by bnorm's kernels (bnorm._bnorm).
 
-The argument checks are the library's wherever its rule is torch's: the kernels' call checks shapes,
-ranks, the lengths of the per-channel vectors, running statistics, eps in training, the values per
-channel, and throws before it writes; its errors arrive as ValueError (TypeError for a dtype:
+The argument checks are the library's wherever it can make them: the kernels' call, under torch's
+rules (bnorm::Policy::Torch: any momentum, eps >= 0 in eval, an empty training batch), checks shapes,
+ranks, the lengths of the per-channel vectors, running statistics, eps, the values per channel, and
+throws before it writes; its errors arrive as ValueError (TypeError for a dtype:
 ErrorKind::Type) with its message, which names the argument, the expected and the actual value
 (torch's own wording differs; bnorm's messages follow one grammar in every binding). What Python
 checks first, before anything is allocated, is what only Python knows or what torch rules
 differently from the library (each says which): the kind of an argument (not an array, NumPy and
 torch mixed, device, dtype, bool and float arguments), running statistics that require grad or are
-read-only, eps in eval, any momentum and an empty batch in training. Running statistics,
+read-only. Running statistics,
 num_batches_tracked and everything a backward keeps are written only after the kernels' call has
 succeeded. Then the input's memory decides the layout (bnorm::layout_of): dense channels-first
 (contiguous) and channels-last memory go to the kernels as they are; any other strides are first
@@ -18,7 +19,6 @@ copied into one of them.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
@@ -27,11 +27,6 @@ from . import _bnorm as _C
 from ._arrays import CHANNELS_FIRST, TorchTensors, kind_of, layout_of, preferred_copy_layout
 
 __all__ = ["batch_norm", "batch_norm_backward", "batch_stats"]
-
-# torch accepts eps = 0 in eval (it divides by sqrt(running_var)); the kernels want eps > 0, and
-# the smallest double changes running_var + eps only where running_var is 0 or subnormal.
-_SMALLEST_EPS = 5e-324
-
 
 # ----------------------------------------------------------------------------------------------
 # Checks
@@ -97,22 +92,6 @@ def _check_real(fn, name, value, hint=""):
         raise TypeError(f"{fn}: {name} must be a float, not {_type_name(value)}{hint}")
 
 
-def _check_eval_eps(fn, eps):
-    # torch's rule in eval is eps >= 0, the library's eps > 0 (0 reaches it as _SMALLEST_EPS); plus
-    # finiteness, which the kernels need. In training the two rules agree and the library checks.
-    if math.isnan(eps) or math.isinf(eps):
-        raise ValueError(f"{fn}: eps must be finite, got {eps} (bnorm's kernels need a finite eps)")
-    if eps < 0:
-        raise ValueError(f"{fn}: batch_norm eps must be non-negative, but got {eps}")
-
-
-def _values_per_channel(shape) -> int:
-    m = shape[0]
-    for d in shape[2:]:
-        m *= d
-    return m
-
-
 def _channels(shape) -> int:
     """C, or 0 below rank 2 (which the library refuses, naming the rank)."""
     return shape[1] if len(shape) >= 2 else 0
@@ -153,8 +132,6 @@ def check_forward(fn, input, running_mean, running_var, weight, bias, training, 
         # A NumPy flag, which the library's views do not carry.
         if v is not None and training and not kind.writable(v):
             raise ValueError(f"{fn}: {name} is read-only, but training=True updates it in place")
-    if not training:
-        _check_eval_eps(fn, float(eps))
     return kind
 
 
@@ -190,55 +167,19 @@ def _contiguous(kind, v):
     return None if v is None else kind.contiguous_vector(v)
 
 
-def _update_running_stats(kind, running_mean, running_var, mean, invstd, momentum, eps, m):
-    """The running update for a momentum outside [0, 1] (torch allows any; the kernels check the
-    range): from the batch mean and 1/sqrt(var + eps) the kernels saved in float64."""
-    mu = kind.as_numpy(mean).astype(np.float64)
-    var = np.maximum(1.0 / np.square(kind.as_numpy(invstd).astype(np.float64)) - eps, 0.0) * (m / (m - 1))
-    for dst, batch in ((running_mean, mu), (running_var, var)):
-        view = kind.as_numpy(dst)
-        view[...] = ((1.0 - momentum) * view.astype(np.float64).reshape(-1) + momentum * batch).reshape(view.shape)
-
-
 def apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps):
     """Runs the forward, whose call of the kernels makes the library's checks (check_forward has
     made the others) before it writes; what is written here comes after it. Returns the output."""
     training, momentum, eps = bool(training), float(momentum), float(eps)
     x, layout = _dense_input(kind, input)
-    shape = kind.shape(x)
-    C = _channels(shape)
-    out = kind.empty(shape, x, layout)
-    kernel_eps = eps if training or eps != 0 else _SMALLEST_EPS
+    out = kind.empty(kind.shape(x), x, layout)
     w, b = _contiguous(kind, weight), _contiguous(kind, bias)
-    in_range = 0.0 <= momentum <= 1.0
-    kernel_momentum = momentum if in_range else 0.0
     if not training:
-        rm, rv = _contiguous(kind, running_mean), _contiguous(kind, running_var)
-        _C.forward_eval(x, out, rm, rv, w, b, kernel_eps)
+        _C.forward_eval(x, out, _contiguous(kind, running_mean), _contiguous(kind, running_var), w, b, eps)
         return out
-    if C > 0 and kind.numel(x) == 0:
-        # A batch without values: torch returns an empty output and changes nothing, the library
-        # refuses it in training (its more-than-1-value rule). Its eval form makes every other
-        # check (with stand-ins for running statistics that training may go without) and has
-        # nothing to compute.
-        rm, rv = _contiguous(kind, running_mean), _contiguous(kind, running_var)
-        if rm is None and rv is None:
-            rm, rv = kind.zeros_vector(C, x), kind.zeros_vector(C, x)
-        _C.forward(x, out, rm, rv, w, b, False, kernel_momentum, kernel_eps, None, None)
-        return out
-    # Outside [0, 1] (torch takes any momentum) the library checks copies of the running
-    # statistics, which it updates with momentum 0, and the given ones are updated below.
-    take = kind.contiguous_vector if in_range else kind.clone_vector
-    rm = None if running_mean is None else take(running_mean)
-    rv = None if running_var is None else take(running_var)
-    update_here = not in_range and rm is not None
-    mean = kind.empty_vector(C, float64=True) if update_here else None
-    invstd = kind.empty_vector(C, float64=True) if update_here else None
-    _C.forward(x, out, rm, rv, w, b, True, kernel_momentum, kernel_eps, mean, invstd)
-    if update_here:
-        _update_running_stats(kind, running_mean, running_var, mean, invstd, momentum, kernel_eps,
-                              _values_per_channel(shape))
-    elif rm is not None:
+    rm, rv = _contiguous(kind, running_mean), _contiguous(kind, running_var)
+    _C.forward(x, out, rm, rv, w, b, True, momentum, eps, None, None)
+    if rm is not None:
         kind.write_back(running_mean, rm)
         kind.write_back(running_var, rv)
     return out
@@ -259,9 +200,6 @@ def apply_backward(kind, grad_output, saved, weight, need_input=True, need_weigh
     grad_bias = kind.empty_vector(C, like=x) if need_bias else None
     _C.backward(dy, x, _contiguous(kind, weight), saved.running_mean, saved.running_var, saved.mean, saved.invstd,
                 saved.training, saved.eps, grad_input, grad_weight, grad_bias)
-    if kind.numel(x) == 0:  # torch's zeros, where the library's would be 0 * invstd
-        grad_weight = kind.zeros_vector(C, x) if need_weight else None
-        grad_bias = kind.zeros_vector(C, x) if need_bias else None
     return grad_input, grad_weight, grad_bias
 
 
@@ -295,9 +233,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         # rules, float16 and reduced-precision vectors included); here only what its schema cannot
         # say: the kinds of the arguments.
         _check_kinds(fn, TorchTensors, input, running_mean, running_var, weight, bias, training, momentum, eps)
-        from . import torch as bnorm_torch
+        from . import _ops  # here, not at the top: `import bnorm` imports no torch
 
-        return bnorm_torch._batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _ops.batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps)
     kind = check_forward(fn, input, running_mean, running_var, weight, bias, training, momentum, eps)
     out = apply_forward(kind, input, running_mean, running_var, weight, bias, training, momentum, eps)
     return out
@@ -351,11 +289,9 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
         # torch's forward rule, kept here because this binding uses eps to recompute 1/sqrt(var + eps)
         # (the library's backward does not use eps in training).
         raise ValueError(f"{fn}: batch_norm eps must be positive during training, but got {eps}")
-    if not training:
-        _check_eval_eps(fn, eps)
 
     x, layout = _dense_input(kind, input)
-    saved = Saved(x, layout, training, eps if eps > 0 else _SMALLEST_EPS)
+    saved = Saved(x, layout, training, eps)
     if training and save_mean is not None:
         saved.mean, saved.invstd = kind.contiguous_vector(save_mean), kind.contiguous_vector(save_invstd)
     elif training and C > 0 and kind.numel(x) == 0:

@@ -57,7 +57,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .torch import _BnormForward
+from ._modules import BnormForward
 
 __all__ = ["BatchNormReLU", "BatchNormAddReLU", "fuse"]
 
@@ -143,17 +143,17 @@ _NON_TENSOR_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "item",
 _NON_TENSOR_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 
 
-class _Tracer(fx.Tracer):
+class Tracer(fx.Tracer):
     """torch.fx's symbolic tracer with bnorm's BatchNorms and the fused modules as leaves."""
 
     def is_leaf_module(self, m, module_qualified_name):
-        return isinstance(m, (_BnormForward, _FusedBase)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (BnormForward, _FusedBase)) or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node):
         return _Proxy(node, self)
 
 
-def _has_hooks(module):
+def has_hooks(module):
     return any(getattr(module, name, None) for name in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
@@ -272,7 +272,7 @@ def _match(bn_node, gm, prefix):
     def describe(n):
         return _describe(n, gm, prefix)
 
-    if _has_hooks(gm.get_submodule(bn_node.target)):
+    if has_hooks(gm.get_submodule(bn_node.target)):
         return "the BatchNorm has hooks, which the fused call would not run"
     args, kwargs = tuple(bn_node.args), dict(bn_node.kwargs)
     if not args and "input" in kwargs:
@@ -307,7 +307,7 @@ def _match(bn_node, gm, prefix):
         relu = user
         if _relu_input(relu, gm) is not bn_node:
             return f"it is followed by {describe(relu)}, not by ReLU or an add and ReLU"
-    if relu.op == "call_module" and _has_hooks(gm.get_submodule(relu.target)):
+    if relu.op == "call_module" and has_hooks(gm.get_submodule(relu.target)):
         return f"{describe(relu)} has hooks, which the fused call would not run"
     node = bn_node.next
     while node is not relu:
@@ -342,7 +342,7 @@ def _reorder(d, order):
     d.update(items)
 
 
-def _keep_state(orig, new):
+def keep_state(orig, new):
     """Makes the GraphModule container `new` hold what `orig` held, as `orig` held it.
 
     torch.fx's GraphModule copies only what the graph uses: it drops unused submodules, parameters
@@ -363,13 +363,13 @@ def _keep_state(orig, new):
         if name not in new._modules:  # unused in forward (or None): the original, as it is
             new._modules[name] = child
         elif new._modules[name] is not child and child is not None:  # a container fx traced through
-            _keep_state(child, new._modules[name])
+            keep_state(child, new._modules[name])
     _reorder(new._parameters, list(orig._parameters))
     _reorder(new._buffers, list(orig._buffers))
     _reorder(new._modules, list(orig._modules))
 
 
-def _first_line(error):
+def first_line(error):
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
@@ -386,21 +386,21 @@ class _Fuser:
         if id(module) in self.done:
             return self.done[id(module)]
         result = module
-        if any(isinstance(m, _BnormForward) for m in module.modules() if m is not module):
+        if any(isinstance(m, BnormForward) for m in module.modules() if m is not module):
             result = self.fuse_module(module, path)
         self.done[id(module)] = result
         return result
 
     def fuse_module(self, module, path):
         try:
-            graph = _Tracer().trace(module)
+            graph = Tracer().trace(module)
         except Exception as error:  # whatever the model's code raises on proxies
-            return self.fuse_children(module, path, f"torch.fx cannot trace it ({_first_line(error)})")
+            return self.fuse_children(module, path, f"torch.fx cannot trace it ({first_line(error)})")
         try:
             gm = fx.GraphModule(module, graph, type(module).__name__)
-            _keep_state(module, gm)
+            keep_state(module, gm)
         except Exception as error:  # a name torch.fx's GraphModule uses for itself, say (`code`, `graph`)
-            why = f"torch.fx cannot build a GraphModule of it ({_first_line(error)})"
+            why = f"torch.fx cannot build a GraphModule of it ({first_line(error)})"
             return self.fuse_children(module, path, why)
         if list(gm.state_dict()) != list(module.state_dict()):  # state_dict hooks, for one
             return self.fuse_children(module, path, "as a torch.fx GraphModule its state_dict keys would change")
@@ -422,7 +422,7 @@ class _Fuser:
         """Fuses the sites of gm's graph; returns how many."""
         graph = gm.graph
         calls = [n for n in graph.nodes if n.op == "call_module"
-                 and isinstance(gm.get_submodule(n.target), _BnormForward)]
+                 and isinstance(gm.get_submodule(n.target), BnormForward)]
         for n in graph.nodes:  # BatchNorms passed to fused modules: a model fused before
             if (n.op == "call_module" and isinstance(gm.get_submodule(n.target), _FusedBase)
                     and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"):
@@ -483,7 +483,7 @@ class _Fuser:
     def report_unreached(self, model):
         """A line for each BatchNorm that no traced graph calls."""
         for path, m in model.named_modules():
-            if not isinstance(m, _BnormForward) or id(m) in self.seen:
+            if not isinstance(m, BnormForward) or id(m) in self.seen:
                 continue
             parents = [p for p in self.untraced if p == "" or path.startswith(p + ".")]
             if parents:

@@ -143,7 +143,8 @@ void forward(const InArray& input, const OutArray& output, const OptOut& running
   const bnorm::VectorView sm = out_vector(save_mean, "save_mean"), si = out_vector(save_invstd, "save_invstd");
   nb::gil_scoped_release release;
   bnorm::batch_norm(x, y, {rm, rv}, {w, b},               // the package allocates every output just before the call
-              {.training = training, .momentum = momentum, .eps = eps, .outputs = bnorm::OutputMemory::Fresh},
+              {.training = training, .momentum = momentum, .eps = eps, .outputs = bnorm::OutputMemory::Fresh,
+               .policy = bnorm::Policy::Torch},  // the package's batch_norm is torch's
               {sm, si});
 }
 
@@ -158,7 +159,8 @@ void forward_eval(const InArray& input, const OutArray& output, const OptIn& run
   const bnorm::VectorView rv_view{const_cast<void*>(rv.data()), rv.dtype(), rv.size()};
   const bnorm::ConstVectorView w = in_vector(weight, "weight"), b = in_vector(bias, "bias");
   nb::gil_scoped_release release;
-  bnorm::batch_norm(x, y, rm_view, rv_view, w, b, /*training=*/false, 0.0, eps);
+  bnorm::batch_norm(x, y, {rm_view, rv_view}, {w, b},
+                    {.eps = eps, .policy = bnorm::Policy::Torch});
 }
 
 void backward(const InArray& grad_output, const InArray& input, const OptIn& weight, const OptIn& running_mean,
@@ -173,7 +175,9 @@ void backward(const InArray& grad_output, const InArray& input, const OptIn& wei
   const bnorm::VectorView gw = out_vector(grad_weight, "grad_weight"), gb = out_vector(grad_bias, "grad_bias");
   nb::gil_scoped_release release;
   bnorm::batch_norm_backward(dy, {.input = x, .weight = w, .saved = {sm, si}, .running = {rm, rv}},
-                             {.training = training, .eps = eps, .outputs = bnorm::OutputMemory::Fresh}, dx, {gw, gb});
+                             {.training = training, .eps = eps, .outputs = bnorm::OutputMemory::Fresh,
+                              .policy = bnorm::Policy::Torch},
+                             dx, {gw, gb});
 }
 
 void batch_stats(const InArray& input, const OutArray& mean, const OutArray& var) {

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import bnorm.torch as bt
 from _helpers import GRAD_TOL, TOL
 from bnorm._fuse import BatchNormAddReLU, BatchNormReLU, fuse
+from bnorm._modules import BnormForward
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -137,17 +138,17 @@ def test_resnet18_report_and_calls():
 
     # Per forward: 17 fused calls (8 with a residual), and the 3 downsample BatchNorms called as modules.
     calls, module_calls = [], []
-    bnorm_call = bt._BnormForward._bnorm_call
+    bnorm_call = BnormForward._bnorm_call
 
     def spy(self, input, residual=None, relu=False):
         calls.append((residual is not None, relu))
         return bnorm_call(self, input, residual=residual, relu=relu)
 
     for m in fused.modules():
-        if isinstance(m, bt._BnormForward):
+        if isinstance(m, BnormForward):
             m.register_forward_hook(lambda *_: module_calls.append(1))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bt._BnormForward, "_bnorm_call", spy)
+        mp.setattr(BnormForward, "_bnorm_call", spy)
         fused(torch.randn(2, 3, 64, 64))
     # forward() is _bnorm_call(input) too: the 3 downsample BatchNorms are the unfused calls.
     assert sorted(calls) == [(False, False)] * 3 + [(False, True)] * 9 + [(True, True)] * 8
