@@ -92,7 +92,7 @@ void design_plots(const fs::path& dir, const Plan& p, const Results& r) {
   gp << "# Written by bnorm-train: gnuplot plot.gp (run in this folder)\n"
      << "set terminal pngcairo size " << 80 + 440 * p.depths.size() << ",420 font ',10' noenhanced\n"
      << "set output 'plot_lr.png'\nset multiplot layout 1," << p.depths.size()
-     << " title 'final validation accuracy against the learning rate, every seed a point (the variants side by side)'\n"
+     << " title 'final validation accuracy, every seed a point'\n"
      << "set logscale x\nset xrange [" << p.lrs.front() / 2 << ":" << p.lrs.back() * 2
      << "]\nset yrange [0:1]\nset grid\nset key left bottom\nset xlabel 'learning rate'\nset ylabel 'validation accuracy'\n";
   for (int d : p.depths) {
@@ -113,7 +113,7 @@ void design_plots(const fs::path& dir, const Plan& p, const Results& r) {
   std::vector<std::string> pngs{"plot_lr.png"};
   const int d = p.depths.back();
   if (const auto lr = chosen_lr(r, core_spec(p, d, "none", 0, 0), p.lrs, p.seeds)) {
-    gp << "set terminal pngcairo size 1300,460 font ',10' noenhanced\nset output 'plot_curves.png'\n"
+    gp << "set terminal pngcairo size 1300,460 font ',10' noenhanced\nset output 'plot_curves.png'\nunset title\n"
        << "set multiplot layout 1,2 title 'depth " << d << ", lr " << *lr
        << " (chosen for no-BN): every seed, no-BN (black) against bnorm BN before ReLU (blue)'\nset xlabel 'step'\nset key right top\n";
     for (int panel = 0; panel < 2; ++panel) {
