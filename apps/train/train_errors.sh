@@ -11,7 +11,7 @@ fails=0
 # expect NAME PATTERN ARGS...: exit 2, one stderr line matching PATTERN (grep -E), nothing on stdout.
 expect() {
   name=$1; pattern=$2; shift 2
-  case " $* " in *" --out "*) set -- --no-bench "$@" ;; *) set -- --no-bench --out "$tmp/out" "$@" ;; esac
+  case " $* " in *" --out "*) ;; *) set -- --out "$tmp/out" "$@" ;; esac
   "$exe" "$@" >"$tmp/stdout" 2>"$tmp/stderr"
   rc=$?
   lines=$(wc -l <"$tmp/stderr")
@@ -61,8 +61,11 @@ expect "unknown optimizer" "unknown optimizer 'adam'" --data "$tmp/good" --optim
 expect "depth 1" "--depth must be between 2 and 200.*got 1" --data "$tmp/good" --model plain --depth 2,1
 expect "depth not a number" "--depth" --data "$tmp/good" --model plain --depth deep
 expect "width 0" "--width" --data "$tmp/good" --model plain --width 0
-expect "trainable 1.5" "--trainable must be in \(0, 1\)" --data "$tmp/good" --trainable 1.5
-expect "curve lr not in the grid" "--curve-lr 0.3 is not one of the --lr values" --data "$tmp/good" --lr 0.1,1 --curve-lr 0.3
+expect "loss threshold 0" "--loss-threshold must be > 0" --data "$tmp/good" --loss-threshold 0
+expect "unknown design" "unknown --design 'huge' \(expected quick, demo or full\)" --data "$tmp/good" --design huge
+expect "design with a grid option" "--design demo fixes the grid; --lr is for a grid" --data "$tmp/good" --design demo --lr 0.1
+expect "validation split too large" "--val must be >= 0 and leave training images.*got 4" --data "$tmp/good" --val 4
+expect "max minutes < 0" "--max-minutes" --data "$tmp/good" --max-minutes=-1
 expect "seed not a number" "--seed" --data "$tmp/good" --seeds 1,two
 expect "train eval subset < 0" "--train-eval-subset must be >= 0" --data "$tmp/good" --train-eval-subset=-1
 expect "batch larger than the data" "larger than the training set" --data "$tmp/good" --batch 64
@@ -74,13 +77,13 @@ if [ "$(id -u)" -ne 0 ]; then  # root writes anywhere
 fi
 
 # The tiny hand-made set trains (batch 1 on the CNN is allowed: its BatchNorm2d has m = 28 x 28 per channel).
-"$exe" --no-bench --data "$tmp/good" --model cnn --variants bn_after --batch 1 --epochs 1 --out "$tmp/cnn1" \
+"$exe" --data "$tmp/good" --model cnn --variants bn_after --batch 1 --epochs 1 --out "$tmp/cnn1" \
   >/dev/null 2>"$tmp/stderr" || { echo "FAIL cnn batch 1:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
 
 # --resume: a grid stopped midway and continued gives what one uninterrupted run gives. The stop is made by
 # hand: runs.txt keeps its header, two finished runs and half of the third line (a kill during the write), and
 # steps.csv keeps every run's rows, so --resume must drop the unfinished runs' rows and train those runs again.
-resume_args="--no-bench --data $tmp/good --model plain --depth 2 --variants none,bn_after --lr 0.01,0.1 --batch 2 --epochs 2 --eval-every 1"
+resume_args="--data $tmp/good --model plain --depth 2 --variants none,bn_after --lr 0.01,0.1 --batch 2 --epochs 2 --eval-every 1"
 # shellcheck disable=SC2086
 "$exe" $resume_args --out "$tmp/whole" >/dev/null 2>"$tmp/stderr" || { echo "FAIL resume, whole run:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
 mkdir -p "$tmp/cut"; cp "$tmp/whole/steps.csv" "$tmp/cut/"
@@ -88,7 +91,7 @@ mkdir -p "$tmp/cut"; cp "$tmp/whole/steps.csv" "$tmp/cut/"
 # shellcheck disable=SC2086
 "$exe" $resume_args --out "$tmp/cut" --resume >/dev/null 2>"$tmp/stderr" || { echo "FAIL resume run:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
 for d in whole cut; do
-  cut -d, -f1-8,10- "$tmp/$d/steps.csv" | sort >"$tmp/$d.steps"
+  cut -d, -f1-5 "$tmp/$d/steps.csv" | sort >"$tmp/$d.steps"
   grep '^| plain2 ' "$tmp/$d/results.md" | cut -d'|' -f1-11 >"$tmp/$d.table"
 done
 cp "$tmp/stderr" "$tmp/resume1"
@@ -122,10 +125,10 @@ fi
 # Determinism: the same command twice gives the same logged losses and accuracies (all columns but wall_s).
 if [ -e "$data/train-images-idx3-ubyte.gz" ] || [ -e "$data/train-images-idx3-ubyte" ]; then
   for i in 1 2; do
-    "$exe" --no-bench --data "$data" --model mlp,cnn --variants bn_before,torch_bn --lr 0.1 --epochs 1 \
+    "$exe" --data "$data" --model mlp,cnn --variants bn_before,torch_bn --lr 0.1 --epochs 1 \
       --train-subset 320 --test-subset 200 --eval-every 1 --seed 7 --out "$tmp/det$i" >/dev/null 2>"$tmp/stderr" ||
       { echo "FAIL determinism run $i:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
-    cut -d, -f1-8 "$tmp/det$i/steps.csv" >"$tmp/det$i.cut"
+    cut -d, -f1-5 "$tmp/det$i/steps.csv" >"$tmp/det$i.cut"
   done
   if cmp -s "$tmp/det1.cut" "$tmp/det2.cut" && [ "$(wc -l <"$tmp/det1.cut")" -gt 20 ]; then
     echo "ok   determinism: two runs with --seed 7 logged the same $(wc -l <"$tmp/det1.cut") lines"
@@ -133,7 +136,7 @@ if [ -e "$data/train-images-idx3-ubyte.gz" ] || [ -e "$data/train-images-idx3-ub
     echo "FAIL determinism:"; diff "$tmp/det1.cut" "$tmp/det2.cut" | head; fails=$((fails + 1))
   fi
   # The plain CNN: per seed, every variant starts from the same conv/linear weights (results.md's last column).
-  "$exe" --no-bench --data "$data" --model plain --depth 3 --variants none,bn_before,bn_after,torch_bn,torch_bn_before \
+  "$exe" --data "$data" --model plain --depth 3 --variants none,bn_before,bn_after,torch_bn,torch_bn_before \
     --lr 0.1 --seeds 1,2 --epochs 1 --train-subset 128 --test-subset 100 --out "$tmp/plain" >/dev/null 2>"$tmp/stderr" ||
     { echo "FAIL plain run:"; cat "$tmp/stderr"; fails=$((fails + 1)); }
   sums=$(awk -F'|' 'NF == 16 && $2 ~ /plain3/ { print $7, $(NF-1) }' "$tmp/plain/results.md" | sort -u)

@@ -7,6 +7,6 @@ exe=$1; data=${2:-/usr/share/datasets/fashion-mnist}
 out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
 "$exe" --data "$data" --model mlp --variants bn_before --lr 0.1 --epochs 2 --batch 64 --train-subset 9600 \
   --test-subset 1000 --eval-every 10 --threads 2 --out "$out" >/dev/null 2>"$out/log" || { cat "$out/log"; exit 1; }
-awk -F, 'NR > 1 && $7 != "" { n++; if (n == 1) first = $7; last = $7 }
+awk -F, 'NR > 1 && $4 != "" { n++; if (n == 1) first = $4; last = $4 }
   END { printf "first logged loss %.4f, last %.4f, %d logs\n", first, last, n;
         exit !(n >= 5 && first > 1.0 && last < 0.7) }' "$out/steps.csv"
