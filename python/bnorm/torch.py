@@ -29,6 +29,7 @@ import os
 import torch
 
 from . import _functional as _F
+from . import _guard
 from ._functional import batch_norm, batch_norm_backward, batch_stats
 
 
@@ -76,6 +77,7 @@ __all__ = [
     "fold",
     "fuse",
     "SyncBatchNorm",
+    "recompute_batch_norm_stats",
 ]
 
 _ops = torch.ops.bnorm
@@ -156,10 +158,28 @@ def _counting_and_momentum(module, training, track, momentum):
     return counting, momentum
 
 
+def _update_rules(module, training, running_mean, running_var, counting):
+    """The running statistics a training call hands the operator, and whether it counts: none under
+    torch.utils.checkpoint's recomputation (the step's first forward updated them); copies with
+    skip_nonfinite, committed by _guard.commit_if_finite (`kept`: the buffers, else None)."""
+    if not training or running_mean is None:
+        return running_mean, running_var, counting, None
+    if _guard.recomputing():
+        return None, None, False, None
+    if module.skip_nonfinite:
+        return running_mean.clone(), running_var.clone(), counting, (running_mean, running_var)
+    return running_mean, running_var, counting, None
+
+
 class _BnormForward:
     """forward() for the subclasses of torch.nn.BatchNorm*d below: torch's module rules, bnorm's
     operators. num_batches_tracked and the running statistics change only once the operator has
-    accepted the batch (torch counts it before it checks it)."""
+    accepted the batch (torch counts it before it checks it), once per training step under
+    torch.utils.checkpoint, and with skip_nonfinite=True not for a batch that would make them
+    non-finite (counted in nonfinite_skipped; docs/running-statistics.md)."""
+
+    skip_nonfinite = False  # class defaults: plain attributes, not in the state_dict
+    nonfinite_skipped = 0
 
     def forward(self, input):
         return self._bnorm_call(input)
@@ -178,6 +198,7 @@ class _BnormForward:
         if training and not track:  # the buffers are read in eval, and updated in training only when tracking
             running_mean = running_var = None
         counting, momentum = _counting_and_momentum(self, training, track, momentum)
+        running_mean, running_var, counting, kept = _update_rules(self, training, running_mean, running_var, counting)
         args = (self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps)
         if _exporting_onnx():
             out = _torch_composition(input, *args, residual, relu)
@@ -190,6 +211,8 @@ class _BnormForward:
             out = _ops.batch_norm(input, *args)
             if residual is not None:
                 out = out + residual
+        if kept is not None and not _guard.commit_if_finite(self, kept, running_mean, running_var):
+            counting = False
         if counting:  # after the operator has accepted the batch
             self.num_batches_tracked.add_(1)
         return out
@@ -262,8 +285,11 @@ class SyncBatchNorm(_BnormForward, torch.nn.modules.batchnorm._BatchNorm):
         # rank together, where a check here would raise on one rank and leave the others waiting.
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
         counting, momentum = _counting_and_momentum(self, training, track, self.momentum)
+        running_mean, running_var, counting, kept = _update_rules(self, training, running_mean, running_var, counting)
         out = _ops.sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, momentum, self.eps,
                                    group.group_name)
+        if kept is not None and not _guard.commit_if_finite(self, kept, running_mean, running_var):
+            counting = False
         if counting:
             self.num_batches_tracked.add_(1)
         return out
@@ -489,7 +515,7 @@ def _replacement(module, cls=None):
 
 
 def convert(module: torch.nn.Module, fuse: bool = False, *, virtual_batch_size: int | None = None,
-            renorm: tuple[float, float] | bool | None = None) -> torch.nn.Module:
+            renorm: tuple[float, float] | bool | None = None, skip_nonfinite: bool = False) -> torch.nn.Module:
     """Swaps every torch.nn.BatchNorm1d/2d/3d in `module` (itself included) for bnorm's.
 
     With virtual_batch_size=V they become Ghost BN over virtual batches of V samples (to_ghost), with
@@ -508,9 +534,25 @@ def convert(module: torch.nn.Module, fuse: bool = False, *, virtual_batch_size: 
     line per BN, fused or not and why; convert logs it to the logger "bnorm.torch" at INFO). A traced
     module becomes a torch.fx.GraphModule with the same state_dict keys; anything it cannot trace is
     left unchanged, with a warning.
+
+    skip_nonfinite=True sets that attribute on every bnorm BatchNorm1d/2d/3d and SyncBatchNorm of the
+    result: a training batch that would make its running statistics non-finite updates neither them
+    nor num_batches_tracked (the output is computed as always) and is counted in the module's
+    nonfinite_skipped (docs/running-statistics.md). Not with virtual_batch_size or renorm.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"bnorm.torch.convert: expected a torch.nn.Module, not {type(module).__name__}")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"bnorm.torch.convert: skip_nonfinite: expected a bool, got {type(skip_nonfinite).__name__}")
+    if skip_nonfinite:
+        if (virtual_batch_size is not None) or (renorm is not None and renorm is not False):
+            raise ValueError("bnorm.torch.convert: skip_nonfinite: expected False with virtual_batch_size or renorm "
+                             "(Ghost BN and Batch Renorm have no guard), got True")
+        converted = convert(module, fuse)
+        for m in converted.modules():
+            if isinstance(m, _BnormForward):
+                m.skip_nonfinite = True
+        return converted
     variant = [name for name, v in (("virtual_batch_size", virtual_batch_size), ("renorm", renorm))
                if v is not None and v is not False]
     if len(variant) > 1 or (variant and fuse):
@@ -627,6 +669,19 @@ def fuse(module: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
     from . import _fuse  # it builds on this module's classes
 
     return _fuse.fuse(module)
+
+
+def recompute_batch_norm_stats(model: torch.nn.Module, batches, num_batches: int | None = None, *,
+                               exact_for_eval: bool = False, cache: bool = False, progress: bool = False,
+                               forward=None, process_group=None) -> None:
+    """Sets every BatchNorm's running statistics to the exact population statistics of its input over
+    `batches` (precise BN), in one pass (default) or layer by layer for eval (exact_for_eval=True);
+    across the ranks of a process group when distributed. See bnorm/_precise.py and
+    docs/running-statistics.md."""
+    from . import _precise
+
+    _precise.recompute_batch_norm_stats(model, batches, num_batches, exact_for_eval=exact_for_eval, cache=cache,
+                                        progress=progress, forward=forward, process_group=process_group)
 
 
 def fold(module: torch.nn.Module, example_inputs=None, *, return_report: bool = False):
