@@ -216,18 +216,23 @@ inline void store_pair(T* p, Vec<Compute<T>> a, Vec<Compute<T>> b) {
 // ---- Pairs: 2W consecutive values (W = kWidth<Compute<S>>) as two vectors, for the loops that
 // take a row or a block two vectors at a time.
 //
-// Float and double pairs are values [0, W) and [W, 2W). A bfloat16 pair on the x86 builds without
-// the CPU's bfloat16 conversion (AVX2, and AVX-512 before avx512_bf16) is instead the even-indexed
-// values and the odd-indexed ones: one full-width load holds 2W bfloat16 as W 32-bit words, and
-// the even value of each word becomes a float by a 16-bit left shift, the odd one by clearing the
-// low half. The natural order needs a widening shuffle per vector (VPMOVZXWD) and a shift; on Zen 3
-// shuffles and shifts share two of the four FP pipes with the adds, and the bfloat16 loops ran at
-// their float twins' time per value (BENCHMARKS.md, "AMD EPYC"). Where the pair's two vectors only
-// meet splats and other pairs loaded the same way (sums, and channels-first rows, whose
-// coefficients are per-row scalars), the lane order cannot change a result; store_pair puts the
-// values back in their places. Channels-last rows load per-channel float vectors beside the data, so
+// Float and double pairs are values [0, W) and [W, 2W). A bfloat16 pair on the AVX2 build is instead
+// the even-indexed values and the odd-indexed ones: one full-width load holds 2W bfloat16 as W
+// 32-bit words, and the even value of each word becomes a float by a 16-bit left shift, the odd one
+// by clearing the low half. The natural order needs a widening shuffle per vector (VPMOVZXWD) and a
+// shift; on Zen 3 shuffles and shifts share two of the four FP pipes with the adds, and llvm-mca put
+// the bfloat16 deviation loop at 21 cycles per 64 values, 10 this way (bench/mca; in wall time the
+// passes mostly wait on memory: BENCHMARKS.md, "AMD EPYC"). Where the pair's two vectors only meet
+// splats and other pairs loaded the same way (sums, and channels-first rows, whose coefficients are
+// per-row scalars), the lane order cannot change a result; store_pair_interleaved puts the values
+// back in their places. Channels-last rows load per-channel float vectors beside the data, so
 // they keep the natural order (LaneOrder::Natural below).
-#if defined(__AVX2__) && !defined(__AVX512BF16__)
+//
+// Only the AVX2 build so far: the AVX-512 build without avx512_bf16 (Skylake-X to Ice Lake) would take
+// the same code at twice the width, but no CPU here has run it (the AMD EPYC has no AVX-512, and the
+// Sapphire Rapids VM runs the avx512bf16 row unless BNORM_ISA=avx512), so it keeps its widening loads
+// until it has been tested and measured there.
+#if defined(__AVX2__) && !defined(__AVX512F__)
 inline constexpr bool kBf16Deinterleaved = true;
 #else
 inline constexpr bool kBf16Deinterleaved = false;
