@@ -66,9 +66,12 @@ void for_each_cf_block(const Geometry& g, std::int64_t c0, std::int64_t c1, F&& 
   if (have) f(pending);
 }
 
-// Asks for the cache lines of `bytes` bytes at p (a hint: no fault, whatever the address).
-inline void prefetch_lines(const void* p, std::int64_t bytes) {
-  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
+// Asks for the cache lines of `bytes` bytes at `address` (a hint: no fault, whatever the address). An
+// address, not a pointer: the next block's rows may run past the tensor's end, where forming a
+// pointer would be undefined.
+inline void prefetch_lines(std::uintptr_t address, std::int64_t bytes) {
+  for (std::int64_t b = 0; b < bytes; b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(address + static_cast<std::uintptr_t>(b)), 0, 3);
 }
 
 // ---- Channel blocks of the fused channels-first passes.

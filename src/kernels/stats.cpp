@@ -48,10 +48,12 @@ double segments_sum(const S* p, std::int64_t rows, std::int64_t stride, std::int
   T tail = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
     const S* q = p + r * stride;
-    const S* q_next = next ? next + r * stride : nullptr;  // no arithmetic on a null pointer
+    constexpr std::int64_t kStep = A * W * static_cast<std::int64_t>(sizeof(S));  // bytes per iteration
+    const std::uintptr_t q_next =
+        next ? reinterpret_cast<std::uintptr_t>(next) + static_cast<std::uintptr_t>(r * stride * sizeof(S)) : 0;
     std::int64_t i = 0;
     for (; i + A * W <= len; i += A * W) {
-      if (q_next) prefetch_lines(q_next + i, A * W * static_cast<std::int64_t>(sizeof(S)));
+      if (q_next) prefetch_lines(q_next + static_cast<std::uintptr_t>(i * sizeof(S)), kStep);
       for (int a = 0; a < A; a += 2) {  // a pair per load (simd.hpp: load_pair)
         const Pair<S> v = load_pair(q + i + a * W);
         acc[a] += v.first;
