@@ -552,16 +552,14 @@ inline bool all_finite(const T* a, const T* b, std::int64_t n) {
   return bad == 0;
 }
 
-// f(std::integral_constant<int, n>) for n in 1..4: the vectors of a column chunk as a
-// compile-time count, so that its accumulators live in registers.
-template <class F>
+// f(std::integral_constant<int, n>) for n in 1..Max (n > Max: Max): the vectors of a column chunk as
+// a compile-time count, so that its accumulators live in registers.
+template <int Max = 4, class F>
 void with_count(int n, F&& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
+  if constexpr (Max > 1) {
+    if (n < Max) return with_count<Max - 1>(n, f);
   }
+  return f(std::integral_constant<int, Max>{});
 }
 
 // max(v, 0) lane by lane, keeping NaN a NaN (as torch.relu): clears the lanes where v < 0.

@@ -167,13 +167,19 @@ void moments_channels_first(const S* x, const Geometry& g, double* mean, double*
 // per-channel sums running along the row so that the loops over c are the vector loops.
 
 // Per-column sums of NV vectors of columns at p over `rows` rows (row stride C), into out.
+// `next` (0: none) is the address of the same columns in the next tile the pass will read, with the
+// same row stride: its lines are asked for as this tile's are read (segments_sum says why).
 template <class S, int NV>
-void column_sums(const S* p, std::int64_t rows, std::int64_t C, Compute<S>* out) {
+void column_sums(const S* p, std::int64_t rows, std::int64_t C, Compute<S>* out, std::uintptr_t next) {
   using T = Compute<S>;
   constexpr std::int64_t W = kWidth<T>;
+  constexpr std::int64_t kRowBytes = NV * W * static_cast<std::int64_t>(sizeof(S));
+  const std::uintptr_t row_stride = static_cast<std::uintptr_t>(C) * sizeof(S);
   Vec<T> acc[NV] = {};
-  for (std::int64_t r = 0; r < rows; ++r)
+  for (std::int64_t r = 0; r < rows; ++r) {
+    if (next) prefetch_lines(next + static_cast<std::uintptr_t>(r) * row_stride, kRowBytes);
     for (int v = 0; v < NV; ++v) acc[v] += load(p + r * C + v * W);
+  }
   for (int v = 0; v < NV; ++v) store(out + v * W, acc[v]);
 }
 
@@ -197,20 +203,27 @@ void column_deviations(const S* p, std::int64_t rows, std::int64_t C, const Comp
   }
 }
 
-// Per-channel moments of `rows` rows of a tile of `ct` channels (row stride C).
+// Per-channel moments of `rows` rows of a tile of `ct` channels (row stride C). `next` (0: none): the
+// address of the next tile the pass will read (column_sums).
 template <class S>
-void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct, double* bmean, double* bm2) {
+void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct, double* bmean, double* bm2,
+                  std::uintptr_t next) {
   using T = Compute<S>;
   constexpr std::int64_t W = kWidth<T>;
   const double count = static_cast<double>(rows);
   T sum[kTileChannels], shift[kTileChannels], s1[kTileChannels], s2[kTileChannels];
-  // The vector part of the tile in column chunks of up to 4 vectors, each summed down the rows in
-  // registers (an accumulator kept in memory would make every row wait for the previous row's
-  // store); the last ct % W channels in scalars.
+  // The vector part of the tile in column chunks, each summed down the rows in registers (an
+  // accumulator kept in memory would make every row wait for the previous row's store); the last
+  // ct % W channels in scalars. The sums take chunks of up to 8 vectors (one accumulator each and
+  // nothing else live), so that a tile of up to 8 vectors, the first pass's, which comes from memory,
+  // is read in memory order: in chunks of 4, each pass over the rows took every other pair of lines,
+  // which the hardware prefetchers followed worse (BENCHMARKS.md, AMD EPYC). The deviations, from
+  // L1, keep chunks of 4 (3 vectors per column).
   const std::int64_t cv = ct / W * W;
-  for (std::int64_t c0 = 0; c0 < cv; c0 += 4 * W) {
-    const int nv = static_cast<int>(lesser(4, (cv - c0) / W));
-    with_count(nv, [&](auto n) { column_sums<S, decltype(n)::value>(p + c0, rows, C, sum + c0); });
+  for (std::int64_t c0 = 0; c0 < cv; c0 += 8 * W) {
+    const int nv = static_cast<int>(lesser(8, (cv - c0) / W));
+    const std::uintptr_t next_c0 = next ? next + static_cast<std::uintptr_t>(c0) * sizeof(S) : 0;
+    with_count<8>(nv, [&](auto n) { column_sums<S, decltype(n)::value>(p + c0, rows, C, sum + c0, next_c0); });
   }
   for (std::int64_t c = cv; c < ct; ++c) sum[c] = s1[c] = s2[c] = 0;
   for (std::int64_t r = 0; r < rows; ++r)
@@ -248,18 +261,38 @@ void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct
   }
 }
 
+// One lane of merge_tile, for a double or a vector of them: merged_mean and chan_merge (kernels.hpp)
+// with the weights computed once. Where delta is not finite, the weighted mean; both sides are
+// computed and one is picked by a mask, so that the vector form has no branch.
+inline double pick(bool finite, double chan, double weighted) { return finite ? chan : weighted; }
+using DoubleMask = decltype(Vec<double>{} == Vec<double>{});
+inline Vec<double> pick(DoubleMask finite, Vec<double> chan, Vec<double> weighted) {
+  return (Vec<double>)(((DoubleMask)chan & finite) | ((DoubleMask)weighted & ~finite));
+}
+template <class V>
+inline void merge_lanes(V& mean, V& m2, V bmean, V bm2, double n, double count, double total, double w_mean,
+                        double w_m2) {
+  const V delta = bmean - mean;
+  m2 += bm2 + delta * delta * w_m2;
+  mean = pick(delta - delta == 0, mean + delta * w_mean, (mean * n + bmean * count) / total);
+}
+
 // Chan's merge of `count` new values per channel into (n, mean, m2) of every channel of a tile:
-// every channel has the same counts, so the weights are computed once.
+// every channel has the same counts, so the weights are computed once. Written with vectors: the
+// compiler left the loop scalar, with a branch per channel, a visible share of the channels-last
+// statistics pass in a profile on the AMD EPYC.
 inline void merge_tile(double n, double count, double* mean, double* m2, const double* bmean, const double* bm2,
                        std::int64_t ct) {
+  constexpr std::int64_t W = kWidth<double>;
   const double total = n + count, w_mean = count / total, w_m2 = n * count / total;
-  for (std::int64_t c = 0; c < ct; ++c) {
-    const double delta = bmean[c] - mean[c];
-    m2[c] += bm2[c] + delta * delta * w_m2;
-    // merged_mean, written out so that the loop stays one vector loop (both sides are computed)
-    const double chan = mean[c] + delta * w_mean, weighted = (mean[c] * n + bmean[c] * count) / total;
-    mean[c] = delta - delta == 0 ? chan : weighted;
+  std::int64_t c = 0;
+  for (; c + W <= ct; c += W) {
+    Vec<double> vm = load(mean + c), vm2 = load(m2 + c);
+    merge_lanes(vm, vm2, load(bmean + c), load(bm2 + c), n, count, total, w_mean, w_m2);
+    store(mean + c, vm);
+    store(m2 + c, vm2);
   }
+  for (; c < ct; ++c) merge_lanes(mean[c], m2[c], bmean[c], bm2[c], n, count, total, w_mean, w_m2);
 }
 
 template <class S>
@@ -275,8 +308,12 @@ void moments_channels_last(const S* x, const Geometry& g, double* mean, double* 
       const std::int64_t rows = lesser(R, e - r0);
       for (std::int64_t c0 = 0; c0 < C; c0 += kTileChannels) {
         const std::int64_t ct = lesser(kTileChannels, C - c0);
+        // The next tile: the next channels of these rows, else the first channels of the next rows.
+        const std::int64_t next_offset = c0 + ct < C ? r0 * C + c0 + ct : (r0 + rows < e ? (r0 + rows) * C : -1);
+        const std::uintptr_t next =
+            next_offset < 0 ? 0 : reinterpret_cast<std::uintptr_t>(x) + static_cast<std::uintptr_t>(next_offset) * sizeof(S);
         double bmean[kTileChannels], bm2[kTileChannels];
-        tile_moments(x + r0 * C + c0, rows, C, ct, bmean, bm2);
+        tile_moments(x + r0 * C + c0, rows, C, ct, bmean, bm2, next);
         merge_tile(n, static_cast<double>(rows), acc_mean + c0, acc_m2 + c0, bmean, bm2, ct);
       }
       n += static_cast<double>(rows);
