@@ -2,9 +2,14 @@
 """Turns `bnorm-bench --json` output into a picture: % of the copy roofline per shape.
 
     scripts/bench --json > bench.jsonl
-    python3 bench/plot.py bench.jsonl [-o BENCHMARKS_roofline.png]
+    python3 bench/plot.py bench.jsonl [-o roofline.png]
     python3 bench/plot.py bench.jsonl --summary [--threads 2]   # a Markdown summary table instead
-    python3 bench/plot.py bench.jsonl --overview                 # bnorm against the peers, per dtype/threads/op/layout
+    python3 bench/plot.py bench.jsonl --overview [--threads 2]   # bnorm against the peers, per dtype/threads/op/layout
+    python3 bench/plot.py bench.jsonl --misses [--threads 2]     # the rows that miss the targets, one line each
+    python3 bench/plot.py --refresh BENCHMARKS.md [--check]       # rewrite (or check) the page's generated tables
+
+The input may be gzipped (a name ending in .gz). BENCHMARKS.md's tables are generated: each sits between a line
+`<!-- generated: bench/plot.py ARGS -->` and `<!-- end generated -->`, and --refresh reruns ARGS for each.
 
 One row of panels per (dtype, op), one column per (threads, layout); in each, one group of bars per shape: bnorm, torch (the _out
 call with preallocated outputs), torch-alloc, oneDNN in the same plain layout, and oneDNN's blocked
@@ -15,8 +20,13 @@ them as "unsupp." / "error".
 Needs matplotlib (`python3 -m pip install matplotlib`).
 """
 import argparse
+import gzip
 import json
 import sys
+
+# The targets (BENCHMARKS.md): a training forward or backward row at least 1.3x faster than the fastest peer,
+# an inference row faster than it.
+TARGET_RATIO = {"train_fwd": 1 / 1.3, "backward": 1 / 1.3, "infer_fwd": 1.0}  # a row misses above its ratio
 
 IMPLS = [  # (impl, label, colour, hatch)
     ("bnorm", "bnorm", "#1f77b4", None),
@@ -32,16 +42,22 @@ OPS = [("train_fwd", "training forward (3B)"), ("infer_fwd", "inference forward 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("jsonl", nargs="?", help="bnorm-bench --json output (default: stdin)")
-    ap.add_argument("-o", "--output", default="BENCHMARKS_roofline.png")
+    ap.add_argument("-o", "--output", default="roofline.png")
     ap.add_argument("--summary", action="store_true", help="print a Markdown summary table (no matplotlib needed)")
-    ap.add_argument("--threads", type=int, help="--summary: only this thread count")
+    ap.add_argument("--threads", type=int, help="--summary, --overview, --misses: only this thread count")
     ap.add_argument("--overview", action="store_true", help="print the Markdown overview table (no matplotlib needed)")
+    ap.add_argument("--misses", action="store_true", help="print the rows that miss the targets (no matplotlib needed)")
+    ap.add_argument("--refresh", metavar="PAGE", help="rewrite PAGE's generated tables from the raw runs they name")
+    ap.add_argument("--check", action="store_true", help="--refresh: change nothing, fail if a table is out of date")
     args = ap.parse_args()
-    if args.summary or args.overview:
-        lines = open(args.jsonl) if args.jsonl else sys.stdin
-        rows = [json.loads(line) for line in lines if line.strip().startswith("{")]
+    if args.refresh:
+        sys.exit(refresh(args.refresh, args.check))
+    if args.summary or args.overview or args.misses:
+        rows = read_rows(args.jsonl)
         if args.overview:
-            overview(rows)
+            overview([r for r in rows if not args.threads or r["threads"] == args.threads])
+        elif args.misses:
+            misses([r for r in rows if not args.threads or r["threads"] == args.threads])
         else:
             summary(rows, args.threads)
         return
@@ -53,9 +69,7 @@ def main():
     except ImportError:
         sys.exit("plot.py needs matplotlib: python3 -m pip install matplotlib")
 
-    lines = open(args.jsonl) if args.jsonl else sys.stdin
-    rows = [json.loads(line) for line in lines if line.strip().startswith("{")]
-    rows = [r for r in rows if r.get("op") != "copy" and r.get("roofline_pct") is not None
+    rows = [r for r in read_rows(args.jsonl) if r.get("op") != "copy" and r.get("roofline_pct") is not None
             and r.get("median_ms") is not None]
     if not rows:
         sys.exit("plot.py: no benchmark rows in the input")
@@ -103,6 +117,60 @@ def main():
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(args.output, dpi=90)
     print(f"wrote {args.output}")
+
+
+GENERATED, END = "<!-- generated: bench/plot.py ", "<!-- end generated -->"
+
+
+def refresh(page, check):
+    """Reruns the plot.py command named at the top of each generated block of `page` and puts its output
+    in the block. With check, writes nothing and returns 1 when a block differs."""
+    import contextlib
+    import io
+    import shlex
+
+    lines = open(page).read().split("\n")
+    out, i, stale = [], 0, []
+    while i < len(lines):
+        out.append(lines[i])
+        if not lines[i].startswith(GENERATED):
+            i += 1
+            continue
+        argv = shlex.split(lines[i][len(GENERATED):].removesuffix("-->"))
+        end = lines.index(END, i + 1)
+        sub = argparse.Namespace(threads=None, overview=False, misses=False)
+        opts = iter(argv)
+        for a in opts:
+            if a == "--threads":
+                sub.threads = int(next(opts))
+            elif a in ("--overview", "--misses"):
+                setattr(sub, a[2:], True)
+            else:
+                sub.jsonl = a
+        rows = [r for r in read_rows(sub.jsonl) if not sub.threads or r["threads"] == sub.threads]
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            (overview if sub.overview else misses)(rows)
+        block = text.getvalue().rstrip("\n").split("\n")
+        if block != lines[i + 1:end]:
+            stale.append(f"{page}:{i + 1}: bench/plot.py {' '.join(argv)}")
+        out += block
+        i = end
+    if check:
+        for s in stale:
+            print(f"out of date (rerun bench/plot.py --refresh {page}): {s}", file=sys.stderr)
+        return 1 if stale else 0
+    open(page, "w").write("\n".join(out))
+    return 0
+
+
+def read_rows(path):
+    """The JSON rows of bnorm-bench's output (a file, gzipped or not, or stdin); other lines are skipped."""
+    if not path:
+        lines = sys.stdin
+    else:
+        lines = gzip.open(path, "rt") if path.endswith(".gz") else open(path)
+    return [json.loads(line) for line in lines if line.strip().startswith("{")]
 
 
 def summary(rows, threads):
@@ -174,6 +242,31 @@ def overview(rows):
               f"| {sum(x <= 1 / 1.5 for x in ratios)} | {median(ratios):.2f}x ({worst['ratio_to_best_peer']:.2f}x, "
               f"{worst['shape']}) | {median([r['roofline_pct'] for r in g]):.0f}% ({lowest['roofline_pct']:.0f}%, "
               f"{lowest['shape']}) |")
+
+
+def misses(rows):
+    """One line per bnorm row that misses its target (TARGET_RATIO), worst ratio first: the fastest peer
+    and its time, bnorm's time and % of the copy roofline, and the other processes' load while it ran."""
+    peers = {}
+    for r in rows:
+        if r["impl"] != "bnorm" and r.get("median_ms") is not None:
+            peers[(r["shape"], r.get("dtype", "f32"), r["threads"], r["op"], r["layout"], r["impl"])] = r
+    missed = [r for r in rows if r["impl"] == "bnorm" and r.get("ratio_to_best_peer") is not None
+              and r["ratio_to_best_peer"] > TARGET_RATIO.get(r["op"], 1.0)]
+    missed.sort(key=lambda r: -r["ratio_to_best_peer"])
+    slower = sum(r["ratio_to_best_peer"] >= 1 for r in missed)
+    total = sum(r["impl"] == "bnorm" and r.get("ratio_to_best_peer") is not None for r in rows)
+    print(f"{len(missed)} of {total} rows miss the targets; {slower} of them are no faster than the fastest peer.")
+    print()
+    print("| dtype | thr | op | layout | shape | bnorm ms | fastest peer ms | bnorm / peer | target | bnorm % roof | others |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in missed:
+        dtype = r.get("dtype", "f32")
+        peer = peers.get((r["shape"], dtype, r["threads"], r["op"], r["layout"], r["best_peer"]))
+        peer_ms = f"{peer['median_ms']:.3f} ({r['best_peer']})" if peer else r["best_peer"] or "-"
+        print(f"| {dtype} | {r['threads']} | {r['op']} | {r['layout']} | {r['shape']} | {r['median_ms']:.3f} "
+              f"| {peer_ms} | {r['ratio_to_best_peer']:.2f}x | {TARGET_RATIO.get(r['op'], 1.0):.2f}x "
+              f"| {r['roofline_pct']:.0f}% | {r.get('others_cpus') or 0:.1f} |")
 
 
 if __name__ == "__main__":

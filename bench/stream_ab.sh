@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The stream threshold A/B (BENCHMARKS.md, "The stream threshold"): bnorm-stream-ab with every output
+# The stream threshold A/B (BENCHMARKS.md, "Non-temporal stores"): bnorm-stream-ab with every output
 # streamed (BNORM_STREAM_BYTES=0) and with none (a threshold past any size), alternating processes
 # `rounds` times, then the median of each size's medians and their ratio. Below 1: streaming wins.
 #   bench/stream_ab.sh [build folder] [rounds] [reps] [MiB...]

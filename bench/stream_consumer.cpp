@@ -3,7 +3,7 @@
 // followed by a read of its whole output (the next layer), over `reps` repetitions. Run it with
 // BNORM_STREAM_BYTES=0 (every output streamed) and with a huge value (none streamed), alternating
 // processes (bench/stream_ab.sh does), to see where streaming starts to pay once the consumer is
-// counted (BENCHMARKS.md, "The stream threshold").
+// counted (BENCHMARKS.md, "Non-temporal stores").
 //
 //   bnorm-stream-ab [reps] [MiB...]      default: 30 repetitions of 4 8 16 32 64 MiB
 #include <bnorm/bnorm.hpp>

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Checks the project's pages: every relative link in README.md, BENCHMARKS.md and docs/*.md names a file or
+folder that exists, and every #anchor a heading of its page (GitHub's rule: lower case, punctuation dropped,
+spaces to hyphens, a repeated heading suffixed -1, -2, ...). Exits 1 with one line per broken link.
+
+    python3 tools/doc_check.py               # check the links
+    python3 tools/doc_check.py --sentences   # per page: sentences over 35 and over 50 words (a report, never fails)
+"""
+import argparse
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def pages():
+    return [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def prose(text):
+    """The page without its fenced code blocks and inline code spans (links there are examples, not links)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(page):
+    seen, out = {}, set()
+    fenced = False
+    for line in page.read_text().split("\n"):
+        if line.startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def broken_links():
+    bad = []
+    for page in pages():
+        for target in LINK.findall(prose(page.read_text())):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)}: ({target})"
+            if not dest.exists():
+                bad.append(f"{where}: no such file {dest.relative_to(ROOT) if ROOT in dest.parents else dest}")
+            elif anchor and (dest.suffix != ".md" or anchor not in anchors(dest)):
+                bad.append(f"{where}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    return bad
+
+
+def sentences(page):
+    """Words per sentence of the page's prose: headings, tables, code and link targets left out."""
+    text = prose(page.read_text())
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    lines = [l for l in text.split("\n") if not l.lstrip().startswith(("#", "|", "<!--"))]
+    text = re.sub(r"^\s*(?:[-*]|\d+\.)\s+", "\n\n", "\n".join(lines), flags=re.M)  # a list item starts anew
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        para = " ".join(para.split())
+        for s in re.split(r"(?<=[.!?:;])\s+(?=[A-Z*(\[])", para):
+            words = len(re.findall(r"[\w'.,/+-]+", s))
+            if words:
+                out.append(words)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sentences", action="store_true", help="report sentence lengths per page instead")
+    args = ap.parse_args()
+    if args.sentences:
+        total = [0, 0, 0]
+        print(f"{'page':32} {'sentences':>9} {'>35 words':>9} {'>50 words':>9}")
+        for page in pages():
+            n = sentences(page)
+            row = [len(n), sum(w > 35 for w in n), sum(w > 50 for w in n)]
+            total = [a + b for a, b in zip(total, row)]
+            print(f"{str(page.relative_to(ROOT)):32} {row[0]:9} {row[1]:9} {row[2]:9}")
+        print(f"{'all':32} {total[0]:9} {total[1]:9} {total[2]:9}")
+        return 0
+    bad = broken_links()
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"doc_check: {len(pages())} pages, {len(bad)} broken links")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
