@@ -130,8 +130,7 @@ void normalize_with(const T* x, T* y, const Geometry& g, std::span<const double>
 // Eval: normalizes x into y with the frozen statistics. The coefficients are those of
 // normalize_with, bit for bit, computed in one pass over the channels: at C = 2048 the staged form
 // (each vector read into a buffer, then invstd, the split means and scale and shift each a loop of
-// its own) took 11.9 us a call on this project's Sapphire Rapids VM, the single pass 6.4 us
-// (bench/results/sapphire-rapids-2026-12-02/channel-prep.md). The cost is one double sqrt and one
+// its own) took about twice as long (BENCHMARKS.md, "Per-call costs"). The cost is one double sqrt and one
 // divide a channel; it is a call's fixed cost, which a batch-1 deployment pays on every layer.
 template <class T>
 void normalize_frozen(const T* x, T* y, const Geometry& g, FrozenStats frozen, Affine affine, double eps,

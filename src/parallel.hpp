@@ -13,8 +13,8 @@ namespace bnorm::detail {
 namespace {
 
 // Values of a tensor below which each further thread is not worth its cost: waking a thread and
-// joining it costs about what one thread spends on this many values (on a 2-core VM: BatchNorm1d
-// on (64, 128) took 11.3 us a call with one thread and 12.9 with two; (32, 16, 8, 8) 16.6 and 15.2).
+// joining it costs about what one thread spends on this many values (measured on a 2-core VM:
+// BENCHMARKS.md, "Per-call costs").
 // torch's CPU kernels have a rule of the same kind (at::internal::GRAIN_SIZE: 32768 values before a
 // second thread; here two threads start at 2 x 16384).
 inline constexpr std::int64_t kValuesPerThread = 16384;

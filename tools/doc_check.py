@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Checks the project's pages: every relative link in README.md, BENCHMARKS.md and docs/*.md names a file or
 folder that exists, and every #anchor a heading of its page (GitHub's rule: lower case, punctuation dropped,
-spaces to hyphens, a repeated heading suffixed -1, -2, ...). Exits 1 with one line per broken link.
+spaces to hyphens, a repeated heading suffixed -1, -2, ...). A comment or page anywhere in the repository that
+points to a section as `BENCHMARKS.md, "Section"` must name one of its headings. Exits 1 with one line per
+broken link.
 
     python3 tools/doc_check.py               # check the links
     python3 tools/doc_check.py --sentences   # per page: sentences over 35 and over 50 words (a report, never fails)
@@ -9,6 +11,7 @@ spaces to hyphens, a repeated heading suffixed -1, -2, ...). Exits 1 with one li
 import argparse
 import pathlib
 import re
+import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -57,6 +60,29 @@ def broken_links():
     return bad
 
 
+def broken_section_names():
+    """`BENCHMARKS.md, "Section"` in any tracked text file (the raw runs under bench/results aside)."""
+    heads = set()
+    for line in (ROOT / "BENCHMARKS.md").read_text().split("\n"):
+        m = re.match(r"#{1,6}\s+(.*?)\s*$", line)
+        if m:
+            heads.add(m.group(1))
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    bad = []
+    for name in files:
+        if name.startswith("bench/results/") or name == "tools/doc_check.py" or name.endswith((".gz", ".png")):
+            continue
+        try:
+            text = (ROOT / name).read_text()
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue
+        for m in re.finditer(r'BENCHMARKS\.md[,:]?\s*(?:(?://|#)\s*)?"([^"]+)"', text):
+            if m.group(1) not in heads:
+                line = text.count("\n", 0, m.start()) + 1
+                bad.append(f'{name}:{line}: no section "{m.group(1)}" in BENCHMARKS.md')
+    return bad
+
+
 def sentences(page):
     """Words per sentence of the page's prose: headings, tables, code and link targets left out."""
     text = prose(page.read_text())
@@ -87,7 +113,7 @@ def main():
             print(f"{str(page.relative_to(ROOT)):32} {row[0]:9} {row[1]:9} {row[2]:9}")
         print(f"{'all':32} {total[0]:9} {total[1]:9} {total[2]:9}")
         return 0
-    bad = broken_links()
+    bad = broken_links() + broken_section_names()
     for line in bad:
         print(line, file=sys.stderr)
     print(f"doc_check: {len(pages())} pages, {len(bad)} broken links")

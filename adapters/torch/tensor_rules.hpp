@@ -130,7 +130,7 @@ inline VectorView vview(const Tensor* t) {
 // Results
 
 // A new tensor: on the CPU straight from its allocator (at::detail::empty_cpu: the dispatcher's
-// at::empty costs some 0.3 us a call, measurable at small shapes), elsewhere (meta, FakeTensor,
+// at::empty adds a cost that shows at small shapes), elsewhere (meta, FakeTensor,
 // symbolic sizes) through at::empty.
 inline Tensor new_tensor(c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
   if (options.device().is_cpu()) return at::detail::empty_cpu(C10_AS_INTARRAYREF_SLOW(sizes), options);

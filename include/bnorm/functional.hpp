@@ -43,12 +43,12 @@ struct SavedStats {
 
 // What the output tensors' memory is, which decides how the kernels store into it.
 //   Reused: memory written before (a buffer kept between calls): outputs at least as large as this
-//           machine's stream threshold (measured at first use: BENCHMARKS.md, `bnorm info`) are
+//           machine's stream threshold (measured at first use: `bnorm info`; BENCHMARKS.md) are
 //           written with non-temporal stores, which save the read of every destination line.
 //   Fresh : memory just allocated and not yet touched (torch's at::empty, a new NumPy array): each
 //           first write page-faults and the kernel zeroes the page through the cache, where ordinary
-//           stores then find it; non-temporal stores measured 25-30% slower there (BENCHMARKS.md,
-//           "Through PyTorch"). The bindings that allocate their outputs say Fresh.
+//           stores then find it; non-temporal stores measured slower there (BENCHMARKS.md,
+//           "Non-temporal stores"). The bindings that allocate their outputs say Fresh.
 enum class OutputMemory : std::uint8_t { Reused, Fresh };
 
 // Whose rules decide the edge cases of batch_norm and batch_norm_backward.

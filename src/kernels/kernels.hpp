@@ -81,16 +81,13 @@ void set_stream_threshold_for_testing(std::int64_t bytes);
 template <class T>
 bool stream_output(const Geometry& g) {
   // Not bfloat16: streaming its outputs (half-line or, paired, whole-line stores) measured slower on
-  // 32x64x112x112, inference 9.1-11.3 ms against 4.5-5.3 with ordinary stores, backward 13.7-16.3
-  // against 11.1-12.2 (three alternating runs each), training forward no better.
+  // Sapphire Rapids and no better on the AMD EPYC (BENCHMARKS.md, "Non-temporal stores").
   if constexpr (std::is_same_v<T, bfloat16>) return false;
   // Only rows of whole cache lines (channels-first rows of S values, channels-last rows of C; the
   // kernels check too that the output starts on a vector boundary: stream_to in simd.hpp). Otherwise a
   // line where one row ends and the next begins takes ordinary stores from one row and streamed ones
-  // from the other, and streaming turns into a loss: 32x2048x7x7 float inference (rows of 196 bytes)
-  // took 1.09-1.15 ms streamed against 0.68-0.75 with ordinary stores, 2 threads, three alternating
-  // runs on the Sapphire Rapids VM, training forward 1.58-1.63 against 1.11-1.36
-  // (bench/results/sapphire-rapids-2026-12-02/stream-rows.md).
+  // from the other, and streaming turns into a loss, measured on 7x7 maps (rows of 196 bytes):
+  // BENCHMARKS.md, "Non-temporal stores".
   const std::int64_t row_bytes = (g.layout == Layout::ChannelsFirst ? g.S : g.C) * static_cast<std::int64_t>(sizeof(T));
   return g.may_stream && row_bytes % 64 == 0 &&
          stream_output_bytes(g.N * g.C * g.S * static_cast<std::int64_t>(sizeof(T)));

@@ -65,9 +65,10 @@ inline constexpr std::int64_t kAccLanes = kAccVectors<T> * kWidth<T>;
 // accumulator sets, 2 kAccVectors registers, beside the loop's own few. AVX-512 has 32 vector
 // registers, room for them; AVX2 and SSE2 have 16, and 2 x 8 accumulators left some on the stack,
 // where every add became a store-to-load round trip (seen in the AVX2 bfloat16 deviation loop on
-// the AMD EPYC: BENCHMARKS.md). There each set has half as many vectors, and a pair of vectors is
-// added together before it joins its accumulator (add_pair): every lane then takes pair sums, and
-// its rounding bound is that of the sequential sum of the same terms (docs/numerics.md).
+// the AMD EPYC: BENCHMARKS.md, "Channels-first statistics on AVX2"). There each set has half as
+// many vectors, and a pair of vectors is added together before it joins its accumulator (add_pair):
+// every lane then takes pair sums, and its rounding bound is that of the sequential sum of the same
+// terms (docs/numerics.md).
 template <class T>
 inline constexpr int kPairAccVectors =
     2 * kAccVectors<T> + 4 > kVectorRegisters ? kAccVectors<T> / 2 : kAccVectors<T>;
@@ -108,7 +109,7 @@ typedef std::uint32_t Bf16Wide __attribute__((vector_size(kVectorBytes)));
 #if defined(__AVX512F__)
 // 16 bfloat16 bit patterns as floats with one VPMOVZXWD (ymm to zmm) and a shift: GCC 12 compiles the
 // generic widening below as two 8-lane VPMOVZXWDs and a VINSERTI32X8, two more instructions for every
-// vector that the bfloat16 kernels read (BENCHMARKS.md, "bf16 loads on AVX-512").
+// vector that the bfloat16 kernels read (BENCHMARKS.md, "bfloat16 loads and stores").
 // (The zero-masked widening with every lane kept, and the shift as vector arithmetic: the plain
 // intrinsics trip -Wmaybe-uninitialized in GCC 12.)
 inline Vec<float> widen_bf16(__m256i h) {
@@ -191,8 +192,8 @@ inline void store(bfloat16* p, Vec<float> v) {
 // Two vectors to p and p + kWidth<float>: as two stores, but the AVX2 build (no bfloat16
 // instructions) rounds both with one NaN test and packs them with one VPACKUSDW and one VPERMQ
 // into one 32-byte store. store_row takes rows a pair at a time where kStorePairs says so, which
-// also halves the loop's own instructions (callgrind, bf16 inference of 56x56 rows on AVX2: 2.40
-// -> 1.91 per value; BENCHMARKS.md).
+// also halves the loop's own instructions (counted with callgrind:
+// BENCHMARKS.md, "bfloat16 loads and stores").
 template <class T>
 inline void store_pair(T* p, Vec<Compute<T>> a, Vec<Compute<T>> b) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -220,9 +221,9 @@ inline void store_pair(T* p, Vec<Compute<T>> a, Vec<Compute<T>> b) {
 // the even-indexed values and the odd-indexed ones: one full-width load holds 2W bfloat16 as W
 // 32-bit words, and the even value of each word becomes a float by a 16-bit left shift, the odd one
 // by clearing the low half. The natural order needs a widening shuffle per vector (VPMOVZXWD) and a
-// shift; on Zen 3 shuffles and shifts share two of the four FP pipes with the adds, and llvm-mca put
-// the bfloat16 deviation loop at 21 cycles per 64 values, 10 this way (bench/mca; in wall time the
-// passes mostly wait on memory: BENCHMARKS.md, "AMD EPYC"). Where the pair's two vectors only meet
+// shift; on Zen 3 shuffles and shifts share two of the four FP pipes with the adds, and llvm-mca
+// models the bfloat16 deviation loop far faster this way (bench/mca; in wall time the passes mostly
+// wait on memory: BENCHMARKS.md, "bfloat16 loads and stores"). Where the pair's two vectors only meet
 // splats and other pairs loaded the same way (sums, and channels-first rows, whose coefficients are
 // per-row scalars), the lane order cannot change a result; store_pair_interleaved puts the values
 // back in their places. Channels-last rows load per-channel float vectors beside the data, so
@@ -475,10 +476,10 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
   constexpr std::int64_t W = kWidth<Compute<S>>;
   // A local copy: through the caller's object, whose address escapes when store_row is not
   // inlined, the compiler must assume each store to y may change the captured pointers and
-  // coefficients, and it reloads all of them for every vector (4 extra loads per vector). Measured
-  // (bench/tail_ab.cpp, BENCHMARKS.md): the copy makes AVX2 rows and bfloat16 rows 4-20% faster, but
-  // float32 rows of 7x7 and 14x14 9-12% slower on AVX-512 (the copy per row outweighs the reloads of
-  // a 3-vector row), so those keep the caller's object.
+  // coefficients, and it reloads all of them for every vector (4 extra loads per vector). The copy
+  // makes AVX2 rows and bfloat16 rows faster, but float32 rows of 7x7 and 14x14 slower on AVX-512 (the
+  // copy per row outweighs the reloads of a 3-vector row), so those keep the caller's object
+  // (BENCHMARKS.md, "Row loops").
   const F copy = vec_in;
   const F& vec = (!kMaskedStores || std::is_same_v<S, bfloat16>) ? copy : vec_in;
   auto partial = [&](std::int64_t j, std::int64_t k) {  // the k (<= W) values at j
@@ -501,8 +502,8 @@ void store_row(S* y, std::int64_t i, std::int64_t n, bool stream, const F& vec_i
     } else if constexpr (kStorePairs) {
       for (; i + 2 * W <= n; i += 2 * W) {
         // In address order: as function arguments GCC computed the second vector first and stored it
-        // first, and the descending pair made float32 inference 1.2-1.7x slower (tail_ab, 1 thread,
-        // AVX-512 and AVX2, 8x64x28x28 in L2 and 8x256x56x56 from memory) for the same instructions.
+        // first, and the descending pair made float32 inference slower for the same instructions
+        // (BENCHMARKS.md, "Row loops").
         const auto a = vec(i, LoadAll{});
         const auto b = vec(i + W, LoadAll{});
         store_pair(y + i, a, b);

@@ -37,8 +37,8 @@ inline double block_m2(double s1, double s2, double count) {
 // sum(x) over the segments, in Compute<S> vectors. `next` (null: none) is the next block the pass
 // will read, of the same shape: its lines are asked for as this block's are read. The pass over a
 // block waits for memory, and the second pass, from L1, leaves memory idle; without the hint each
-// block's first pass started cold. A one-thread model of the pass on the AMD EPYC went from 4.3 to
-// 7.5 GB/s with it (BENCHMARKS.md, "AMD EPYC").
+// block's first pass started cold. A one-thread model of the pass on the AMD EPYC read faster with it
+// (BENCHMARKS.md, "Channels-first statistics on AVX2").
 template <class S>
 double segments_sum(const S* p, std::int64_t rows, std::int64_t stride, std::int64_t len, const S* next) {
   using T = Compute<S>;

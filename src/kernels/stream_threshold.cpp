@@ -3,18 +3,17 @@
 // pays once a call's input and output no longer fit in the last-level cache; below that, ordinary
 // stores leave the output in cache for its consumer and are faster. The crossover therefore follows
 // the last-level cache, but the size the OS reports cannot be trusted for it: a VM sees its host's
-// whole L3 (this project's Sapphire Rapids VM reports 480 MiB for 2 vCPUs; its measured crossover
-// lies between 38 and 51 MB: bench/results/full-run.txt's copy rows), and a core may own only a
-// slice of what is reported. So the threshold is measured: on the first call whose output is large
+// whole L3 (this project's Sapphire Rapids VM reports 480 MiB for 2 vCPUs, far above its measured
+// crossover), and a core may own only a slice of what is reported. So the threshold is measured: on the first call whose output is large
 // enough to need the answer, the library's threads time a streamed and a cached copy of doubling sizes
 // and keep the first size at which streaming wins (twice). They are as many threads as the kernels
 // take: one core cannot draw the bandwidth of two, so a single-thread copy answers for another load
 // than the kernels'. BNORM_STREAM_BYTES=<bytes> sets it instead (no measurement).
 //
 // On a shared host the answer is the host's state at that moment, not a constant of the CPU: on this
-// project's Sapphire Rapids VM, two sweeps of these copies minutes apart put streaming's first clear
-// win at 24 and at 12 MiB, and processes a few minutes later picked 8 MiB, where the day before the
-// quiet machine had picked 16-32 MiB (BENCHMARKS.md, "The stream threshold").
+// project's Sapphire Rapids VM, sweeps of these copies minutes apart moved streaming's first clear win
+// by a factor of two, and the picks of the quiet and the loaded machine differed as much
+// (BENCHMARKS.md, "Non-temporal stores").
 #include "kernels/kernels.hpp"
 #include "parallel.hpp"
 
@@ -41,8 +40,9 @@ namespace {
 std::int64_t probe_floor() { return std::max<std::int64_t>(std::int64_t{1} << 20, 2 * l2_cache_bytes()); }
 
 // The last size probed: 32 MiB, so that the measurement holds at most 96 MiB, once (docs/reliability.md).
-// When streaming does not win even there, outputs from twice that size on are streamed anyway: wrongly
-// not streaming costs more (30% on the copy at 102 MB here) than wrongly streaming (5% at 38 MB).
+// When streaming does not win even there, outputs from twice that size on are streamed anyway: on the
+// copies of this project's Sapphire Rapids VM, wrongly not streaming a large output cost several times
+// what wrongly streaming a smaller one did.
 constexpr std::int64_t kProbeCeiling = std::int64_t{32} << 20;
 
 #if defined(__SSE2__)
