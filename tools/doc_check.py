@@ -22,10 +22,11 @@ def pages():
     return [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").glob("*.md"))
 
 
-def prose(text):
-    """The page without its fenced code blocks and inline code spans (links there are examples, not links)."""
+def prose(text, code=""):
+    """The page without its fenced code blocks, and its inline code spans replaced by `code` (links there are
+    examples, not links)."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    return re.sub(r"`[^`\n]*`", "", text)
+    return re.sub(r"`[^`\n]*`", code, text)
 
 
 def anchors(page):
@@ -84,10 +85,17 @@ def broken_section_names():
 
 
 def sentences(page):
-    """Words per sentence of the page's prose: headings, tables, code and link targets left out."""
-    text = prose(page.read_text())
+    """Words per sentence of the page's prose and table cells: headings, code blocks and link targets left out,
+    an inline code span counted as one word."""
+    text = prose(page.read_text(), code="Code")  # one word, and a sentence may start with it
     text = re.sub(r"\]\([^)]*\)", "]", text)
-    lines = [l for l in text.split("\n") if not l.lstrip().startswith(("#", "|", "<!--"))]
+    lines = []
+    for line in text.split("\n"):
+        if line.lstrip().startswith("|"):  # a table row: each cell a paragraph of its own
+            if not re.match(r"^\s*\|[\s:|-]*$", line):
+                lines += ["", *line.strip().strip("|").replace("\\|", "/").split("|"), ""]
+        elif not line.lstrip().startswith(("#", "<!--")):
+            lines.append(line)
     text = re.sub(r"^\s*(?:[-*]|\d+\.)\s+", "\n\n", "\n".join(lines), flags=re.M)  # a list item starts anew
     out = []
     for para in re.split(r"\n\s*\n", text):
