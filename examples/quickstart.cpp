@@ -27,6 +27,9 @@ int main() {
   // structs, so that running and saved statistics cannot be swapped by mistake.
   std::vector<float> running_mean(C, 0.f), running_var(C, 1.f), weight(C, 1.f), bias(C, 0.f);
   std::vector<double> save_mean(C), save_invstd(C);
+  // Its positional form, torch's argument order (here on copies of the running statistics):
+  std::vector<float> positional_mean = running_mean, positional_var = running_var;
+  bnorm::batch_norm(x, y, positional_mean, positional_var, weight, bias, /*training=*/true, 0.1, 1e-5);
   const bnorm::Options options{.training = true, .momentum = 0.1, .eps = 1e-5};
   bnorm::batch_norm(x, y, {.mean = running_mean, .var = running_var}, {.weight = weight, .bias = bias}, options,
                     {.mean = save_mean, .invstd = save_invstd});
@@ -43,5 +46,8 @@ int main() {
               static_cast<double>(running_mean[0]), static_cast<double>(bn.weight_grad()[0]),
               static_cast<double>(dweight_f[0]));
   // The layer and the functional form ran the same computation on the same batch.
-  return restored.running_mean()[0] == running_mean[0] && bn.weight_grad()[0] == dweight_f[0] ? 0 : 1;
+  return restored.running_mean()[0] == running_mean[0] && positional_mean == running_mean &&
+                 positional_var == running_var && bn.weight_grad()[0] == dweight_f[0]
+             ? 0
+             : 1;
 }

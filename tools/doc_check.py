@@ -2,8 +2,8 @@
 """Checks the project's pages: every relative link in README.md, BENCHMARKS.md and docs/*.md names a file or
 folder that exists, and every #anchor a heading of its page (GitHub's rule: lower case, punctuation dropped,
 spaces to hyphens, a repeated heading suffixed -1, -2, ...). A comment or page anywhere in the repository that
-points to a section as `BENCHMARKS.md, "Section"` must name one of its headings. Exits 1 with one line per
-broken link.
+points to a section as `BENCHMARKS.md, "Section"` must name one of its headings, and README.md links every
+page of docs/. Exits 1 with one line per problem.
 
     python3 tools/doc_check.py               # check the links
     python3 tools/doc_check.py --sentences   # per page: sentences over 35 and over 50 words (a report, never fails)
@@ -84,6 +84,13 @@ def broken_section_names():
     return bad
 
 
+def unlisted_docs():
+    """The pages of docs/ that README.md does not link."""
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in LINK.findall(prose((ROOT / "README.md").read_text()))}
+    return [f"README.md: its documentation list lacks {p.relative_to(ROOT)}"
+            for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+
+
 def sentences(page):
     """Words per sentence of the page's prose and table cells: headings, code blocks and link targets left out,
     an inline code span counted as one word."""
@@ -121,10 +128,10 @@ def main():
             print(f"{str(page.relative_to(ROOT)):32} {row[0]:9} {row[1]:9} {row[2]:9}")
         print(f"{'all':32} {total[0]:9} {total[1]:9} {total[2]:9}")
         return 0
-    bad = broken_links() + broken_section_names()
+    bad = broken_links() + broken_section_names() + unlisted_docs()
     for line in bad:
         print(line, file=sys.stderr)
-    print(f"doc_check: {len(pages())} pages, {len(bad)} broken links")
+    print(f"doc_check: {len(pages())} pages, {len(bad)} problems")
     return 1 if bad else 0
 
 
