@@ -217,8 +217,8 @@ void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct
   // ct % W channels in scalars. The sums take chunks of up to 8 vectors (one accumulator each and
   // nothing else live), so that a tile of up to 8 vectors, the first pass's, which comes from memory,
   // is read in memory order: in chunks of 4, each pass over the rows took every other pair of lines,
-  // which the hardware prefetchers followed worse (BENCHMARKS.md, AMD EPYC). The deviations, from
-  // L1, keep chunks of 4 (3 vectors per column).
+  // which the hardware prefetchers followed worse (BENCHMARKS.md, "Channels-last statistics"). The
+  // deviations, from L1, keep chunks of 4 (3 vectors per column).
   const std::int64_t cv = ct / W * W;
   for (std::int64_t c0 = 0; c0 < cv; c0 += 8 * W) {
     const int nv = static_cast<int>(lesser(8, (cv - c0) / W));
