@@ -3,6 +3,8 @@
 
 #include "data.hpp"
 
+#include <bnorm/bnorm.hpp>
+
 #include <omp.h>
 
 #include <algorithm>
@@ -11,6 +13,8 @@
 #include <fstream>
 #include <limits>
 #include <set>
+#include <sstream>
+#include <string>
 
 namespace bench {
 namespace {
@@ -161,6 +165,12 @@ void Report::footer(double seconds, double ref_seconds, const CpuSample& run_cpu
   const double others = others_since(run_cpu);
   std::fprintf(info(), "other processes kept %.2f of %d CPUs busy on average during the run%s\n", others,
                omp_get_num_procs(), others > 0.25 ? ": the machine was shared, timings are disturbed" : "");
+  // The stream threshold that bnorm's rows ran with (measured on this machine at the run's first large
+  // output, unless BNORM_STREAM_BYTES set it), and the probe's copies behind it: `bnorm info`'s lines.
+  std::istringstream lines(bnorm::runtime_info());
+  for (std::string line; std::getline(lines, line);)
+    if (line.rfind("non-temporal output stores", 0) == 0 || line.rfind("  copies timed", 0) == 0)
+      std::fprintf(info(), "bnorm %s\n", line.c_str());
 }
 
 }  // namespace bench
