@@ -135,6 +135,7 @@ class Timed:
 
     def __init__(self):
         self.median_ns = None
+        self.samples_ns = []  # per round, in round order (paired_ratio pairs them across variants)
         self.first_ns = None
         self.first_result = None
         self.error = None
@@ -221,7 +222,30 @@ def alternate(variants: dict, rounds: int, warmup: int = 1, target_ns: int = 0) 
     for name, values in samples.items():
         if name in live and values:
             result.timed[name].median_ns = statistics.median(values)
+            result.timed[name].samples_ns = values
     return result
+
+
+def paired_ratio(result: Comparison, num: str, den: str):
+    """The median over rounds of num's time / den's time in the same round, with a 95% interval
+    for that median from order statistics (the ranks n/2 -+ 0.98 sqrt(n): distribution-free, and
+    the rounds' pairing cancels the machine's slow drift); None where either variant failed. With
+    fewer than 6 rounds the interval is the whole range."""
+    a, b = result.timed[num].samples_ns, result.timed[den].samples_ns
+    if not a or len(a) != len(b):
+        return None
+    q = sorted(x / y for x, y in zip(a, b))
+    n = len(q)
+    lo = max(0, int((n / 2 - 0.98 * n ** 0.5) // 1))
+    hi = min(n - 1, -int(-(n / 2 + 0.98 * n ** 0.5) // 1))
+    return {"median": statistics.median(q), "low": q[lo], "high": q[hi], "rounds": n}
+
+
+def interval(r, digits=2):
+    """A paired_ratio as 'median [low, high]'."""
+    if r is None:
+        return "-"
+    return f"{r['median']:.{digits}f} [{r['low']:.{digits}f}, {r['high']:.{digits}f}]"
 
 
 def ratio(a, b):
@@ -399,7 +423,8 @@ def section_shapes(report, quick):
                 ms = result.medians(1e6)
                 r = ratio(ms["torch"], ms["bnorm"])
                 report.write({"kind": "shape", "shape": list(shape), "layout": layout, "op": mode, "dtype": "f32",
-                              "ms": ms, "torch_over_bnorm": r, "calls_per_batch": result.calls, "batches": rounds,
+                              "ms": ms, "torch_over_bnorm": r, "paired_ratio": paired_ratio(result, "torch", "bnorm"),
+                              "calls_per_batch": result.calls, "batches": rounds,
                               "others": result.others, "tensor_mib": nbytes / 2**20, "over_mmap_threshold": over,
                               "max_abs_diff": diff, "errors": result.errors()})
                 rows.append([label, layout, mode, num(nbytes / 2**20), num(ms["torch"], 3), num(ms["bnorm"], 3),
@@ -481,12 +506,14 @@ def compare_models(variants: dict, mode: str, x, labels, rounds: int, warmup: in
 
 def section_models(report, quick):
     models = MODELS[:1] if quick else MODELS
-    rounds = 2 if quick else 10
+    rounds = 3 if quick else 20
     print("## 3. torchvision models (ms per call)\n")
     print(f"Input {IMAGE}x{IMAGE}, weights=None, running statistics set by one training forward. "
           "train: one SGD step (zero_grad, forward, cross-entropy on fixed labels, backward, "
           f"step; lr 0.01); eval: forward under `torch.no_grad()`. Median of {rounds} runs, the "
-          "variants interleaved (torch, bnorm, bnorm-fused, torch, ...) after one warm-up each. "
+          "variants interleaved (torch, bnorm, bnorm-fused, torch, ...) after one warm-up each; "
+          "torch/bnorm: the median of the rounds' ratios with its 95% interval (order statistics: "
+          "an interval wholly above 1 means bnorm is faster beyond the noise). "
           "bnorm: `bnorm.torch.convert(copy.deepcopy(model))`; bnorm-fused: the same with "
           "`fuse=True` where bnorm.torch has it. check: eval max|out - torch's|, train |loss - "
           f"torch's| on the first step. {OTHERS_NOTE}\n")
@@ -508,16 +535,19 @@ def section_models(report, quick):
                 log(f"[3] {name} {fmt_name} {mode}")
                 result, checks = compare_models(variants, mode, x, labels, rounds, 1)
                 ms = result.medians(1e6)
+                r_bnorm = paired_ratio(result, "torch", "bnorm")
+                r_fused = paired_ratio(result, "torch", "bnorm-fused") if "bnorm-fused" in ms else None
                 report.write({"kind": "model", "model": name, "batch": batch, "format": fmt_name, "mode": mode,
-                              "ms": ms, "rounds": rounds, "others": result.others, "first_call_s": result.first_s(),
+                              "ms": ms, "rounds": rounds, "torch_over_bnorm": r_bnorm, "torch_over_fused": r_fused,
+                              "others": result.others, "first_call_s": result.first_s(),
                               "check_vs_torch": checks, "errors": result.errors()})
                 bf = ms.get("bnorm-fused")
-                rows.append([name, str(batch), fmt_name, mode, num(ms["torch"]), num(ms["bnorm"]),
-                             num(ratio(ms["torch"], ms["bnorm"]), 2), num(bf), num(ratio(ms["torch"], bf), 2),
-                             sci(checks.get("bnorm")), sci(checks.get("bnorm-fused")), num(result.others, 2)])
+                rows.append([name, str(batch), fmt_name, mode, num(ms["torch"]), num(ms["bnorm"]), interval(r_bnorm),
+                             num(bf), interval(r_fused), sci(checks.get("bnorm")), sci(checks.get("bnorm-fused")),
+                             num(result.others, 2)])
                 failures(f"{name} {fmt_name} {mode}", result, notes)
-    Report.table(["model", "batch", "format", "mode", "torch ms", "bnorm ms", "torch/bnorm", "fused ms",
-                  "torch/fused", "check bnorm", "check fused", "others"], rows, 4)
+    Report.table(["model", "batch", "format", "mode", "torch ms", "bnorm ms", "torch/bnorm [95%]", "fused ms",
+                  "torch/fused [95%]", "check bnorm", "check fused", "others"], rows, 4)
     print_notes(notes)
 
 
