@@ -61,6 +61,10 @@ class ChannelSink {
   explicit ChannelSink(const VectorView& v)
       : data_(v.present() ? v.data() : nullptr), f64_(v.dtype() == DType::Float64) {}
   bool present() const { return data_ != nullptr; }
+  // Whether `value` stays finite as set() stores it (a double beyond float's range does not).
+  bool finite_as_stored(double value) const {
+    return std::isfinite(f64_ ? value : static_cast<double>(static_cast<Compute<T>>(value)));
+  }
   void set(std::size_t c, double value) const {
     if (data_ == nullptr) return;
     if (f64_)
@@ -155,12 +159,21 @@ void normalize_frozen(const T* x, T* y, const Geometry& g, FrozenStats frozen, A
 // Training only: the saved statistics, and the running update with the unbiased variance of m values,
 // in one pass over the channels (a channel's saved values are written before its running ones are
 // read, as when each was a loop of its own).
+// With options.skip_nonfinite, a first pass over the channels decides whether every updated value,
+// as stored, is finite (C values: nothing next to the pass over the data that made the statistics).
 template <class T>
 void commit_training(std::span<const double> mean, std::span<const double> var, std::span<const double> invstd,
-                     double m, RunningStats running, double momentum, SavedStats save) {
+                     double m, RunningStats running, const Options& options, SavedStats save) {
+  const double momentum = options.momentum;
   const ChannelSink<T> save_mean(save.mean), save_invstd(save.invstd), run_mean(running.mean), run_var(running.var);
   const ChannelValues<T> old_mean(running.mean, 0.0), old_var(running.var, 1.0);
-  const bool update = run_mean.present();
+  bool update = run_mean.present();
+  if (update && options.skip_nonfinite) {
+    for (std::size_t c = 0; c < mean.size() && update; ++c)
+      update = run_mean.finite_as_stored((1 - momentum) * old_mean[c] + momentum * mean[c]) &&
+               run_var.finite_as_stored((1 - momentum) * old_var[c] + momentum * var[c] * m / (m - 1));
+    if (!update && options.nonfinite_skips != nullptr) ++*options.nonfinite_skips;
+  }
   for (std::size_t c = 0; c < mean.size(); ++c) {
     save_mean.set(c, mean[c]);
     save_invstd.set(c, invstd[c]);
@@ -197,7 +210,7 @@ void forward_impl(const T* x, T* y, const Geometry& g, FrozenStats frozen, Runni
     }
     normalize_with(x, y, g, mean, invstd, gamma, beta, act, residual);
   }
-  commit_training<T>(mean, var, invstd, m, update, options.momentum, save);
+  commit_training<T>(mean, var, invstd, m, update, options, save);
 }
 
 // sum(dy') and sum(dy' * (x - mean)) of this input (zeros when it holds no values).
@@ -480,7 +493,7 @@ void forward_with_stats_t(ConstTensorView input, TensorView output, const Geomet
                  read_channels<T>(scope, affine.weight, C, 1.0), read_channels<T>(scope, affine.bias, C, 0.0),
                  options.activation);
   if (options.training)
-    commit_training<T>(stats.mean, stats.var, invstd, stats.count, running, options.momentum, save);
+    commit_training<T>(stats.mean, stats.var, invstd, stats.count, running, options, save);
 }
 
 template <class T>
@@ -599,7 +612,7 @@ void ghost_forward_impl(const T* x, T* y, const Geometry& g, std::int64_t vbs, R
   for (std::size_t j = 0; j < uK; ++j) {
     const Slab b = virtual_batch(g, vbs, static_cast<std::int64_t>(j));
     commit_training<T>(mean.subspan(j * uC, uC), var.subspan(j * uC, uC), invstd.subspan(j * uC, uC),
-                       static_cast<double>(b.g.per_channel()), running, options.momentum, {});
+                       static_cast<double>(b.g.per_channel()), running, options, {});
   }
   write_channels<T>(save.mean, mean);
   write_channels<T>(save.invstd, invstd);
@@ -664,7 +677,7 @@ void renorm_forward_impl(const T* x, T* y, const Geometry& g, RunningStats runni
   normalize_with(x, y, g, mean, invstd, scale, shift, Activation::None);
   write_channels<T>(factors.r, r);
   write_channels<T>(factors.d, d);
-  commit_training<T>(mean, var, invstd, m, running, options.momentum, save);
+  commit_training<T>(mean, var, invstd, m, running, options, save);
 }
 
 template <class T>

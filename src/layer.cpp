@@ -267,10 +267,18 @@ void BasicBatchNorm<P>::forward(ConstTensorView x, TensorView y) {
   const SavedStats save = use_batch ? SavedStats{sm, si} : SavedStats{};
   // A failed check of the layer's own goes to the reducer, which raises it (on every rank at once for
   // SyncBatchNorm, whose other ranks would otherwise wait in the collective).
+  std::int64_t skipped = 0;  // updates skip_nonfinite refused (Ghost BN: one per virtual batch)
   reducer_->forward(fn, problem, x, y, running, affine,
-                    {use_batch, factor, options_.eps, options_.activation}, save);
+                    {.training = use_batch,
+                     .momentum = factor,
+                     .eps = options_.eps,
+                     .activation = options_.activation,
+                     .skip_nonfinite = options_.skip_nonfinite,
+                     .nonfinite_skips = &skipped},
+                    save);
   // Only reached when the call succeeded: commit what backward needs.
-  if (update) num_batches_tracked_ += reducer_->batches_counted(x);
+  if (update) num_batches_tracked_ += reducer_->batches_counted(x) - skipped;
+  if (skipped) nonfinite_skipped_ += skipped;  // an eval forward writes no member (thread safety, below)
   if (use_batch) {
     save_mean_.assign(sm.begin(), sm.end());  // reallocates only when the number of rows grows
     save_invstd_.assign(si.begin(), si.end());

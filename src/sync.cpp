@@ -52,11 +52,12 @@ struct Descriptor {
   std::int64_t has_running = 0;
   std::int64_t has_weight = 0;
   std::int64_t has_bias = 0;
+  std::int64_t skip_nonfinite = 0;  // every rank must make the same update decision
   double eps = 0;
   double momentum = 0;
   double count = 0;  // values per channel on this rank (N * spatial)
 };
-static_assert(sizeof(Descriptor) == 12 * 8, "Descriptor must have no padding");
+static_assert(sizeof(Descriptor) == 13 * 8, "Descriptor must have no padding");
 
 // A failing rank's message is cut to this length, which bounds the second exchange.
 constexpr std::size_t kMaxMessage = 2048;
@@ -109,6 +110,8 @@ Problem first_mismatch(const Descriptor& a, const Descriptor& b) {
     return diff("running statistics", present(a.has_running), present(b.has_running));
   if (a.has_weight != b.has_weight) return diff("weight", present(a.has_weight), present(b.has_weight));
   if (a.has_bias != b.has_bias) return diff("bias", present(a.has_bias), present(b.has_bias));
+  if (a.skip_nonfinite != b.skip_nonfinite)
+    return diff("skip_nonfinite", flag(a.skip_nonfinite), flag(b.skip_nonfinite));
   // Bitwise comparison: ranks must use the very same value, and NaN never passed validation.
   if (std::memcmp(&a.eps, &b.eps, sizeof(double)) != 0) return diff("eps", show(a.eps), show(b.eps));
   if (std::memcmp(&a.momentum, &b.momentum, sizeof(double)) != 0)
@@ -176,6 +179,7 @@ Descriptor describe(const TensorInfo& in, DType dtype, const Options& o, Present
   d.has_running = present.running ? 1 : 0;
   d.has_weight = present.weight ? 1 : 0;
   d.has_bias = present.bias ? 1 : 0;
+  d.skip_nonfinite = o.skip_nonfinite && o.training && present.running ? 1 : 0;
   d.eps = eps;
   d.momentum = momentum;
   d.count = static_cast<double>(in.geometry.per_channel());
@@ -245,6 +249,17 @@ void sync_forward(Communicator& comm, const char* fn, const Problem& prior, Cons
     var[c] = m2 / m;
   }
   forward_with_stats(input, output, in, {mean, var, m}, running, affine, options, save);
+}
+
+std::vector<double> agree_on_counts(Communicator& comm, const char* fn, const Problem& local, std::int64_t channels,
+                                    double count) {
+  Descriptor mine;  // only the channels and the count: the other fields agree as zeros
+  mine.channels = channels;
+  mine.count = count;
+  const std::vector<Descriptor> all = agree(comm, fn, mine, local);
+  std::vector<double> counts(all.size());
+  for (std::size_t r = 0; r < all.size(); ++r) counts[r] = all[r].count;
+  return counts;
 }
 
 void sync_backward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView grad_output,

@@ -8,6 +8,8 @@
 
 #include "validate.hpp"
 
+#include <vector>
+
 namespace bnorm::detail {
 
 void sync_forward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView input,
@@ -15,5 +17,12 @@ void sync_forward(Communicator& comm, const char* fn, const Problem& prior, Cons
 
 void sync_backward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView grad_output,
                    const ForwardState& forward, const Options& options, TensorView grad_input, ParamGrads grads);
+
+// The collective check alone, for other collectives than batch normalization (PopulationStats'
+// finalize): every rank's problem (empty: none), channel count and values per channel. When any
+// rank's problem is set or the channel counts differ, every rank throws the same Error naming the
+// first such rank; otherwise every rank gets every rank's count, in rank order.
+std::vector<double> agree_on_counts(Communicator& comm, const char* fn, const Problem& local, std::int64_t channels,
+                                    double count);
 
 }  // namespace bnorm::detail

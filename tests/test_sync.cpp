@@ -1,10 +1,12 @@
 // SyncBatchNorm without MPI: the ranks are threads of this process joined by an in-process
 // Communicator, so the merge, the collective checks and the layer are tested on every build.
 // tests/test_sync_mpi.cpp runs the same checks (sync_check.hpp) across processes under mpirun.
+#include "population_check.hpp"
 #include "sync_check.hpp"
 
 #include <barrier>
 #include <functional>
+#include <limits>
 #include <thread>
 
 namespace bnorm::test {
@@ -73,6 +75,53 @@ TEST(SyncThreads, AllReduceSumIsInRankOrderOnEveryRank) {
     EXPECT_EQ(v[0], 0.0);
     EXPECT_EQ(v[1], 3.0);
   });
+}
+
+// The non-finite guard under SyncBatchNorm decides on the global statistics: a NaN on one rank makes
+// every rank skip its update and count it; ranks that disagree on the option are refused together.
+TEST(SyncThreads, NonfiniteGuardIsGlobal) {
+  ThreadScope one(1);
+  ThreadGroup(3).run([](Communicator& c) {
+    SyncBatchNorm bn(2, c, {.skip_nonfinite = true});
+    std::vector<float> x{1.f, 2.f, 3.f, 4.f, 5.f, 6.f}, y(x.size());
+    if (c.rank() == 2) x[4] = std::numeric_limits<float>::quiet_NaN();
+    bn.forward(ConstTensorView(x.data(), {1, 2, 3}), TensorView(y.data(), {1, 2, 3}));
+    EXPECT_EQ(bn.nonfinite_skipped(), 1) << "rank " << c.rank();
+    EXPECT_EQ(bn.num_batches_tracked(), 0);
+    EXPECT_EQ(bn.running_mean()[0], 0.f);
+    EXPECT_EQ(bn.running_var()[1], 1.f);
+    x[4] = 5.f;
+    bn.forward(ConstTensorView(x.data(), {1, 2, 3}), TensorView(y.data(), {1, 2, 3}));
+    EXPECT_EQ(bn.num_batches_tracked(), 1);
+    EXPECT_NE(bn.running_mean()[0], 0.f);
+    std::vector<float> rm(2, 0.f), rv(2, 1.f);
+    expect_error_everywhere(
+        c,
+        [&] {
+          sync_batch_norm(c, ConstTensorView(x.data(), {1, 2, 3}), TensorView(y.data(), {1, 2, 3}), {rm, rv}, {},
+                          {.training = true, .skip_nonfinite = c.rank() != 1});
+        },
+        {"rank 1 of 3", "skip_nonfinite: expected true (rank 0's), got false"});
+    EXPECT_EQ(rm[0], 0.f);
+  });
+}
+
+// PopulationStats::finalize over a communicator (population_check.hpp): uneven and empty ranks.
+TEST(SyncThreads, PopulationStatsEqualOnEveryRankAndToOneProcess) {
+  ThreadScope one(1);
+  for (int R : {1, 2, 3, 4})
+    ThreadGroup(R).run([](Communicator& c) {
+      for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+        check_population_collective<double>(c, layout);
+        check_population_collective<float>(c, layout);
+        check_population_collective<bfloat16>(c, layout);
+      }
+    });
+}
+
+TEST(SyncThreads, PopulationStatsErrorsOnEveryRank) {
+  ThreadScope one(1);
+  for (int R : {2, 3}) ThreadGroup(R).run([](Communicator& c) { check_population_errors(c); });
 }
 
 }  // namespace

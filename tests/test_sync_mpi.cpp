@@ -2,6 +2,7 @@
 // ranks). Each process is one rank; the checks are those of the thread test (sync_check.hpp).
 #include <bnorm/mpi.hpp>
 
+#include "population_check.hpp"
 #include "sync_check.hpp"
 
 namespace bnorm::test {
@@ -16,6 +17,16 @@ Communicator& world() {
 TEST(SyncMpi, MatchesSingleProcessOnUnevenSplits) { check_sync_all(world()); }
 
 TEST(SyncMpi, ErrorsOnEveryRankAndNoHang) { check_sync_errors(world()); }
+
+TEST(SyncMpi, PopulationStatsEqualOnEveryRankAndToOneProcess) {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    check_population_collective<double>(world(), layout);
+    check_population_collective<float>(world(), layout);
+    check_population_collective<bfloat16>(world(), layout);
+  }
+}
+
+TEST(SyncMpi, PopulationStatsErrorsOnEveryRank) { check_population_errors(world()); }
 
 }  // namespace
 }  // namespace bnorm::test

@@ -5,4 +5,5 @@
 #include <bnorm/fold.hpp>
 #include <bnorm/functional.hpp>
 #include <bnorm/layer.hpp>
+#include <bnorm/population.hpp>
 #include <bnorm/types.hpp>

@@ -69,6 +69,12 @@ inline double cumulative_momentum(std::int64_t batches_seen) { return 1.0 / stat
 //   activation : Relu fuses y = max(y, 0); backward then needs the output.
 //   outputs    : the output's (backward: grad_input's) memory, above.
 //   policy     : the edge cases' rules, above.
+//   skip_nonfinite : training with running statistics: a batch that would make the updated running
+//                mean or variance not finite in some channel (a NaN or Inf in the batch, or a
+//                variance beyond the buffers' dtype) updates no running statistic at all; the
+//                output and the saved statistics are computed as without it (torch's NaNs).
+//                SyncBatchNorm decides on the global statistics, so every rank decides alike.
+//   nonfinite_skips : with skip_nonfinite, incremented for each update skipped (optional).
 struct Options {
   bool training = false;
   double momentum = 0.1;
@@ -76,6 +82,8 @@ struct Options {
   Activation activation = Activation::None;
   OutputMemory outputs = OutputMemory::Reused;
   Policy policy = Policy::Strict;
+  bool skip_nonfinite = false;
+  std::int64_t* nonfinite_skips = nullptr;
 };
 
 // Gradients of the parameters: either may be absent (not computed); overwritten, not accumulated.

@@ -28,6 +28,9 @@ struct BatchNormOptions {
   bool affine = true;
   bool track_running_stats = true;
   Activation activation = Activation::None;  // fused into forward; backward then needs the output
+  // A training batch that would make a running statistic not finite (Options::skip_nonfinite)
+  // updates neither the running statistics nor num_batches_tracked; nonfinite_skipped() counts it.
+  bool skip_nonfinite = false;
 };
 
 // P is the parameter dtype (float or double); inputs must have the same dtype.
@@ -72,6 +75,8 @@ class BasicBatchNorm {
   std::span<const P> running_mean() const { return running_mean_; }
   std::span<const P> running_var() const { return running_var_; }
   std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
+  // Training batches whose update skip_nonfinite skipped, since construction (not saved).
+  std::int64_t nonfinite_skipped() const { return nonfinite_skipped_; }
 
   // State in the safetensors format with torch's state_dict keys (weight, bias, running_mean,
   // running_var, num_batches_tracked), each prefixed by `prefix` (e.g. "layer1.0.bn1.").
@@ -104,6 +109,7 @@ class BasicBatchNorm {
   std::vector<P> weight_, bias_, weight_grad_, bias_grad_;
   std::vector<P> running_mean_, running_var_;
   std::int64_t num_batches_tracked_ = 0;
+  std::int64_t nonfinite_skipped_ = 0;
   // What backward needs from the last forward, kept in double so that the gradient at a large
   // offset |mean| / std does not inherit the rounding of the mean to P.
   std::vector<double> save_mean_, save_invstd_;
