@@ -98,6 +98,24 @@ Results commit_running(Results r, const OptTensor& running_mean, const OptTensor
   return r;
 }
 
+// The non-finite guard's counter, checked before anything runs: a 0-dim int64 tensor, or absent.
+void check_counter(const OptTensor& nonfinite_skips) {
+  const Tensor* t = present(nonfinite_skips);
+  if (t == nullptr) return;
+  TORCH_CHECK_VALUE(t->dim() == 0 && t->scalar_type() == at::kLong, kForwardName,
+                    ": nonfinite_skips: expected a 0-dim int64 tensor (the non-finite guard's counter), got a ",
+                    t->dim(), "-dim ", t->scalar_type(), " tensor");
+}
+
+// The same for a forward with the non-finite guard's result last (Sextet: `skipped`, 1 when the
+// library kept the old statistics, which the new ones then equal), counted into `nonfinite_skips`.
+Quint commit_guarded(const Sextet& r, const OptTensor& running_mean, const OptTensor& running_var,
+                     const OptTensor& nonfinite_skips) {
+  auto [out, sa, sb, rm, rv, skipped] = r;
+  if (const Tensor* t = present(nonfinite_skips)) t->add_(skipped);
+  return commit_running(Quint{out, sa, sb, rm, rv}, running_mean, running_var);
+}
+
 // Double backward: bnorm computes first derivatives. A backward run with create_graph=True gives
 // gradients whose own backward raises this message when it is reached (torch's once_differentiable
 // behaviour), instead of torch's unclear "element 0 of tensors does not require grad".
@@ -187,14 +205,15 @@ struct BatchNormOp {
   static constexpr bool kCollective = false;
   static Triple call(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                      const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
-                     bool training, double momentum, double eps, bool relu) {
+                     bool training, double momentum, double eps, bool relu, const OptTensor& nonfinite_skips) {
+    check_counter(nonfinite_skips);
     if (!training)
       return {dispatch::batch_norm_eval().call(input, weight, bias, running_mean, running_var, residual, eps, relu),
               Tensor(), Tensor()};
-    auto [out, sa, sb, rm, rv] = commit_running(
+    auto [out, sa, sb, rm, rv] = commit_guarded(
         dispatch::batch_norm_forward().call(input, weight, bias, running_mean, running_var, residual, true, momentum,
-                                            eps, relu),
-        running_mean, running_var);
+                                            eps, relu, present(nonfinite_skips) != nullptr),
+        running_mean, running_var, nonfinite_skips);
     return {out, sa, sb};
   }
   struct Saved {
@@ -216,7 +235,7 @@ struct BatchNormOp {
   };
   static Saved save(const Triple& r, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
-                    bool training, double, double eps, bool relu) {
+                    bool training, double, double eps, bool relu, const OptTensor&) {
     // In eval, backward reads the running statistics as they are now. The output is saved only where
     // backward reads it (ReLU's mask): an unsaved output may be changed in place afterwards, as
     // `out += identity` does.
@@ -239,12 +258,11 @@ struct BatchNormOp {
 };
 struct BatchNormFunction final : OpFunction<BatchNormOp, BatchNormFunction> {};
 
+// batch_norm and its fused forms: relu(bn(input) + residual), residual and relu optional.
 template <bool Autograd>
-Tensor run_batch_norm(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-                      const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
-                      double eps, bool relu) {
+Tensor run_batch_norm(const Tensor& input, const OptTensor& residual, bool relu, BNORM_BN_PARAMS) {
   return run<BatchNormFunction, Autograd>(residual, input, weight, bias, running_mean, running_var, residual, training,
-                                    momentum, eps, relu);
+                                          momentum, eps, relu, nonfinite_skips);
 }
 
 // SyncBatchNorm: always with batch statistics (those of every rank's batch together). Collective:
@@ -253,10 +271,11 @@ struct SyncBatchNormOp {
   static constexpr bool kCollective = true;
   static Triple call(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                      const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
-                     c10::string_view group) {
-    auto [out, mean, invstd, rm, rv] = commit_running(
-        dispatch::sync_batch_norm_forward().call(input, weight, bias, running_mean, running_var, momentum, eps, group),
-        running_mean, running_var);
+                     c10::string_view group, const OptTensor& nonfinite_skips) {
+    auto [out, mean, invstd, rm, rv] = commit_guarded(
+        dispatch::sync_batch_norm_forward().call(input, weight, bias, running_mean, running_var, momentum, eps, group,
+                                                 present(nonfinite_skips) != nullptr),
+        running_mean, running_var, nonfinite_skips);
     return {out, mean, invstd};
   }
   struct Saved {
@@ -274,7 +293,8 @@ struct SyncBatchNormOp {
     }
   };
   static Saved save(const Triple& r, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                    const OptTensor&, const OptTensor&, double, double eps, c10::string_view group) {
+                    const OptTensor&, const OptTensor&, double, double eps, c10::string_view group,
+                    const OptTensor&) {
     return {.in = {input, weight, bias},
             .mean = std::get<1>(r),
             .invstd = std::get<2>(r),
@@ -365,41 +385,33 @@ Tensor variant(bool training, double momentum, double eps, const Tensor& input, 
                const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
                const Rest&... rest) {
   if (!training)
-    return run_batch_norm<Autograd>(input, std::nullopt, weight, bias, running_mean, running_var, false, momentum,
-                                    eps, false);
+    return run_batch_norm<Autograd>(input, std::nullopt, false, weight, bias, running_mean, running_var, false,
+                                    momentum, eps, std::nullopt);
   return run<Function, Autograd>(std::nullopt, input, weight, bias, running_mean, running_var, rest...);
 }
 
 }  // namespace
 
+// batch_norm, batch_norm_relu and batch_norm_add_relu: run_batch_norm with their ReLU flag and residual.
 template <bool Autograd>
-Tensor batch_norm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                     const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
-                     double eps) {
-  return run_batch_norm<Autograd>(input, std::nullopt, weight, bias, running_mean, running_var, training, momentum,
-                                  eps, false);
+Tensor batch_norm_op(const Tensor& input, BNORM_BN_PARAMS) {
+  return run_batch_norm<Autograd>(input, std::nullopt, false, BNORM_BN_ARGS);
 }
 template <bool Autograd>
-Tensor batch_norm_relu_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                          const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
-                          double eps) {
-  return run_batch_norm<Autograd>(input, std::nullopt, weight, bias, running_mean, running_var, training, momentum,
-                                  eps, true);
+Tensor batch_norm_relu_op(const Tensor& input, BNORM_BN_PARAMS) {
+  return run_batch_norm<Autograd>(input, std::nullopt, true, BNORM_BN_ARGS);
 }
 template <bool Autograd>
-Tensor batch_norm_add_relu_op(const Tensor& input, const Tensor& residual, const OptTensor& weight,
-                              const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-                              bool training, double momentum, double eps) {
-  return run_batch_norm<Autograd>(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
-                                  true);
+Tensor batch_norm_add_relu_op(const Tensor& input, const Tensor& residual, BNORM_BN_PARAMS) {
+  return run_batch_norm<Autograd>(input, residual, true, BNORM_BN_ARGS);
 }
 
 template <bool Autograd>
 Tensor sync_batch_norm_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                           const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
-                          c10::string_view group_name) {
+                          c10::string_view group_name, const OptTensor& nonfinite_skips) {
   return run<SyncBatchNormFunction, Autograd>(std::nullopt, input, weight, bias, running_mean, running_var,
-                                              momentum, eps, group_name);
+                                              momentum, eps, group_name, nonfinite_skips);
 }
 
 template <bool Autograd>

@@ -94,6 +94,7 @@ ForwardResults forward_cpu(const ForwardArgs& a, bnorm::Communicator* comm = nul
   };
   Tensor rm = working(rm0, r.running_mean);
   Tensor rv = working(rv0, r.running_var);
+  std::int64_t skipped = 0;  // the library's decision (Options::skip_nonfinite); the work copies then hold the old values
   // torch's rules (any momentum, eps = 0 in eval, a training batch of no values) are the library's
   // Policy::Torch. SyncBatchNorm's are its own: every rank's batch counts, momentum in [0, 1].
   const Options options{.training = a.training,
@@ -102,7 +103,9 @@ ForwardResults forward_cpu(const ForwardArgs& a, bnorm::Communicator* comm = nul
                         .activation = a.relu ? Activation::Relu : Activation::None,
                         // torch allocated the output just now (forward_results)
                         .outputs = OutputMemory::Fresh,
-                        .policy = comm != nullptr ? Policy::Strict : Policy::Torch};
+                        .policy = comm != nullptr ? Policy::Strict : Policy::Torch,
+                        .skip_nonfinite = a.skip_nonfinite,
+                        .nonfinite_skips = &skipped};
   const Affine affine{vview(w.defined() ? &w : nullptr), vview(b.defined() ? &b : nullptr)};
   const RunningStats running{vview(rm.defined() ? &rm : nullptr), vview(rv.defined() ? &rv : nullptr)};
   const SavedStats save = a.training ? SavedStats{vview(&sa), vview(&sb)} : SavedStats{};
@@ -114,9 +117,11 @@ ForwardResults forward_cpu(const ForwardArgs& a, bnorm::Communicator* comm = nul
     bnorm::batch_norm(view(x, p.layout), view(out, p.layout), running, affine, options, save,
                       res.defined() ? ConstTensorView(view(res, p.layout)) : ConstTensorView{});
   });
-  if (a.training) {  // the work copies into the results
+  if (a.training) {  // the work copies into the results, and the guard's decision
     copy_back(rm, r.running_mean);
     copy_back(rv, r.running_var);
+    r.skipped = new_tensor({}, a.input.options().dtype(at::kLong));
+    *r.skipped.data_ptr<std::int64_t>() = skipped;
   }
   if (a.input.scalar_type() == at::kHalf) r.out.copy_(out);
   return r;
@@ -203,10 +208,12 @@ VariantResults variant_forward(const char* fn, const ForwardArgs& a, const c10::
 constexpr Options kVariantBackward{.training = true, .outputs = OutputMemory::Fresh};
 }  // namespace
 
-Quint batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                             const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
-                             bool training, double momentum, double eps, bool relu) {
-  return forward_cpu({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu}).tuple();
+Sextet batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                              const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                              bool training, double momentum, double eps, bool relu, bool skip_nonfinite) {
+  return forward_cpu(
+             {input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu, skip_nonfinite})
+      .tuple();
 }
 
 // The eval forward: the same kernel with training=false, under a schema that mutates nothing.
@@ -223,12 +230,13 @@ Triple batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, c
 
 // SyncBatchNorm's forward and backward (training only: its eval, with running statistics, is
 // batch_norm_eval, which needs no other rank). Collective: every rank of the group calls them.
-Quint sync_batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                                  const OptTensor& running_mean, const OptTensor& running_var, double momentum,
-                                  double eps, c10::string_view group_name) {
+Sextet sync_batch_norm_forward_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, double momentum,
+                                   double eps, c10::string_view group_name, bool skip_nonfinite) {
   ProcessGroupCommunicator comm{std::string(group_name)};
   const OptTensor none;
-  return forward_cpu({input, weight, bias, running_mean, running_var, none, true, momentum, eps, false}, &comm)
+  return forward_cpu(
+             {input, weight, bias, running_mean, running_var, none, true, momentum, eps, false, skip_nonfinite}, &comm)
       .tuple();
 }
 Triple sync_batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,

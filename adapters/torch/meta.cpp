@@ -14,9 +14,9 @@ ForwardResults forward_meta(const ForwardArgs& a) {
 
 }  // namespace
 
-Quint batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                              const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
-                              bool training, double momentum, double eps, bool relu) {
+Sextet batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                               const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                               bool training, double momentum, double eps, bool relu, bool) {
   return forward_meta({input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu})
       .tuple();
 }
@@ -33,9 +33,9 @@ Triple batch_norm_backward_meta(const Tensor& grad_output, const Tensor& input, 
   return backward_results(input, weight, plan_for(input));
 }
 
-Quint sync_batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                                   const OptTensor& running_mean, const OptTensor& running_var, double momentum,
-                                   double eps, c10::string_view) {
+Sextet sync_batch_norm_forward_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                    const OptTensor& running_mean, const OptTensor& running_var, double momentum,
+                                    double eps, c10::string_view, bool) {
   const OptTensor none;
   return forward_meta({input, weight, bias, running_mean, running_var, none, true, momentum, eps, false}).tuple();
 }

@@ -30,15 +30,24 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using Triple = std::tuple<Tensor, Tensor, Tensor>;
 using Quint = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Sextet = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Septet = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The arguments shared by batch_norm's public operators, in C++ and in the schema. The running
 // statistics are declared mutated ((a!), (b!)), which torch.compile and torch.export functionalize.
+//
+// nonfinite_skips, the non-finite guard (docs/running-statistics.md): absent, every training batch
+// updates the running statistics, as torch's BatchNorm does. Given (a 0-dim int64 counter), the
+// library decides (Options::skip_nonfinite): a batch that would make a running statistic not finite
+// updates none of them and adds 1 to the counter. Defaulted, so callers and graphs from before it
+// keep working.
 #define BNORM_BN_PARAMS                                                                                     \
   const OptTensor &weight, const OptTensor &bias, const OptTensor &running_mean, const OptTensor &running_var, \
-      bool training, double momentum, double eps
-#define BNORM_BN_SCHEMA \
-  "Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps"
+      bool training, double momentum, double eps, const OptTensor &nonfinite_skips
+#define BNORM_BN_ARGS weight, bias, running_mean, running_var, training, momentum, eps, nonfinite_skips
+#define BNORM_BN_SCHEMA                                                                                 \
+  "Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, " \
+  "float momentum, float eps, Tensor(c!)? nonfinite_skips=None"
 
 // clang-format off
 #define BNORM_TORCH_OPS(PUBLIC, KERNEL, PLAIN)                                                                 \
@@ -49,14 +58,16 @@ using Septet = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
          "batch_norm_relu(Tensor input, " BNORM_BN_SCHEMA ") -> Tensor")                                       \
   PUBLIC(batch_norm_add_relu, Tensor, (const Tensor& input, const Tensor& residual, BNORM_BN_PARAMS),          \
          "batch_norm_add_relu(Tensor input, Tensor residual, " BNORM_BN_SCHEMA ") -> Tensor")                  \
-  /* stat_a, stat_b: training: the batch mean and 1/sqrt(var + eps) in float64; eval: empty (cpu.cpp) */      \
-  KERNEL(batch_norm_forward, Quint,                                                                            \
+  /* stat_a, stat_b: training: the batch mean and 1/sqrt(var + eps) in float64; eval: empty (cpu.cpp). */    \
+  /* skipped: 0-dim int64, 1 when skip_nonfinite kept the running statistics (new_running_* = the old) */     \
+  KERNEL(batch_norm_forward, Sextet,                                                                           \
          (const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,  \
           const OptTensor& running_var, const OptTensor& residual, bool training, double momentum, double eps, \
-          bool relu),                                                                                          \
+          bool relu, bool skip_nonfinite),                                                                     \
          "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "               \
-         "Tensor? running_var, Tensor? residual, bool training, float momentum, float eps, bool relu) "       \
-         "-> (Tensor output, Tensor stat_a, Tensor stat_b, Tensor new_running_mean, Tensor new_running_var)")  \
+         "Tensor? running_var, Tensor? residual, bool training, float momentum, float eps, bool relu, "        \
+         "bool skip_nonfinite=False) -> (Tensor output, Tensor stat_a, Tensor stat_b, "                        \
+         "Tensor new_running_mean, Tensor new_running_var, Tensor skipped)")                                   \
   KERNEL(batch_norm_eval, Tensor,                                                                              \
          (const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,  \
           const OptTensor& running_var, const OptTensor& residual, double eps, bool relu),                     \
@@ -68,17 +79,22 @@ using Septet = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
          "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor stat_a, Tensor stat_b, " \
          "Tensor? output, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)")                   \
   /* SyncBatchNorm over a torch.distributed process group, named as ProcessGroup.group_name gives it */      \
+  /* (the guard decides on the global statistics: every rank skips, or none does) */                        \
   PUBLIC(sync_batch_norm, Tensor,                                                                              \
          (const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,  \
-          const OptTensor& running_var, double momentum, double eps, c10::string_view group_name),             \
+          const OptTensor& running_var, double momentum, double eps, c10::string_view group_name,              \
+          const OptTensor& nonfinite_skips),                                                                   \
          "sync_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "              \
-         "Tensor(b!)? running_var, float momentum, float eps, str group_name) -> Tensor")                      \
-  KERNEL(sync_batch_norm_forward, Quint,                                                                       \
+         "Tensor(b!)? running_var, float momentum, float eps, str group_name, "                                \
+         "Tensor(c!)? nonfinite_skips=None) -> Tensor")                                                        \
+  KERNEL(sync_batch_norm_forward, Sextet,                                                                      \
          (const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,  \
-          const OptTensor& running_var, double momentum, double eps, c10::string_view group_name),             \
+          const OptTensor& running_var, double momentum, double eps, c10::string_view group_name,              \
+          bool skip_nonfinite),                                                                                \
          "sync_batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "          \
-         "Tensor? running_var, float momentum, float eps, str group_name) "                                    \
-         "-> (Tensor output, Tensor mean, Tensor invstd, Tensor new_running_mean, Tensor new_running_var)")    \
+         "Tensor? running_var, float momentum, float eps, str group_name, bool skip_nonfinite=False) "         \
+         "-> (Tensor output, Tensor mean, Tensor invstd, Tensor new_running_mean, Tensor new_running_var, "    \
+         "Tensor skipped)")                                                                                    \
   KERNEL(sync_batch_norm_backward, Triple,                                                                     \
          (const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean,          \
           const Tensor& invstd, double eps, c10::string_view group_name),                                      \

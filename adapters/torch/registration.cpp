@@ -26,7 +26,8 @@ std::int64_t _num_threads_impl() { return bnorm::num_threads(); }
 
 Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                   const OptTensor& running_var, bool training, double momentum, double eps) {
-  return dispatch::batch_norm().call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  return dispatch::batch_norm().call(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                     std::nullopt);
 }
 
 }  // namespace bnorm::torch_ops

@@ -56,6 +56,7 @@ struct ForwardArgs {
   double momentum;
   double eps;
   bool relu;
+  bool skip_nonfinite = false;  // the non-finite guard (training with running statistics)
 };
 
 // A variant's training forward (no residual, no ReLU).
@@ -143,9 +144,14 @@ inline Tensor new_tensor(c10::SymIntArrayRef sizes, const at::TensorOptions& opt
 // Autograd kernel copies the new statistics into the buffers (autograd.cpp), an aten copy_ that
 // torch.compile's functionalization handles as it handles torch's own BatchNorm, where a mutating
 // custom operator would make inductor copy its input to the traced layout around every call.
+// `skipped` (0-dim int64) is 1 when the non-finite guard kept the old running statistics: set by the CPU
+// training forward; elsewhere (eval, meta) a 0 made here, so that batch_norm_eval allocates none.
 struct ForwardResults {
-  Tensor out, stat_a, stat_b, running_mean, running_var;
-  Quint tuple() const { return {out, stat_a, stat_b, running_mean, running_var}; }
+  Tensor out, stat_a, stat_b, running_mean, running_var, skipped;
+  Sextet tuple() const {
+    return {out, stat_a, stat_b, running_mean, running_var,
+            skipped.defined() ? skipped : at::zeros({}, out.options().dtype(at::kLong))};
+  }
 };
 ForwardResults forward_results(const Tensor& input, const ForwardArgs& a, const Plan& p);
 

@@ -9,14 +9,14 @@ import torch
 
 from . import _fold, _fuse
 from ._modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
-                       GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, REPLACEMENTS)
+                       BnormForward, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, REPLACEMENTS)
 from ._swap import convert_tree, replacement
 
 _log = logging.getLogger("bnorm.torch")
 
 
 def convert(module: torch.nn.Module, fuse: bool = False, *, virtual_batch_size: int | None = None,
-            renorm: tuple[float, float] | bool | None = None) -> torch.nn.Module:
+            renorm: tuple[float, float] | bool | None = None, skip_nonfinite: bool = False) -> torch.nn.Module:
     """Swaps every torch.nn.BatchNorm1d/2d/3d in `module` (itself included) for bnorm's.
 
     With virtual_batch_size=V they become Ghost BN over virtual batches of V samples (to_ghost), with
@@ -35,9 +35,25 @@ def convert(module: torch.nn.Module, fuse: bool = False, *, virtual_batch_size: 
     line per BN, fused or not and why; convert logs it to the logger "bnorm.torch" at INFO). A traced
     module becomes a torch.fx.GraphModule with the same state_dict keys; anything it cannot trace is
     left unchanged, with a warning.
+
+    skip_nonfinite=True sets that attribute on every bnorm BatchNorm1d/2d/3d and SyncBatchNorm of the
+    result: a training batch that would make its running statistics non-finite updates neither them
+    nor num_batches_tracked (the output is computed as always) and is counted in the module's
+    nonfinite_skipped (docs/running-statistics.md). Not with virtual_batch_size or renorm.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"bnorm.torch.convert: expected a torch.nn.Module, not {type(module).__name__}")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"bnorm.torch.convert: skip_nonfinite: expected a bool, got {type(skip_nonfinite).__name__}")
+    if skip_nonfinite:
+        if (virtual_batch_size is not None) or (renorm is not None and renorm is not False):
+            raise ValueError("bnorm.torch.convert: skip_nonfinite: expected False with virtual_batch_size or renorm "
+                             "(Ghost BN and Batch Renorm have no guard), got True")
+        converted = convert(module, fuse)
+        for m in converted.modules():
+            if isinstance(m, BnormForward):
+                m.skip_nonfinite = True
+        return converted
     variant = [name for name, v in (("virtual_batch_size", virtual_batch_size), ("renorm", renorm))
                if v is not None and v is not False]
     if len(variant) > 1 or (variant and fuse):

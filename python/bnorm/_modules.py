@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _guard
 from ._ops import exporting_onnx, ops, torch_composition
 from ._swap import convert_tree, replacement
 
@@ -18,10 +19,28 @@ def counting_and_momentum(module, training, track, momentum):
     return counting, momentum
 
 
+def update_rules(module, training, running_mean, running_var, counting):
+    """The running statistics a training call hands the operator, whether it counts, and the guard's
+    counter (the operators' nonfinite_skips, or None): no running statistics under
+    torch.utils.checkpoint's recomputation (the step's first forward updated them); the counter with
+    skip_nonfinite=True."""
+    if not training or running_mean is None:
+        return running_mean, running_var, counting, None
+    if _guard.recomputing():
+        return None, None, False, None
+    return running_mean, running_var, counting, (_guard.counter(module) if module.skip_nonfinite else None)
+
+
 class BnormForward:
     """forward() for the subclasses of torch.nn.BatchNorm*d below: torch's module rules, bnorm's
     operators. num_batches_tracked and the running statistics change only once the operator has
-    accepted the batch (torch counts it before it checks it)."""
+    accepted the batch (torch counts it before it checks it), once per training step under
+    torch.utils.checkpoint, and with skip_nonfinite=True not for a batch that would make them
+    non-finite (the operator's nonfinite_skips: the library decides; counted in nonfinite_skipped,
+    docs/running-statistics.md)."""
+
+    skip_nonfinite = False  # class defaults: plain attributes, not in the state_dict
+    nonfinite_skipped = 0
 
     def forward(self, input):
         return self._bnorm_call(input)
@@ -40,18 +59,21 @@ class BnormForward:
         if training and not track:  # the buffers are read in eval, and updated in training only when tracking
             running_mean = running_var = None
         counting, momentum = counting_and_momentum(self, training, track, momentum)
+        running_mean, running_var, counting, skips = update_rules(self, training, running_mean, running_var, counting)
         args = (self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps)
         if exporting_onnx():
             out = torch_composition(input, *args, residual, relu)
         elif relu:
-            out = (ops.batch_norm_relu(input, *args) if residual is None
-                   else ops.batch_norm_add_relu(input, residual, *args))
+            out = (ops.batch_norm_relu(input, *args, skips) if residual is None
+                   else ops.batch_norm_add_relu(input, residual, *args, skips))
         else:
             if residual is not None:  # a residual that cannot be added raises before anything changes
                 torch.broadcast_shapes(input.shape, residual.shape)
-            out = ops.batch_norm(input, *args)
+            out = ops.batch_norm(input, *args, skips)
             if residual is not None:
                 out = out + residual
+        if skips is not None and _guard.skipped(self, skips):
+            counting = False
         if counting:  # after the operator has accepted the batch
             self.num_batches_tracked.add_(1)
         return out
@@ -124,8 +146,11 @@ class SyncBatchNorm(BnormForward, torch.nn.modules.batchnorm._BatchNorm):
         # rank together, where a check here would raise on one rank and leave the others waiting.
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
         counting, momentum = counting_and_momentum(self, training, track, self.momentum)
+        running_mean, running_var, counting, skips = update_rules(self, training, running_mean, running_var, counting)
         out = ops.sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, momentum, self.eps,
-                                   group.group_name)
+                                  group.group_name, skips)
+        if skips is not None and _guard.skipped(self, skips):
+            counting = False
         if counting:
             self.num_batches_tracked.add_(1)
         return out

@@ -51,7 +51,8 @@ def exporting_onnx():
     return _onnx_flags._is_onnx_exporting or _onnx_globals.in_onnx_export
 
 
-def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     nonfinite_skips=None):
     """torch.func.vmap of torch.ops.bnorm.batch_norm in eval: the examples of a batched input are
     independent there, so B batches of N become one of B*N; batched per-channel vectors run one call
     per example. In training each example has its own batch statistics (one call per example), as
@@ -62,7 +63,7 @@ def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_v
             "bnorm::batch_norm: vmap: expected no running statistics in training (every vmapped example "
             "would update the same running_mean; torch refuses it too), got running_mean and running_var")
     vectors = (weight, bias, running_mean, running_var)
-    input_dim, *vector_dims = in_dims
+    input_dim, *vector_dims = in_dims[:5]  # nonfinite_skips matters only with running statistics in training
     x = input if input_dim is None else input.movedim(input_dim, 0)
     if not training and all(d is None for d in vector_dims):
         if input_dim is None:

@@ -28,6 +28,7 @@ from ._functional import batch_norm, batch_norm_backward, batch_stats
 from ._modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
                        FrozenBatchNorm, FrozenBatchNorm2d, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d,
                        SyncBatchNorm)
+from ._precise import recompute_batch_norm_stats
 
 __all__ = [
     "batch_norm",
@@ -50,4 +51,5 @@ __all__ = [
     "fold",
     "fuse",
     "SyncBatchNorm",
+    "recompute_batch_norm_stats",
 ]

@@ -210,6 +210,19 @@ void fold(const InArray& weight, const OptIn& bias, const InArray& running_mean,
   (consumer ? bnorm::fold_into_consumer : bnorm::fold_into_producer)(layer, bn, ow, ob);
 }
 
+// bnorm::PopulationStats for bnorm.torch.recompute_batch_norm_stats (python/bnorm/_precise.py): add
+// takes any CPU array the other functions take; mean and m2 come back as lists of floats (C doubles,
+// exact), which is also what crosses torch.distributed between ranks before merge.
+void population_add(bnorm::PopulationStats& p, const InArray& batch) {
+  const bnorm::ConstTensorView x = in_tensor(batch, "batch");
+  nb::gil_scoped_release release;
+  p.add(x);
+}
+void population_finalize(const bnorm::PopulationStats& p, const OutArray& running_mean, const OutArray& running_var) {
+  const bnorm::VectorView rm = out_vector(running_mean, "running_mean"), rv = out_vector(running_var, "running_var");
+  p.finalize({rm, rv});
+}
+
 }  // namespace
 
 NB_MODULE(_bnorm, m) {
@@ -244,6 +257,21 @@ NB_MODULE(_bnorm, m) {
   m.def("layout_of", &layout_name, "shape"_a, "strides"_a,
         "bnorm::layout_of: 'channels_first' or 'channels_last' for dense memory with these strides (in "
         "elements), channels-first where both hold; None for other memory.");
+  nb::class_<bnorm::PopulationStats>(m, "PopulationStats",
+                                     "bnorm::PopulationStats: exact per-channel count, mean and M2 of many batches.")
+      .def(nb::init<std::int64_t>(), "channels"_a)
+      .def("add", &population_add, "batch"_a, "Merges a batch (N, C, ...) of float32, float64 or bfloat16.")
+      .def("merge",
+           [](bnorm::PopulationStats& p, double count, const std::vector<double>& mean, const std::vector<double>& m2) {
+             p.merge(count, mean, m2);
+           },
+           "count"_a, "mean"_a, "m2"_a, "Merges moments computed elsewhere (another rank's).")
+      .def_prop_ro("count", &bnorm::PopulationStats::count)
+      .def_prop_ro("channels", &bnorm::PopulationStats::channels)
+      .def("mean", [](const bnorm::PopulationStats& p) { return std::vector<double>(p.mean().begin(), p.mean().end()); })
+      .def("m2", [](const bnorm::PopulationStats& p) { return std::vector<double>(p.m2().begin(), p.m2().end()); })
+      .def("finalize", &population_finalize, "running_mean"_a, "running_var"_a,
+           "Writes the population mean and unbiased variance (float32 or float64 vectors); nothing on an error.");
   m.def("set_num_threads", &bnorm::set_num_threads, "n"_a, "Sets the number of threads of bnorm's kernels.");
   m.def("num_threads", &bnorm::num_threads, "The number of threads of bnorm's kernels.");
   m.def("info", &bnorm::runtime_info,

@@ -52,13 +52,16 @@ def test_opcheck_every_operator(fmt, training):
         (ops.batch_norm, (x, None, None, None if training else rm.clone(), None if training else rv.clone(), training,
                           0.1, 1e-5)),
         (ops.batch_norm_relu, (x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5)),
+        # the non-finite guard's counter (nonfinite_skips), a third mutated argument
+        (ops.batch_norm, (x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, torch.zeros((), dtype=torch.int64))),
         (ops.batch_norm_add_relu, (x, res, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5)),
         (ops.batch_norm_forward, (x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(), None, training, 0.1,
                                   1e-5, False)),
     ]
     cases.append((ops.batch_norm_eval, (x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(), res, 1e-5, True)))
-    out, sa, sb, new_rm, new_rv = ops.batch_norm_forward(x.detach(), w.detach(), b.detach(), rm.clone(), rv.clone(),
-                                                         None, training, 0.1, 1e-5, False)
+    out, sa, sb, new_rm, new_rv, skipped = ops.batch_norm_forward(x.detach(), w.detach(), b.detach(), rm.clone(),
+                                                                  rv.clone(), None, training, 0.1, 1e-5, False)
+    assert skipped.dtype == torch.int64 and skipped.dim() == 0 and int(skipped) == 0
     if training:  # the updated statistics as new tensors; the arguments are not changed
         torch.testing.assert_close(new_rm, 0.9 * rm + 0.1 * x.detach().mean(dim=(0, 2, 3)))
     else:
