@@ -230,6 +230,17 @@ class FrozenBatchNorm2d(FrozenBatchNorm):
 # from torch.nn.modules.batchnorm._BatchNorm: torch's parameters, buffers and state_dict, with
 # their own attributes (virtual_batch_size; r_max, d_max) outside it.
 
+def _ranked(base, title):
+    """The 1d, 2d and 3d classes of a variant: `base` with torch's BatchNorm*d input check."""
+    ranks = (("1d", torch.nn.BatchNorm1d, "(N, C) or (N, C, L) inputs"),
+             ("2d", torch.nn.BatchNorm2d, "(N, C, H, W) inputs, contiguous or channels_last"),
+             ("3d", torch.nn.BatchNorm3d, "(N, C, D, H, W) inputs, contiguous or channels_last_3d"))
+    name = base.__name__.lstrip("_")
+    return tuple(type(name + suffix, (base,), {"__doc__": f"{title} for {shape}.", "__module__": __name__,
+                                               "_check_input_dim": torch_cls._check_input_dim})
+                 for suffix, torch_cls, shape in ranks)
+
+
 def _check_unit_momentum(cls_name, momentum):
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"bnorm.torch.{cls_name}: momentum: expected a float in [0, 1], got {momentum!r}")
@@ -277,19 +288,7 @@ class _GhostBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return out
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
-    """Ghost Batch Normalization for (N, C) or (N, C, L) inputs."""
-    _check_input_dim = torch.nn.BatchNorm1d._check_input_dim
-
-
-class GhostBatchNorm2d(_GhostBatchNorm):
-    """Ghost Batch Normalization for (N, C, H, W) inputs, contiguous or channels_last."""
-    _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
-
-
-class GhostBatchNorm3d(_GhostBatchNorm):
-    """Ghost Batch Normalization for (N, C, D, H, W) inputs, contiguous or channels_last_3d."""
-    _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
+GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d = _ranked(_GhostBatchNorm, "Ghost Batch Normalization")
 
 
 class _BatchRenorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -331,19 +330,7 @@ class _BatchRenorm(torch.nn.modules.batchnorm._BatchNorm):
         return out
 
 
-class BatchRenorm1d(_BatchRenorm):
-    """Batch Renormalization for (N, C) or (N, C, L) inputs."""
-    _check_input_dim = torch.nn.BatchNorm1d._check_input_dim
-
-
-class BatchRenorm2d(_BatchRenorm):
-    """Batch Renormalization for (N, C, H, W) inputs, contiguous or channels_last."""
-    _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
-
-
-class BatchRenorm3d(_BatchRenorm):
-    """Batch Renormalization for (N, C, D, H, W) inputs, contiguous or channels_last_3d."""
-    _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
+BatchRenorm1d, BatchRenorm2d, BatchRenorm3d = _ranked(_BatchRenorm, "Batch Renormalization")
 
 
 REPLACEMENTS = {
