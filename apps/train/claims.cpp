@@ -547,8 +547,32 @@ Plan make_plan(const std::string& name) {
                  " of the 60,000 training images (1 epoch, ", s.train_images / 64, " steps), ", s.val_images,
                  " held out for validation, ", s.test_images, " of the 10,000 test images, learning rates 0.01 and 0.1, ",
                  p.seeds.size(), " seeds, no-BN against bnorm's BN before the ReLU");
+  } else if (name == "precise-bn" || name == "precise-bn-quick") {
+    // Its own design (the issue of running statistics, item 5): BN before ReLU at depth 8, every lr of the full
+    // grid, the test accuracy with the moving averages against precise statistics of the same weights.
+    const bool quick = name == "precise-bn-quick";
+    s.eval_every = quick ? 32 : 64;
+    s.train_images = quick ? 4096 : 16384;
+    s.val_images = 1000;
+    s.test_images = quick ? 1000 : 0;
+    s.train_eval_images = 1000;
+    s.loss_threshold = 1.0;
+    s.val_target = 0.65;
+    s.precise_images = quick ? 1024 : 4096;
+    p.claims = {"precise"};
+    p.seeds = quick ? seq(1, 2) : seq(1, 8);
+    p.depths = {8};
+    p.lrs = quick ? std::vector<double>{0.01, 0.3} : std::vector<double>{0.01, 0.03, 0.1, 0.3};
+    p.variants = {"bn_before"};
+    p.side_depth = 8;
+    p.what = cat(quick ? "the QUICK precise-BN design" : "the precise-BN design", ": plain CNNs of depth 8 (width 16) with ",
+                 "bnorm's BN before the ReLU, ", s.train_images, " training images (1 epoch), learning rates ",
+                 quick ? "0.01 and 0.3" : "0.01, 0.03, 0.1 and 0.3", ", ", p.seeds.size(), " seeds; each run's ",
+                 s.test_images ? cat(s.test_images, " test images") : std::string("10,000 test images"),
+                 " evaluated with the moving averages and with precise statistics over ", s.precise_images,
+                 " training images");
   } else {
-    throw UsageError(cat("unknown --design '", name, "' (expected quick, demo or full)"));
+    throw UsageError(cat("unknown --design '", name, "' (expected quick, demo, full, precise-bn or precise-bn-quick)"));
   }
   return p;
 }
@@ -586,6 +610,46 @@ RunSpec core_spec(const Plan&, int depth, const std::string& variant, double lr,
   return s;
 }
 
+// Precise BN (Wu & Johnson 2021; the running-statistics issue): at each lr, the test accuracy with precise
+// statistics minus with the moving averages, paired by seed (the same trained weights); the claim that they are
+// better, judged at the highest lr, where the moving averages lag the weights most.
+std::vector<RunSpec> precise_runs(const Plan& p, const Results&) {
+  std::vector<RunSpec> v;
+  for (double lr : p.lrs)
+    for (auto s : p.seeds) v.push_back(core_spec(p, p.side_depth, "bn_before", lr, s));
+  return v;
+}
+
+Row precise_bn(const Plan& p, const Results& r) {
+  Row row;
+  std::ostringstream effect;
+  for (double lr : p.lrs) {
+    std::vector<double> d;
+    int diverged = 0;
+    for (const auto* x : runs_of(r, core_spec(p, p.side_depth, "bn_before", lr, 0), p.seeds)) {
+      if (!x->precise_test_acc) {  // diverged: no weights to evaluate
+        ++diverged;
+        continue;
+      }
+      d.push_back(*x->precise_test_acc - x->test_acc);
+    }
+    effect << (effect.tellp() ? "; " : "") << "lr " << lr << ": ";
+    if (d.size() < 2) {
+      effect << "too few runs (" << diverged << " of " << p.seeds.size() << " diverged)";
+      if (lr == p.lrs.back()) row.note = "too few runs at the highest lr";
+      continue;
+    }
+    const Interval i = stats::bootstrap_mean(d);
+    effect << points(i) << (diverged ? cat(" (", diverged, " diverged runs left out)") : std::string());
+    if (lr == p.lrs.back()) row.verdict = stats::by_difference(i, +1);
+  }
+  row.design = cat("depth ", p.side_depth, ", bnorm BN before ReLU, test accuracy with precise statistics (bnorm::",
+                   "PopulationStats over ", p.settings.precise_images, " training images, the final weights) minus with the ",
+                   "moving averages, paired by seed (", p.seeds.size(), " seeds) at each lr; verdict at lr ", p.lrs.back());
+  row.effect = effect.str();
+  return row;
+}
+
 const std::vector<Claim>& claims() {
   static const std::vector<Claim> c{
       {"convergence", "BN accelerates convergence (seeds 000, 001, 004; Ioffe & Szegedy 2015)", core_runs, convergence},
@@ -598,6 +662,8 @@ const std::vector<Claim>& claims() {
       {"input", "without input normalization BN still trains, but more slowly (seed 002)", input_runs, input_norm},
       {"eval", "in eval mode an image's output does not depend on its batch (seeds 000, 001, 004)",
        [](const Plan&, const Results&) { return std::vector<RunSpec>{}; }, eval_batch},
+      {"precise", "precise BN statistics beat the moving averages at eval, most at high learning rates (Wu & Johnson 2021)",
+       precise_runs, precise_bn, /*own_plan=*/true},
   };
   return c;
 }

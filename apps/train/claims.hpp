@@ -60,6 +60,9 @@ struct Claim {
   std::function<std::vector<RunSpec>(const Plan&, const Results&)> runs;
   // Its row; called only when every run it asks for is finished.
   std::function<Row(const Plan&, const Results&)> judge;
+  // A design of its own (--design precise-bn): its row appears only in the plans that run it, so the other
+  // plans' reports are as they were without it.
+  bool own_plan = false;
 };
 const std::vector<Claim>& claims();
 

@@ -43,7 +43,11 @@ void write_runs_csv(const fs::path& dir, const Results& results) {
   std::ostringstream csv;
   csv << "run,net,variant,optimizer,lr,init,seed,bias,dropout,input,subset,epochs,patience,steps,val_accuracy,"
          "test_accuracy,test_loss,train_accuracy,steps_to_loss,steps_to_val,diverged_at,bias_grad_ratio,ms_per_step,"
-         "initial_sum_abs_w\n";
+         "initial_sum_abs_w";
+  // --precise-bn's column only where a run has it, so that the other designs' files are as they were.
+  const bool precise = std::any_of(results.all().begin(), results.all().end(),
+                                   [](const RunResult& r) { return r.precise_test_acc.has_value(); });
+  csv << (precise ? ",precise_test_accuracy\n" : "\n");
   auto opt = [](const std::optional<std::int64_t>& o) { return o ? std::to_string(*o) : std::string(); };
   for (const auto& r : results.all()) {
     const RunSpec& s = r.spec;
@@ -52,8 +56,9 @@ void write_runs_csv(const fs::path& dir, const Results& results) {
         << s.epochs << ',' << s.patience << ',' << r.steps << ',' << fmt("%.4f", r.val_acc) << ','
         << fmt("%.4f", r.test_acc) << ',' << fmt("%.4f", r.test_loss) << ',' << fmt("%.4f", r.train_acc) << ','
         << opt(r.steps_to_loss) << ',' << opt(r.steps_to_val) << ',' << opt(r.diverged_at) << ','
-        << fmt("%.3g", r.bias_grad) << ',' << fmt("%.2f", r.sec_per_step * 1e3) << ',' << fmt("%.6f", r.init_checksum)
-        << '\n';
+        << fmt("%.3g", r.bias_grad) << ',' << fmt("%.2f", r.sec_per_step * 1e3) << ',' << fmt("%.6f", r.init_checksum);
+    if (precise) csv << ',' << (r.precise_test_acc ? fmt("%.4f", *r.precise_test_acc) : std::string());
+    csv << '\n';
   }
   replace_file(dir / "runs.csv", csv.str());
 }
@@ -202,6 +207,15 @@ void write_grid_report(const fs::path& dir, const Settings& st, const Results& r
        << fmt("%.4f", r.train_acc) << " | " << opt(r.steps_to_loss) << " | " << opt(r.steps_to_val) << " | "
        << (r.diverged_at ? cat("step ", *r.diverged_at) : std::string("no")) << " | " << fmt("%.1f", r.sec_per_step * 1e3)
        << " | " << fmt("%.6f", r.init_checksum) << " |\n";
+  if (st.precise_images > 0) {  // --precise-bn
+    md << "\nTest accuracy with precise BN statistics (recomputed over the first " << st.precise_images
+       << " training images with the final weights) against the moving averages:\n\n| run | moving averages | precise |\n"
+          "|---|---|---|\n";
+    for (const auto& r : results.all())
+      if (r.precise_test_acc)
+        md << "| " << r.spec.key() << " | " << fmt("%.4f", r.test_acc) << " | " << fmt("%.4f", *r.precise_test_acc)
+           << " |\n";
+  }
   md << "\nThis invocation trained " << info.trained << " runs in " << fmt("%.0f", info.train_seconds) << " s"
      << (info.resumed ? cat("; ", info.resumed, " runs were finished by an earlier one (--resume)") : std::string()) << ".\n";
   std::cout << md.str();

@@ -1,6 +1,10 @@
 #include "runner.hpp"
 #include "text.hpp"
 
+#include "bnorm_torch.hpp"
+
+#include <bnorm/population.hpp>
+
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
@@ -71,6 +75,85 @@ Eval evaluate(Net& net, const Data& d, bool raw, std::int64_t limit = 0) {
   return {static_cast<double>(correct) / static_cast<double>(n), loss / static_cast<double>(n)};
 }
 
+// The BatchNorms of a net (bnorm's or torch's, 1d or 2d) in forward order: what precise BN reads and writes.
+struct BnRef {
+  std::size_t index;  // in net.body
+  ::torch::Tensor weight, bias, running_mean, running_var;
+  double eps;
+};
+template <class Impl>
+bool add_bn_ref(std::vector<BnRef>& v, std::size_t i, ::torch::nn::Module& m) {
+  auto* b = m.as<Impl>();
+  if (b == nullptr) return false;
+  v.push_back({i, b->weight, b->bias, b->running_mean, b->running_var, b->options.eps()});
+  return true;
+}
+std::vector<BnRef> batch_norms(Net& net) {
+  std::vector<BnRef> v;
+  std::size_t i = 0;
+  for (const auto& m : net.body->children()) {
+    (void)(add_bn_ref<bnorm::torch::BatchNorm2dImpl>(v, i, *m) || add_bn_ref<bnorm::torch::BatchNorm1dImpl>(v, i, *m) ||
+           add_bn_ref<::torch::nn::BatchNorm2dImpl>(v, i, *m) || add_bn_ref<::torch::nn::BatchNorm1dImpl>(v, i, *m));
+    ++i;
+  }
+  return v;
+}
+
+// Precise BN (Wu & Johnson 2021; docs/running-statistics.md): one pass over the first `images` training images in
+// batches of `batch`, every layer as in eval except the BatchNorms, which normalize with their batch's statistics
+// (training-mode normalization under the final weights) and feed their input's per-batch float64 moments to a
+// bnorm::PopulationStats each (merged exactly, Chan's formula); then each BN's running statistics are the
+// population mean and unbiased variance. Returns the test accuracy with them, and puts the moving averages back.
+double precise_test_accuracy(Net& net, const Datasets& data, const Settings& st, bool raw) {
+  ::torch::NoGradGuard g;
+  const auto bns = batch_norms(net);
+  std::vector<bnorm::PopulationStats> pop;
+  for (const auto& b : bns) pop.emplace_back(b.running_mean.size(0));
+  net.eval();
+  const std::int64_t n = std::min(st.precise_images, data.train.size());
+  for (std::int64_t i = 0; i < n; i += st.batch) {
+    auto x = as_input(data.train.x.slice(0, i, std::min(n, i + st.batch)), raw);
+    std::size_t next = 0, layer = 0;
+    for (const auto& m : *net.body) {
+      if (next < bns.size() && bns[next].index == layer) {
+        const BnRef& b = bns[next];
+        const auto x64 = x.to(::torch::kDouble);
+        std::vector<std::int64_t> dims{0};
+        for (std::int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+        const auto mean = x64.mean(dims, /*keepdim=*/true);
+        const auto m2 = (x64 - mean).square().sum(dims).contiguous();
+        const auto mean_c = mean.flatten().contiguous();
+        const auto C = static_cast<std::size_t>(mean_c.numel());
+        pop[next].merge(static_cast<double>(x.numel() / x.size(1)), {mean_c.data_ptr<double>(), C},
+                        {m2.data_ptr<double>(), C});
+        x = ::torch::batch_norm(x, b.weight, b.bias, {}, {}, /*training=*/true, 0.0, b.eps, false);
+        ++next;
+      } else {
+        x = m.forward(x);
+      }
+      ++layer;
+    }
+  }
+  std::vector<std::pair<::torch::Tensor, ::torch::Tensor>> moving;
+  for (std::size_t k = 0; k < bns.size(); ++k) {
+    moving.emplace_back(bns[k].running_mean.clone(), bns[k].running_var.clone());
+    const auto mean = pop[k].mean();
+    const auto m2 = pop[k].m2();
+    auto var = ::torch::from_blob(const_cast<double*>(m2.data()), {static_cast<std::int64_t>(m2.size())}, ::torch::kDouble)
+                   .div(pop[k].count() - 1);
+    bns[k].running_mean.copy_(
+        ::torch::from_blob(const_cast<double*>(mean.data()), {static_cast<std::int64_t>(mean.size())}, ::torch::kDouble));
+    bns[k].running_var.copy_(var);
+  }
+  const double acc = evaluate(net, data.test, raw).accuracy;
+  for (std::size_t k = 0; k < bns.size(); ++k) {
+    bns[k].running_mean.copy_(moving[k].first);
+    bns[k].running_var.copy_(moving[k].second);
+  }
+  net.train();
+  return acc;
+}
+
 Data slice(const bnorm::train::Split& s, std::int64_t begin, std::int64_t end) {
   auto x = ::torch::from_blob(const_cast<std::uint8_t*>(s.images.data.data()), {s.size(), 1, 28, 28}, ::torch::kUInt8);
   auto y = ::torch::from_blob(const_cast<std::uint8_t*>(s.labels.data.data()), {s.size()}, ::torch::kUInt8);
@@ -82,7 +165,9 @@ Data slice(const bnorm::train::Split& s, std::int64_t begin, std::int64_t end) {
 std::string Settings::header() const {
   return cat("bnorm-train runs v2: batch ", batch, " width ", width, " eval-every ", eval_every, " epochs ", epochs,
              " train-subset ", train_images, " val ", val_images, " test-subset ", test_images, " train-eval-subset ",
-             train_eval_images, " loss-threshold ", short_num(loss_threshold), " target ", short_num(val_target));
+             train_eval_images, " loss-threshold ", short_num(loss_threshold), " target ", short_num(val_target),
+             // only when set, so that the header (and --resume) of a run without it is as it was
+             precise_images > 0 ? cat(" precise-bn ", precise_images) : std::string());
 }
 
 std::string RunSpec::net_name() const { return model == "plain" ? cat(model, depth) : model; }
@@ -233,6 +318,8 @@ RunResult train_one(const RunSpec& spec, const Settings& st, const Datasets& dat
   const Eval test = evaluate(*net, data.test, spec.raw_input);
   r.test_acc = test.accuracy;
   r.test_loss = test.loss;
+  if (st.precise_images > 0 && !batch_norms(*net).empty())
+    r.precise_test_acc = precise_test_accuracy(*net, data, st, spec.raw_input);
   r.train_acc = evaluate(*net, data.train, spec.raw_input, std::min(n, st.train_eval_images)).accuracy;
   std::fprintf(stderr, "val %.4f test %.4f\n", r.val_acc, r.test_acc);
   return r;
@@ -256,6 +343,7 @@ std::string encode_run(const RunResult& r) {
     l << ' ' << curve->size();
     for (const auto& [step, v] : *curve) l << ' ' << step << ' ' << num(v);
   }
+  if (r.precise_test_acc) l << " precise " << num(*r.precise_test_acc);  // only then: older lines stay as they were
   l << " end";
   return l.str();
 }
@@ -291,7 +379,12 @@ std::optional<RunResult> decode_run(const std::string& line) {
     }
   }
   std::string end;
-  if (!(in >> end) || end != "end") return std::nullopt;
+  if ((in >> end) && end == "precise") {
+    std::string v;
+    in >> v >> end;
+    r.precise_test_acc = std::strtod(v.c_str(), nullptr);
+  }
+  if (!in || end != "end") return std::nullopt;
   return r;
 }
 

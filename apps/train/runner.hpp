@@ -31,6 +31,8 @@ struct Settings {
   std::int64_t train_eval_images = 2000;  // the final train accuracy, on the first N training images
   double loss_threshold = 0.5;          // "steps to train loss": the mean of the last 20 step losses <= this
   double val_target = 0.85;             // "steps to validation accuracy", counted at the evaluations
+  std::int64_t precise_images = 0;      // > 0 (--precise-bn): also the test accuracy with precise BN statistics,
+                                        // recomputed on the first N training images (precise_test_acc)
   std::string header() const;           // runs.txt's first line
 };
 
@@ -57,6 +59,9 @@ struct RunResult {
   double test_acc = 0, test_loss = 0, train_acc = 0, final_loss = 0;
   std::optional<std::int64_t> steps_to_loss, steps_to_val, diverged_at;
   double bias_grad = 0;    // the largest bias_grad_ratio seen at the evaluations (NaN without conv biases)
+  // With Settings::precise_images and BN in the net: the test accuracy with every BN's running statistics
+  // replaced by the population statistics of its input over those training images (test_acc: the moving averages).
+  std::optional<double> precise_test_acc;
   double sec_per_step = 0, init_checksum = 0;
   // At each evaluation: (step, mean train loss since the previous one) and (step, validation accuracy).
   std::vector<std::pair<std::int64_t, double>> loss_curve, val_curve;

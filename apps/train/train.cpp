@@ -37,6 +37,9 @@ using namespace bnorm::train;
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
+// --precise-bn's training images (Wu & Johnson: 10^3 to 10^4 samples are enough).
+constexpr std::int64_t kPreciseImages = 4096;
+
 const std::vector<std::string> kOptimizers{"momentum", "sgd"};
 
 std::string one_line(std::string s) {
@@ -184,6 +187,7 @@ int run(Options& o, bool design) {
   for (const auto& claim : claims()) {
     Judged j{&claim, {}, Judged::judged, 0, 0};
     if (std::find(plan.claims.begin(), plan.claims.end(), claim.id) == plan.claims.end()) {
+      if (claim.own_plan) continue;
       j.state = Judged::not_run;
       rows.push_back(j);
       continue;
@@ -229,7 +233,8 @@ int main(int argc, char** argv) {
   Settings& st = o.settings;
   CLI::App app{"bnorm-train: BatchNorm (bnorm's, torch's, none) on Fashion-MNIST with libtorch"};
   app.add_option("--design", o.design,
-                 "run the claims' designs: quick (about a minute), demo (scripts/demo), full (scripts/demo --full); "
+                 "run the claims' designs: quick (about a minute), demo (scripts/demo), full (scripts/demo --full), "
+                 "precise-bn (precise BN statistics against the moving averages; precise-bn-quick: its smoke run); "
                  "they fix every grid option");
   app.add_option("--data", o.data_dir, "folder with the Fashion-MNIST IDX files (.gz or plain)");
   app.add_option("--out", o.out_dir, "output folder (results.md, runs.csv, steps.csv, runs.txt, plots)");
@@ -260,6 +265,10 @@ int main(int argc, char** argv) {
       app.add_option("--eval-every", st.eval_every, "steps between validation evaluations")->check(CLI::Range(1, 100000000)),
       app.add_option("--target", st.val_target, "validation accuracy for 'steps to target'"),
       app.add_option("--loss-threshold", st.loss_threshold, "train loss (mean of the last 20 steps) for 'steps to loss'"),
+      app.add_flag_function(
+          "--precise-bn", [&st](std::int64_t) { st.precise_images = kPreciseImages; },
+          "also report each run's test accuracy with precise BN statistics (recomputed with bnorm::PopulationStats "
+          "over the first 4096 training images, the final weights) beside the moving averages'"),
       app.add_option("--seed,--seeds", o.seeds, "random seeds, a list (per seed: same initial weights and batches for every variant)")
           ->delimiter(','),
   };
