@@ -295,9 +295,10 @@ def sci(v):
 # --- sections 1 and 2: one module ------------------------------------------------------------
 
 
-def module_pair(kind: str, channels: int) -> dict:
+def module_pair(kind: str, channels: int, guard: bool = False) -> dict:
     """torch.nn.<kind> with non-trivial parameters and running statistics, and bnorm.torch.<kind>
-    loaded with the same state, so that both compute the same values."""
+    loaded with the same state, so that both compute the same values; with guard, also a third,
+    bnorm's with skip_nonfinite=True (the non-finite guard, docs/running-statistics.md)."""
     ref = getattr(torch.nn, kind)(channels)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
@@ -306,7 +307,12 @@ def module_pair(kind: str, channels: int) -> dict:
         ref.running_var.uniform_(0.5, 2.0)
     ours = getattr(bt, kind)(channels)
     ours.load_state_dict(ref.state_dict())
-    return {"torch": ref, "bnorm": ours}
+    if not guard:
+        return {"torch": ref, "bnorm": ours}
+    guarded = getattr(bt, kind)(channels)
+    guarded.load_state_dict(ref.state_dict())
+    guarded.skip_nonfinite = True
+    return {"torch": ref, "bnorm": ours, "bnorm guard": guarded}
 
 
 def module_call(mod, x, g, mode: str):
@@ -345,10 +351,10 @@ def module_call(mod, x, g, mode: str):
     return backward
 
 
-def compare_module(kind, shape, fmt, mode, rounds, warmup, target_ns):
-    """torch's module against bnorm's on one input; returns the Comparison and the largest
-    difference between their first results."""
-    mods = module_pair(kind, shape[1])
+def compare_module(kind, shape, fmt, mode, rounds, warmup, target_ns, guard=False):
+    """torch's module against bnorm's (and bnorm's with the guard) on one input; returns the
+    Comparison and the largest difference between torch's and bnorm's first results."""
+    mods = module_pair(kind, shape[1], guard and mode != "eval_fwd")
     x = torch.randn(shape).to(memory_format=fmt)
     g = torch.randn_like(x)  # randn_like keeps x's memory format: the upstream gradient matches
     result = alternate({name: module_call(m, x, g, mode) for name, m in mods.items()}, rounds, warmup, target_ns)
@@ -371,29 +377,35 @@ OTHERS_NOTE = ("others: CPUs kept busy by other processes while the row was time
                "above ~0.3 the row is disturbed, since the 2 threads have no CPU to spare.")
 
 
-def section_small(report, quick):
+def section_small(report, quick, guard=False):
     rounds, target = (15, 1_000_000) if quick else (30, 2_000_000)
     print("## 1. Module calls at small shapes (µs per call)\n")
     print(f"Median over {rounds} batches of calls (each batch ~{target // 1_000_000} ms, the two "
           "modules' batches alternating); training forward with the parameters requiring grad (the "
           "graph is recorded); forward + backward: `m(x).backward(g)`, gradients reset to None "
           "each call; eval: under `torch.no_grad()`. torch/bnorm > 1: bnorm faster. max|diff|: "
-          f"bnorm against torch, first call. {OTHERS_NOTE}\n")
+          f"bnorm against torch, first call. {OTHERS_NOTE}"
+          + (" --guard: the training rows also time bnorm's module with skip_nonfinite=True (the "
+             "non-finite guard), alternating with the other two; guard/bnorm > 1: the guard costs." if guard else "")
+          + "\n")
     rows, notes = [], []
     for kind, shape in SMALL_CASES:
         for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
             log(f"[1] {kind} {shape} {mode}")
-            result, diff = compare_module(kind, shape, torch.contiguous_format, mode, rounds, 2, target)
+            result, diff = compare_module(kind, shape, torch.contiguous_format, mode, rounds, 2, target, guard)
             us = result.medians(1e3)
             r = ratio(us["torch"], us["bnorm"])
             report.write({"kind": "module", "module": kind, "shape": list(shape), "mode": mode, "us": us,
                           "torch_over_bnorm": r, "calls_per_batch": result.calls, "batches": rounds,
                           "others": result.others, "max_abs_diff": diff, "errors": result.errors()})
             label = "x".join(map(str, shape))
-            rows.append([kind, label, mode, num(us["torch"]), num(us["bnorm"]), num(r, 2), sci(diff),
+            guarded = ([num(us["bnorm guard"]), num(ratio(us["bnorm guard"], us["bnorm"]), 3)]
+                       if "bnorm guard" in us else ["", ""]) if guard else []
+            rows.append([kind, label, mode, num(us["torch"]), num(us["bnorm"]), num(r, 2), *guarded, sci(diff),
                          num(result.others, 2)])
             failures(f"{kind} {label} {mode}", result, notes)
-    Report.table(["module", "shape", "mode", "torch µs", "bnorm µs", "torch/bnorm", "max|diff|", "others"], rows, 3)
+    Report.table(["module", "shape", "mode", "torch µs", "bnorm µs", "torch/bnorm",
+                  *(["bnorm guard µs", "guard/bnorm"] if guard else []), "max|diff|", "others"], rows, 3)
     print_notes(notes)
 
 
@@ -681,7 +693,7 @@ def meta(args) -> dict:
             "cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "torchvision": version("torchvision"), "bnorm": bnorm.__version__, "python": platform.python_version(),
             "commit": commit, "threads": THREADS, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-            "loadavg": os.getloadavg()[0], "quick": args.quick}
+            "loadavg": os.getloadavg()[0], "quick": args.quick, "guard": args.guard}
 
 
 def main():
@@ -689,6 +701,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a smoke test: few shapes and repetitions, resnet18 only")
     parser.add_argument("--out", default="build/torch_bench.jsonl", help="JSON lines (default %(default)s)")
     parser.add_argument("--sections", default="1,2,3,4", help="which sections, comma separated (default %(default)s)")
+    parser.add_argument("--guard", action="store_true",
+                        help="section 1's training rows also with skip_nonfinite=True (the non-finite guard's cost)")
     args = parser.parse_args()
     sections = {s for s in args.sections.split(",") if s}
 
@@ -705,7 +719,7 @@ def main():
           f"Python {info['python']}; GLIBC_TUNABLES {info['glibc_tunables'] or 'unset'}\n")
 
     if "1" in sections:
-        section_small(report, args.quick)
+        section_small(report, args.quick, args.guard)
     if "2" in sections:
         section_shapes(report, args.quick)
     if sections & {"3", "4"} and info["torchvision"] is None:
