@@ -114,7 +114,7 @@ double precise_test_accuracy(Net& net, const Datasets& data, const Settings& st,
   for (std::int64_t i = 0; i < n; i += st.batch) {
     auto x = as_input(data.train.x.slice(0, i, std::min(n, i + st.batch)), raw);
     std::size_t next = 0, layer = 0;
-    for (const auto& m : *net.body) {
+    for (auto& m : *net.body) {
       if (next < bns.size() && bns[next].index == layer) {
         const BnRef& b = bns[next];
         const auto x64 = x.to(::torch::kDouble);
