@@ -11,29 +11,21 @@
 #include <cmath>
 #include <cstring>
 #include <span>
+#include <type_traits>
 
 namespace bnorm {
 namespace {
 
 using detail::check_vector;
+using detail::dispatch;
+using detail::typed;
+using detail::typed_or_null;
 using kernels::Compute;
 using kernels::Geometry;
 // Every per-channel buffer of a call comes from the calling thread's workspace (workspace.hpp), so
 // that a call allocates nothing once an earlier one on the thread has needed as much. Each function
 // that takes buffers opens its own scope, which gives them back when it returns.
 using Scope = detail::Workspace::Scope;
-
-// Calls f(T{}) with T the storage type of dtype (float, double or bfloat16); validation has
-// already refused any other dtype.
-template <class F>
-void with_storage(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float64: return f(double{});
-    case DType::BFloat16: return f(bfloat16{});
-    case DType::Float32: break;
-  }
-  f(float{});
-}
 
 // A per-channel vector that goes with a tensor stored as T (so of dtype Compute<T>, or float64), read in
 // place as doubles; absent gives `fallback`. Loops over the channels read their vectors through these
@@ -215,7 +207,7 @@ void forward_impl(const T* x, T* y, const Geometry& g, FrozenStats frozen, Runni
 
 // sum(dy') and sum(dy' * (x - mean)) of this input (zeros when it holds no values).
 template <class T>
-void reduce_sums(const T* dy, const T* x, const T* out, const Geometry& g, const SplitMeans<Compute<T>>& means,
+void reduce_sums(const T* dy, const T* x, std::type_identity_t<const T*> out, const Geometry& g, const SplitMeans<Compute<T>>& means,
                  double* sum_dy, double* sum_dy_xmu) {
   if (g.per_channel() < 1) return;
   Scope scope;
@@ -232,7 +224,7 @@ struct DxInputs {
 };
 
 template <class T>
-void apply_dx(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const SplitMeans<Compute<T>>& means,
+void apply_dx(const T* dy, const T* x, std::type_identity_t<const T*> out, T* dx, const Geometry& g, const SplitMeans<Compute<T>>& means,
               const DxInputs& in, bool training) {
   using P = Compute<T>;
   if (g.per_channel() < 1) return;
@@ -261,7 +253,7 @@ void write_param_grads(ParamGrads grads, const double* sum_dy, const double* sum
 }
 
 template <class T>
-void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry& g, const ForwardState& forward,
+void backward_impl(const T* dy, const T* x, std::type_identity_t<const T*> out, T* dx, const Geometry& g, const ForwardState& forward,
                    const Options& options, ParamGrads grads) {
   const std::int64_t C = g.C;
   const auto uC = static_cast<std::size_t>(C);
@@ -288,11 +280,6 @@ void backward_impl(const T* dy, const T* x, const T* out, T* dx, const Geometry&
     if (dx) apply_dx(dy, x, out, dx, g, means, {gamma, invstd, sum_dy.data(), sum_dy_xmu.data(), m}, training);
   }
   write_param_grads<T>(grads, sum_dy.data(), sum_dy_xmu.data(), invstd, m);
-}
-
-template <class T>
-const T* data_or_null(ConstTensorView t) {
-  return t.empty() ? nullptr : static_cast<const T*>(t.data());
 }
 
 }  // namespace
@@ -344,18 +331,14 @@ Geometry output_geometry(const TensorInfo& in, const Options& options) {
   return g;
 }
 
-void run_forward(const TensorInfo& in, ConstTensorView input, TensorView output, FrozenStats frozen,
-                 RunningStats update, Affine affine, const Options& options, SavedStats save,
-                 ConstTensorView residual) {
-  const Geometry g = output_geometry(in, options);
+template <class T>
+void run_forward(const TensorInfo& in, const T* x, T* y, FrozenStats frozen, RunningStats update, Affine affine,
+                 const Options& options, SavedStats save, const T* residual) {
   Options run = options;
   run.eps = kernel_eps(options);
-  with_storage(input.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, frozen, update,
-                 affine, run, save, data_or_null<T>(residual));
-  });
+  forward_impl(x, y, output_geometry(in, options), frozen, update, affine, run, save, residual);
 }
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, run_forward)
 
 Checked<TensorInfo> check_backward_args(ConstTensorView grad_output, const ForwardState& forward,
                                         const Options& options, TensorView grad_input, ParamGrads grads) {
@@ -400,19 +383,16 @@ Checked<TensorInfo> check_backward_args(ConstTensorView grad_output, const Forwa
   return in;
 }
 
-void run_backward(const TensorInfo& in, ConstTensorView grad_output, const ForwardState& forward,
-                  const Options& options, TensorView grad_input, ParamGrads grads) {
+template <class T>
+void run_backward(const TensorInfo& in, const T* dy, const ForwardState& forward, const Options& options, T* dx,
+                  ParamGrads grads) {
   const bool relu = options.activation == Activation::Relu;
   Options run = options;
   run.eps = kernel_eps(options);
-  with_storage(forward.input.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
-                  relu ? static_cast<const T*>(forward.output.data()) : nullptr,
-                  grad_input.empty() ? nullptr : static_cast<T*>(grad_input.data()), output_geometry(in, options),
-                  forward, run, grads);
-  });
+  backward_impl(dy, typed<T>(forward.input), relu ? typed<T>(forward.output) : nullptr, dx,
+                output_geometry(in, options), forward, run, grads);
 }
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, run_backward)
 
 }  // namespace detail
 
@@ -429,7 +409,11 @@ void batch_norm(ConstTensorView input, TensorView output, RunningStats running, 
     return;
   }
   if (options.training) detail::raise_if(fn, detail::check_training_count(input, in.value));
-  detail::run_forward(in.value, input, output, running, running, affine, options, save, residual);
+  dispatch(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    detail::run_forward(in.value, typed<T>(input), typed<T>(output), running, running, affine, options, save,
+                        typed_or_null<T>(residual));
+  });
 }
 
 void batch_norm(ConstTensorView input, TensorView output, VectorView running_mean, VectorView running_var,
@@ -446,7 +430,10 @@ void batch_norm_inference(ConstTensorView input, TensorView output, FrozenStats 
   const Options options{false, 0.0, eps, activation};
   const detail::Checked<detail::TensorInfo> in = detail::check_forward_args(input, output, running, affine, options, {});
   detail::raise_if(fn, in.problem);
-  detail::run_forward(in.value, input, output, running, {}, affine, options, {}, {});
+  dispatch(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    detail::run_forward<T>(in.value, typed<T>(input), typed<T>(output), running, {}, affine, options, {}, nullptr);
+  });
 }
 
 void batch_norm_backward(ConstTensorView grad_output, const ForwardState& forward, Options options,
@@ -454,7 +441,10 @@ void batch_norm_backward(ConstTensorView grad_output, const ForwardState& forwar
   const detail::Checked<detail::TensorInfo> in =
       detail::check_backward_args(grad_output, forward, options, grad_input, grads);
   detail::raise_if("batch_norm_backward", in.problem);
-  detail::run_backward(in.value, grad_output, forward, options, grad_input, grads);
+  dispatch(forward.input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    detail::run_backward(in.value, typed<T>(grad_output), forward, options, typed_or_null<T>(grad_input), grads);
+  });
 }
 
 void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
@@ -470,61 +460,20 @@ void batch_stats(ConstTensorView input, VectorView mean, VectorView var) {
   Scope scope;
   const std::span<double> mu = scope.take<double>(static_cast<std::size_t>(C)), m2 = scope.take<double>(mu.size()),
                           ws = reduce_workspace(scope, g);
-  with_storage(input.dtype(), [&](auto tag) {
+  dispatch(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    kernels::channel_moments(static_cast<const T*>(input.data()), g, mu.data(), m2.data(), ws.data());
+    kernels::channel_moments(typed<T>(input), g, mu.data(), m2.data(), ws.data());
     for (double& v : m2) v /= static_cast<double>(g.per_channel());
     write_channels<T>(mean, mu);
     write_channels<T>(var, m2);
   });
 }
 
-// The shared pieces (functional_parts.hpp): the same templates as above, entered with a dtype.
-namespace {
-
-template <class T>
-void forward_with_stats_t(ConstTensorView input, TensorView output, const Geometry& g, detail::BatchMoments stats,
-                          RunningStats running, Affine affine, const Options& options, SavedStats save) {
-  const std::int64_t C = g.C;
-  Scope scope;
-  const std::span<double> invstd = scope.take<double>(stats.mean.size());
-  for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = 1.0 / std::sqrt(stats.var[c] + options.eps);
-  normalize_with(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, stats.mean, invstd,
-                 read_channels<T>(scope, affine.weight, C, 1.0), read_channels<T>(scope, affine.bias, C, 0.0),
-                 options.activation);
-  if (options.training)
-    commit_training<T>(stats.mean, stats.var, invstd, stats.count, running, options, save);
-}
-
-template <class T>
-void backward_sums_t(ConstTensorView dy, const ForwardState& forward, const Geometry& g, detail::ChannelSums out) {
-  Scope scope;
-  const SplitMeans<Compute<T>> means =
-      split_means<Compute<T>>(scope, read_channels<T>(scope, forward.saved.mean, g.C, 0.0));
-  reduce_sums(static_cast<const T*>(dy.data()), static_cast<const T*>(forward.input.data()),
-              data_or_null<T>(forward.output), g, means, out.dy, out.dy_xmu);
-}
-
-template <class T>
-void backward_finish_t(ConstTensorView dy, const ForwardState& forward, const Geometry& g, detail::ChannelSums local,
-                       detail::ChannelSums global, double count, TensorView dx, ParamGrads grads) {
-  Scope scope;
-  const std::span<const double> invstd = read_channels<T>(scope, forward.saved.invstd, g.C, 1.0);
-  if (!dx.empty()) {
-    const SplitMeans<Compute<T>> means =
-        split_means<Compute<T>>(scope, read_channels<T>(scope, forward.saved.mean, g.C, 0.0));
-    apply_dx(static_cast<const T*>(dy.data()), static_cast<const T*>(forward.input.data()),
-             data_or_null<T>(forward.output), static_cast<T*>(dx.data()), g, means,
-             {read_channels<T>(scope, forward.weight, g.C, 1.0), invstd, global.dy, global.dy_xmu, count}, true);
-  }
-  write_param_grads<T>(grads, local.dy, local.dy_xmu, invstd, static_cast<double>(g.per_channel()));  // this rank's part
-}
-
-}  // namespace
-
+// The shared pieces (functional_parts.hpp): the same templates as above.
 namespace detail {
 
-void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, double* m2) {
+template <class T>
+void local_moments(const T* x, const TensorInfo& in, double* mean, double* m2) {
   const Geometry& g = in.geometry;
   if (g.per_channel() < 1) {
     // No values here (a rank holding 0 samples): the merge skips a count of 0, so these are unused.
@@ -534,33 +483,52 @@ void local_moments(ConstTensorView input, const TensorInfo& in, double* mean, do
   }
   Scope scope;
   const std::span<double> ws = reduce_workspace(scope, g);
-  with_storage(input.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    kernels::channel_moments(static_cast<const T*>(input.data()), g, mean, m2, ws.data());
-  });
+  kernels::channel_moments(x, g, mean, m2, ws.data());
 }
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, local_moments)
 
-void forward_with_stats(ConstTensorView input, TensorView output, const TensorInfo& in, BatchMoments stats,
-                        RunningStats running, Affine affine, const Options& options, SavedStats save) {
-  with_storage(input.dtype(), [&](auto tag) {
-    forward_with_stats_t<decltype(tag)>(input, output, output_geometry(in, options), stats, running, affine, options,
-                                        save);
-  });
+template <class T>
+void forward_with_stats(const T* x, T* y, const TensorInfo& in, BatchMoments stats, RunningStats running,
+                        Affine affine, const Options& options, SavedStats save) {
+  const Geometry g = output_geometry(in, options);
+  const std::int64_t C = g.C;
+  Scope scope;
+  const std::span<double> invstd = scope.take<double>(stats.mean.size());
+  for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = 1.0 / std::sqrt(stats.var[c] + options.eps);
+  normalize_with(x, y, g, stats.mean, invstd, read_channels<T>(scope, affine.weight, C, 1.0),
+                 read_channels<T>(scope, affine.bias, C, 0.0), options.activation);
+  if (options.training)
+    commit_training<T>(stats.mean, stats.var, invstd, stats.count, running, options, save);
 }
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, forward_with_stats)
 
-void backward_sums(ConstTensorView grad_output, const ForwardState& forward, const TensorInfo& in, ChannelSums out) {
-  std::fill(out.dy, out.dy + in.geometry.C, 0.0);
-  std::fill(out.dy_xmu, out.dy_xmu + in.geometry.C, 0.0);
-  with_storage(forward.input.dtype(),
-               [&](auto tag) { backward_sums_t<decltype(tag)>(grad_output, forward, in.geometry, out); });
+template <class T>
+void backward_sums(const T* dy, const ForwardState& forward, const TensorInfo& in, ChannelSums out) {
+  const Geometry& g = in.geometry;
+  std::fill(out.dy, out.dy + g.C, 0.0);
+  std::fill(out.dy_xmu, out.dy_xmu + g.C, 0.0);
+  Scope scope;
+  const SplitMeans<Compute<T>> means =
+      split_means<Compute<T>>(scope, read_channels<T>(scope, forward.saved.mean, g.C, 0.0));
+  reduce_sums(dy, typed<T>(forward.input), typed_or_null<T>(forward.output), g, means, out.dy, out.dy_xmu);
 }
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, backward_sums)
 
-void backward_finish(ConstTensorView grad_output, const ForwardState& forward, const TensorInfo& in,
-                     ChannelSums local, ChannelSums global, double count, TensorView grad_input, ParamGrads grads) {
-  with_storage(forward.input.dtype(), [&](auto tag) {
-    backward_finish_t<decltype(tag)>(grad_output, forward, in.geometry, local, global, count, grad_input, grads);
-  });
+template <class T>
+void backward_finish(const T* dy, const ForwardState& forward, const TensorInfo& in, ChannelSums local,
+                     ChannelSums global, double count, T* dx, ParamGrads grads) {
+  const Geometry& g = in.geometry;
+  Scope scope;
+  const std::span<const double> invstd = read_channels<T>(scope, forward.saved.invstd, g.C, 1.0);
+  if (dx != nullptr) {
+    const SplitMeans<Compute<T>> means =
+        split_means<Compute<T>>(scope, read_channels<T>(scope, forward.saved.mean, g.C, 0.0));
+    apply_dx(dy, typed<T>(forward.input), typed_or_null<T>(forward.output), dx, g, means,
+             {read_channels<T>(scope, forward.weight, g.C, 1.0), invstd, global.dy, global.dy_xmu, count}, true);
+  }
+  write_param_grads<T>(grads, local.dy, local.dy_xmu, invstd, static_cast<double>(g.per_channel()));  // this rank's part
 }
+BNORM_STORAGE_TYPES(BNORM_INSTANTIATE_ONE, backward_finish)
 
 }  // namespace detail
 
@@ -634,10 +602,10 @@ void ghost_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g, std:
     Scope inner;
     const std::span<double> sum_dy = inner.take<double>(uC), sum_dy_xmu = inner.take<double>(uC);
     const SplitMeans<Compute<T>> means = split_means<Compute<T>>(inner, mean.subspan(j * uC, uC));
-    reduce_sums(dy + b.offset, x + b.offset, static_cast<const T*>(nullptr), b.g, means, sum_dy.data(),
+    reduce_sums(dy + b.offset, x + b.offset, nullptr, b.g, means, sum_dy.data(),
                 sum_dy_xmu.data());
     if (dx != nullptr)
-      apply_dx(dy + b.offset, x + b.offset, static_cast<const T*>(nullptr), dx + b.offset, b.g, means,
+      apply_dx(dy + b.offset, x + b.offset, nullptr, dx + b.offset, b.g, means,
                {gamma, inv_j, sum_dy.data(), sum_dy_xmu.data(), static_cast<double>(b.g.per_channel())}, true);
     for (std::size_t c = 0; c < uC; ++c) {
       dgamma[c] += sum_dy_xmu[c] * inv_j[c];
@@ -695,7 +663,7 @@ void renorm_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g, con
   ForwardState scaled = forward;
   scaled.weight = ConstVectorView(gamma_r);
   const bool want_params = grads.weight.present() || grads.bias.present();
-  backward_impl(dy, x, static_cast<const T*>(nullptr), dx, g, scaled, options,
+  backward_impl(dy, x, nullptr, dx, g, scaled, options,
                 want_params ? ParamGrads{VectorView(dw), VectorView(db)} : ParamGrads{});
   if (!want_params) return;
   for (std::size_t c = 0; c < uC; ++c) dw[c] = dw[c] * r[c] + db[c] * d[c];  // sum(dy * (xhat r + d))
@@ -788,11 +756,6 @@ detail::Checked<detail::TensorInfo> check_renorm_backward(ConstTensorView grad_o
   return in;
 }
 
-template <class T>
-T* mutable_data(TensorView t) {
-  return t.empty() ? nullptr : static_cast<T*>(t.data());
-}
-
 }  // namespace
 
 std::int64_t ghost_batch_count(std::int64_t N, std::int64_t virtual_batch_size) {
@@ -805,12 +768,13 @@ void ghost_batch_norm(ConstTensorView input, TensorView output, std::int64_t vir
   const detail::Checked<detail::TensorInfo> in =
       check_ghost_forward(input, output, virtual_batch_size, running, affine, options, save);
   detail::raise_if("ghost_batch_norm", in.problem);
-  if (!options.training) return detail::run_forward(in.value, input, output, running, running, affine, options, {}, {});
-  const Geometry g = detail::output_geometry(in.value, options);
-  with_storage(input.dtype(), [&](auto tag) {
+  dispatch(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    ghost_forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, virtual_batch_size,
-                       running, affine, options, save);
+    const T* x = typed<T>(input);
+    T* y = typed<T>(output);
+    if (!options.training) return detail::run_forward<T>(in.value, x, y, running, running, affine, options, {}, nullptr);
+    ghost_forward_impl(x, y, detail::output_geometry(in.value, options), virtual_batch_size, running, affine, options,
+                       save);
   });
 }
 
@@ -820,12 +784,13 @@ void ghost_batch_norm_backward(ConstTensorView grad_output, const ForwardState& 
   const detail::Checked<detail::TensorInfo> in =
       check_ghost_backward(grad_output, forward, virtual_batch_size, options, grad_input, grads);
   detail::raise_if("ghost_batch_norm_backward", in.problem);
-  if (!options.training) return detail::run_backward(in.value, grad_output, forward, options, grad_input, grads);
-  const Geometry g = detail::output_geometry(in.value, options);
-  with_storage(forward.input.dtype(), [&](auto tag) {
+  dispatch(forward.input.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    ghost_backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
-                        mutable_data<T>(grad_input), g, virtual_batch_size, forward, grads);
+    const T* dy = typed<T>(grad_output);
+    T* dx = typed_or_null<T>(grad_input);
+    if (!options.training) return detail::run_backward(in.value, dy, forward, options, dx, grads);
+    ghost_backward_impl(dy, typed<T>(forward.input), dx, detail::output_geometry(in.value, options),
+                        virtual_batch_size, forward, grads);
   });
 }
 
@@ -834,12 +799,13 @@ void batch_renorm(ConstTensorView input, TensorView output, RunningStats running
   const detail::Checked<detail::TensorInfo> in =
       check_renorm_forward(input, output, running, affine, options, limits, save, factors);
   detail::raise_if("batch_renorm", in.problem);
-  if (!options.training) return detail::run_forward(in.value, input, output, running, running, affine, options, {}, {});
-  const Geometry g = detail::output_geometry(in.value, options);
-  with_storage(input.dtype(), [&](auto tag) {
+  dispatch(input.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    renorm_forward_impl(static_cast<const T*>(input.data()), static_cast<T*>(output.data()), g, running, affine,
-                        options, limits, save, factors);
+    const T* x = typed<T>(input);
+    T* y = typed<T>(output);
+    if (!options.training) return detail::run_forward<T>(in.value, x, y, running, running, affine, options, {}, nullptr);
+    renorm_forward_impl(x, y, detail::output_geometry(in.value, options), running, affine, options, limits, save,
+                        factors);
   });
 }
 
@@ -848,12 +814,13 @@ void batch_renorm_backward(ConstTensorView grad_output, const ForwardState& forw
   const detail::Checked<detail::TensorInfo> in =
       check_renorm_backward(grad_output, forward, factors, options, grad_input, grads);
   detail::raise_if("batch_renorm_backward", in.problem);
-  if (!options.training) return detail::run_backward(in.value, grad_output, forward, options, grad_input, grads);
-  const Geometry g = detail::output_geometry(in.value, options);
-  with_storage(forward.input.dtype(), [&](auto tag) {
+  dispatch(forward.input.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    renorm_backward_impl(static_cast<const T*>(grad_output.data()), static_cast<const T*>(forward.input.data()),
-                         mutable_data<T>(grad_input), g, forward, factors, options, grads);
+    const T* dy = typed<T>(grad_output);
+    T* dx = typed_or_null<T>(grad_input);
+    if (!options.training) return detail::run_backward(in.value, dy, forward, options, dx, grads);
+    renorm_backward_impl(dy, typed<T>(forward.input), dx, detail::output_geometry(in.value, options), forward,
+                         factors, options, grads);
   });
 }
 

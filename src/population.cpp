@@ -148,7 +148,7 @@ void PopulationStats::add(ConstTensorView batch) {
   }
   const auto uC = static_cast<std::size_t>(C);
   std::vector<double> mean(uC), m2(uC);
-  detail::local_moments(x, info, mean.data(), m2.data());
+  detail::local_moments(detail::typed<double>(x), info, mean.data(), m2.data());  // x holds float64
   if (const std::int64_t c = first_nonfinite(mean, m2); c >= 0)
     detail::fail(fn, "batch: expected finite values, got mean " + show(mean[static_cast<std::size_t>(c)]) +
                          " and M2 " + show(m2[static_cast<std::size_t>(c)]) + " in channel " + std::to_string(c) +

@@ -193,6 +193,53 @@ double global_count(const std::vector<Descriptor>& all) {
   return m;
 }
 
+// The training forward after agree(): every rank's (mean, M2) per channel, gathered and merged in
+// rank order, so that every rank computes bitwise the same statistics; then batch_norm's normalize
+// and update with them. m is the global count of values per channel.
+template <class T>
+void exchange_forward(Communicator& comm, const std::vector<Descriptor>& all, double m, const TensorInfo& in,
+                      const T* x, T* y, RunningStats running, Affine affine, const Options& options, SavedStats save) {
+  const int R = comm.size();
+  const auto uC = static_cast<std::size_t>(in.geometry.C);
+  if (uC == 0) return;
+  // The per-channel buffers come from the calling thread's workspace (workspace.hpp);
+  // functional.cpp's pieces below take theirs after them.
+  Workspace::Scope scope;
+  const std::span<double> local = scope.take<double>(2 * uC),
+                          gathered = scope.take<double>(static_cast<std::size_t>(R) * 2 * uC);
+  local_moments(x, in, local.data(), local.data() + uC);
+  comm.all_gather(local.data(), local.size() * sizeof(double), gathered.data());
+  const std::span<double> mean = scope.take<double>(uC), var = scope.take<double>(uC);
+  for (std::size_t c = 0; c < uC; ++c) {
+    double n = 0, mu = 0, m2 = 0;
+    for (std::size_t r = 0; r < static_cast<std::size_t>(R); ++r) {
+      const double* part = gathered.data() + r * 2 * uC;
+      kernels::chan_merge(n, mu, m2, all[r].count, part[c], part[uC + c]);
+    }
+    mean[c] = mu;
+    var[c] = m2 / m;
+  }
+  forward_with_stats(x, y, in, {mean, var, m}, running, affine, options, save);
+}
+
+// The training backward after agree(): [sum(dy) | sum(dy * (x - mean))], this rank's, then their sum
+// over the ranks in rank order; then batch_norm's dx with the global sums.
+template <class T>
+void exchange_backward(Communicator& comm, double count, const TensorInfo& in, const T* dy,
+                       const ForwardState& forward, const Options& options, T* dx, ParamGrads grads) {
+  const auto uC = static_cast<std::size_t>(in.geometry.C);
+  if (uC == 0) return;
+  ForwardState f = forward;
+  if (options.activation != Activation::Relu) f.output = {};
+  Workspace::Scope scope;
+  const std::span<double> local = scope.take<double>(2 * uC), global = scope.take<double>(2 * uC);
+  backward_sums(dy, f, in, {local.data(), local.data() + uC});
+  std::copy(local.begin(), local.end(), global.begin());
+  comm.all_reduce_sum(global.data(), global.size());
+  backward_finish(dy, f, in, {local.data(), local.data() + uC}, {global.data(), global.data() + uC}, count, dx,
+                  grads);
+}
+
 }  // namespace
 
 void sync_forward(Communicator& comm, const char* fn, const Problem& prior, ConstTensorView input,
@@ -209,15 +256,8 @@ void sync_forward(Communicator& comm, const char* fn, const Problem& prior, Cons
                     options.momentum);
   const std::vector<Descriptor> all = agree(comm, fn, mine, problem);
   const TensorInfo& in = checked.value;
-  if (!options.training) {
-    // Frozen statistics: nothing to exchange; the arguments passed the same checks as batch_norm's.
-    run_forward(in, input, output, running, {}, affine, options, {}, {});
-    return;
-  }
-  const int R = comm.size();
   const double m = global_count(all);
-  const std::int64_t C = in.geometry.C;
-  if (C > 0 && m <= 1) {
+  if (options.training && in.geometry.C > 0 && m <= 1) {
     std::string what = "input: Expected more than 1 value per channel when training, got ";
     what += show(m);
     what += " value(s) per channel over all ranks (N * spatial per rank:";
@@ -228,27 +268,14 @@ void sync_forward(Communicator& comm, const char* fn, const Problem& prior, Cons
     what += ")";
     fail(fn, what);  // the same on every rank: built from gathered data only
   }
-  const auto uC = static_cast<std::size_t>(C);
-  if (uC == 0) return;
-  // This rank's (mean, M2) per channel, gathered from every rank and merged in rank order, so that
-  // every rank computes bitwise the same statistics. The per-channel buffers come from the calling
-  // thread's workspace (workspace.hpp); functional.cpp's pieces below take theirs after them.
-  Workspace::Scope scope;
-  const std::span<double> local = scope.take<double>(2 * uC),
-                          gathered = scope.take<double>(static_cast<std::size_t>(R) * 2 * uC);
-  local_moments(input, in, local.data(), local.data() + uC);
-  comm.all_gather(local.data(), local.size() * sizeof(double), gathered.data());
-  const std::span<double> mean = scope.take<double>(uC), var = scope.take<double>(uC);
-  for (std::size_t c = 0; c < uC; ++c) {
-    double n = 0, mu = 0, m2 = 0;
-    for (std::size_t r = 0; r < static_cast<std::size_t>(R); ++r) {
-      const double* part = gathered.data() + r * 2 * uC;
-      kernels::chan_merge(n, mu, m2, all[r].count, part[c], part[uC + c]);
-    }
-    mean[c] = mu;
-    var[c] = m2 / m;
-  }
-  forward_with_stats(input, output, in, {mean, var, m}, running, affine, options, save);
+  dispatch(input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = typed<T>(input);
+    T* y = typed<T>(output);
+    // Frozen statistics: nothing to exchange; the arguments passed the same checks as batch_norm's.
+    if (!options.training) return run_forward<T>(in, x, y, running, {}, affine, options, {}, nullptr);
+    exchange_forward(comm, all, m, in, x, y, running, affine, options, save);
+  });
 }
 
 std::vector<double> agree_on_counts(Communicator& comm, const char* fn, const Problem& local, std::int64_t channels,
@@ -274,23 +301,14 @@ void sync_backward(Communicator& comm, const char* fn, const Problem& prior, Con
                     options.training ? 0.0 : options.eps, 0.0);
   const std::vector<Descriptor> all = agree(comm, fn, mine, problem);
   const TensorInfo& in = checked.value;
-  if (!options.training) {
+  dispatch(forward.input.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* dy = typed<T>(grad_output);
+    T* dx = typed_or_null<T>(grad_input);
     // Frozen statistics: dx = gamma * invstd * dy needs nothing from the other ranks.
-    run_backward(in, grad_output, forward, options, grad_input, grads);
-    return;
-  }
-  const auto uC = static_cast<std::size_t>(in.geometry.C);
-  if (uC == 0) return;
-  ForwardState f = forward;
-  if (options.activation != Activation::Relu) f.output = {};
-  // [sum(dy) | sum(dy * (x - mean))]: this rank's, then their sum over the ranks in rank order.
-  Workspace::Scope scope;
-  const std::span<double> local = scope.take<double>(2 * uC), global = scope.take<double>(2 * uC);
-  backward_sums(grad_output, f, in, {local.data(), local.data() + uC});
-  std::copy(local.begin(), local.end(), global.begin());
-  comm.all_reduce_sum(global.data(), global.size());
-  backward_finish(grad_output, f, in, {local.data(), local.data() + uC}, {global.data(), global.data() + uC},
-                  global_count(all), grad_input, grads);
+    if (!options.training) return run_backward(in, dy, forward, options, dx, grads);
+    exchange_backward(comm, global_count(all), in, dy, forward, options, dx, grads);
+  });
 }
 
 namespace {
