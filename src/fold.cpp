@@ -20,9 +20,11 @@ std::string to_string(WeightLayout l) {
 
 namespace {
 
+using detail::check_count;
 using detail::check_data;
 using detail::check_dtype;
 using detail::num;
+using detail::overlaps;
 using detail::Problem;
 
 // A per-channel vector of length C (or absent, when it may be).
@@ -33,8 +35,7 @@ Problem check_channels(const char* name, const ConstVectorView& v, std::int64_t 
     return {};
   }
   BNORM_CHECK(check_dtype(arg, v.dtype()));
-  if (v.size() != C)
-    return Problem(arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
+  BNORM_CHECK(check_count(arg, v.size(), C));
   return check_data(arg, v.data(), v.dtype(), C);
 }
 
@@ -79,9 +80,7 @@ std::int64_t bytes_of(const ConstVectorView& v) {
 // Memory that must not be written through an output: disjoint, or (allowed) the very same buffer.
 Problem check_disjoint(const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name, const void* b,
                        std::int64_t b_bytes) {
-  if (a_bytes == 0 || b_bytes == 0) return {};
-  const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
-  if (pa + static_cast<std::uintptr_t>(a_bytes) <= pb || pb + static_cast<std::uintptr_t>(b_bytes) <= pa) return {};
+  if (!overlaps(a, a_bytes, b, b_bytes)) return {};
   return Problem(std::string(a_name) + ": expected memory disjoint from " + b_name + ", got an overlap");
 }
 
@@ -111,18 +110,10 @@ detail::Checked<Geometry> check_layer(const FoldLayer& layer) {
   g.B = s[1];
   g.layout = layer.layout;
   g.groups = layer.groups;
-  bool overflow = false;
-  g.numel = 1;
-  for (int i = 0; i < s.rank(); ++i) {
-    if (s[i] < 0)
-      return Problem("layer.weight: expected non-negative sizes, got " + std::to_string(s[i]) + " in dim " + std::to_string(i) +
-                     " of shape " + s.str());
-    overflow = overflow || __builtin_mul_overflow(g.numel, s[i], &g.numel);
-    if (i >= 2) g.K *= s[i];
-  }
-  std::int64_t bytes = 0;
-  if (overflow || __builtin_mul_overflow(g.numel, static_cast<std::int64_t>(size_of(w.dtype())), &bytes))
-    return Problem("layer.weight: expected a shape whose size in bytes fits in int64, got " + s.str());
+  const detail::Checked<detail::ShapeSize> size = detail::check_shape("layer.weight", s, w.dtype());
+  BNORM_CHECK(size.problem);
+  g.numel = size.value.numel;
+  g.K = size.value.inner;
   if (w.layout() != Layout::ChannelsFirst && g.K != 1)
     return Problem("layer.weight: expected layout channels_first (contiguous), got " + to_string(w.layout()));
   BNORM_CHECK(check_data("layer.weight", w.data(), w.dtype(), g.numel));
@@ -131,7 +122,7 @@ detail::Checked<Geometry> check_layer(const FoldLayer& layer) {
     return Problem("layer.groups: expected a divisor of the weight's dim 0 (" + std::to_string(g.A) + "), got " +
                    std::to_string(layer.groups));
   // The channels of the weight's dim 1 side are dim 1 * groups (an empty weight's dim 1 may be any size).
-  if (__builtin_mul_overflow(g.B, g.groups, &bytes))
+  if (std::int64_t channels = 0; __builtin_mul_overflow(g.B, g.groups, &channels))
     return Problem("layer.groups: expected a value whose product with the weight's dim 1 (" + std::to_string(g.B) +
                    ") fits in int64, got " + std::to_string(layer.groups));
   BNORM_CHECK(check_channels("layer.bias", layer.bias, g.c_out(), false));

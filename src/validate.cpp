@@ -43,6 +43,35 @@ Problem check_data(const std::string& arg, const void* p, DType dtype, std::int6
   return check_aligned(arg, p, dtype);
 }
 
+Problem check_count(const std::string& arg, std::int64_t n, std::int64_t count) {
+  if (n != count)
+    return Problem(arg + ": expected " + std::to_string(count) + " values (one per channel), got " + std::to_string(n));
+  return {};
+}
+
+bool overlaps(const void* a, std::int64_t a_bytes, const void* b, std::int64_t b_bytes) {
+  if (a_bytes == 0 || b_bytes == 0) return false;
+  const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
+  return !(pa + static_cast<std::uintptr_t>(a_bytes) <= pb || pb + static_cast<std::uintptr_t>(b_bytes) <= pa);
+}
+
+Checked<ShapeSize> check_shape(const std::string& arg, const Shape& s, DType dtype) {
+  ShapeSize size;
+  bool overflow = false;
+  for (int i = 0; i < s.rank(); ++i) {
+    if (s[i] < 0)
+      return Problem(arg + ": expected non-negative sizes, got " + std::to_string(s[i]) + " in dim " + std::to_string(i) +
+                   " of shape " + s.str());
+    overflow = overflow || __builtin_mul_overflow(size.numel, s[i], &size.numel);
+    if (i >= 2) overflow = overflow || __builtin_mul_overflow(size.inner, s[i], &size.inner);
+  }
+  overflow = overflow || __builtin_mul_overflow(size.numel, static_cast<std::int64_t>(size_of(dtype)), &size.bytes);
+  if (overflow)
+    return Problem(arg + ": expected a shape whose size in bytes fits in int64, got " + s.str() + " of " +
+                 to_string(dtype));
+  return size;
+}
+
 void fail(const char* fn, const std::string& what, ErrorKind kind) {
   throw Error(std::string("bnorm::") + fn + ": " + what, kind);
 }
@@ -56,20 +85,9 @@ Checked<TensorInfo> check_tensor(const char* name, const ConstTensorView& t) {
   BNORM_CHECK(check_dtype(arg, t.dtype()));
   if (!valid_layout(t.layout()))
     return Problem(arg + ": expected layout channels_first or channels_last, got unsupported " + to_string(t.layout()));
-  std::int64_t numel = 1, spatial = 1;
-  bool overflow = false;
-  for (int i = 0; i < s.rank(); ++i) {
-    if (s[i] < 0)
-      return Problem(arg + ": expected non-negative sizes, got " + std::to_string(s[i]) + " in dim " + std::to_string(i) +
-                   " of shape " + s.str());
-    overflow = overflow || __builtin_mul_overflow(numel, s[i], &numel);
-    if (i >= 2) overflow = overflow || __builtin_mul_overflow(spatial, s[i], &spatial);
-  }
-  std::int64_t bytes = 0;
-  overflow = overflow || __builtin_mul_overflow(numel, static_cast<std::int64_t>(size_of(t.dtype())), &bytes);
-  if (overflow)
-    return Problem(arg + ": expected a shape whose size in bytes fits in int64, got " + s.str() + " of " +
-                 to_string(t.dtype()));
+  const Checked<ShapeSize> size = check_shape(arg, s, t.dtype());
+  BNORM_CHECK(size.problem);
+  const std::int64_t numel = size.value.numel, spatial = size.value.inner;
   if (numel > 0 && t.data() == nullptr)
     return Problem(arg + ": expected a data pointer, got null for a tensor of shape " + s.str());
   BNORM_CHECK(check_aligned(arg, t.data(), t.dtype()));
@@ -77,7 +95,7 @@ Checked<TensorInfo> check_tensor(const char* name, const ConstTensorView& t) {
   info.geometry = {s[0], s[1], spatial, spatial == 1 ? Layout::ChannelsLast : t.layout()};
   info.geometry.reduce_threads = kernels::reduce_threads(info.geometry);  // read num_threads() once
   info.numel = numel;
-  info.bytes = bytes;
+  info.bytes = size.value.bytes;
   return info;
 }
 
@@ -103,8 +121,7 @@ Problem check_vector(const char* name, const ConstVectorView& v, std::int64_t C,
   const std::string arg = name;
   // The per-channel vectors of a bfloat16 tensor are float32 (torch's mixed-precision rule).
   const DType dtype = tensor_dtype == DType::BFloat16 ? DType::Float32 : tensor_dtype;
-  if (v.size() != C)
-    return Problem(arg + ": expected " + std::to_string(C) + " values (one per channel), got " + std::to_string(v.size()));
+  BNORM_CHECK(check_count(arg, v.size(), C));
   if (v.dtype() != dtype && !(also_float64 && v.dtype() == DType::Float64))
     return Problem(arg + ": expected dtype " + to_string(dtype) +
                        (also_float64 && dtype != DType::Float64 ? " or float64" : "") + ", got " + to_string(v.dtype()),
@@ -114,10 +131,7 @@ Problem check_vector(const char* name, const ConstVectorView& v, std::int64_t C,
 
 Problem check_alias(const char* a_name, const void* a, std::int64_t a_bytes, const char* b_name, const void* b,
                     std::int64_t b_bytes) {
-  if (a == b || a_bytes == 0 || b_bytes == 0) return {};
-  const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
-  const bool disjoint = pa + static_cast<std::uintptr_t>(a_bytes) <= pb || pb + static_cast<std::uintptr_t>(b_bytes) <= pa;
-  if (!disjoint)
+  if (a != b && overlaps(a, a_bytes, b, b_bytes))
     return Problem(std::string(a_name) + ": expected the same memory as " + b_name +
                  " or memory disjoint from it, got a partial overlap");
   return {};

@@ -75,10 +75,20 @@ Problem check_alias(const char* a_name, const void* a, std::int64_t a_bytes, con
                     std::int64_t b_bytes);
 
 // The pieces that other checks are made of (fold.cpp's too): a number as messages print it; a
-// supported dtype (float32, float64, bfloat16); a data pointer for n > 0 values, aligned to its dtype.
+// supported dtype (float32, float64, bfloat16); a data pointer for n > 0 values, aligned to its dtype;
+// n values where `count` are expected (one per channel); whether two buffers share a byte.
 std::string num(double v);
 Problem check_dtype(const std::string& arg, DType dtype);
 Problem check_data(const std::string& arg, const void* p, DType dtype, std::int64_t n);
+Problem check_count(const std::string& arg, std::int64_t n, std::int64_t count);
+bool overlaps(const void* a, std::int64_t a_bytes, const void* b, std::int64_t b_bytes);
+
+// Non-negative dims whose product, and its size in bytes as dtype, fit in int64: numel, bytes and
+// the product of the dims after the first two (the spatial size, a weight's kernel size).
+struct ShapeSize {
+  std::int64_t numel = 1, bytes = 0, inner = 1;
+};
+Checked<ShapeSize> check_shape(const std::string& arg, const Shape& s, DType dtype);
 
 Problem check_eps(double eps);
 Problem check_momentum(double momentum);
