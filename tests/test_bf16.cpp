@@ -87,19 +87,14 @@ void check_bf16(const Dims& d, const Case& k, std::uint64_t seed) {
 }
 
 TEST(BFloat16, EveryPathAgainstReferenceEveryIsa) {
-  for (kernels::Isa isa : kernels::kAllIsas) {
-    if (!kernels::isa_supported(isa)) continue;
-    const kernels::Isa saved = kernels::active_isa();
-    kernels::set_isa(isa);
-    SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa));
+  for_each_supported_isa([](kernels::Isa) {
     // Short and long rows, C of one tile and of several (with a scalar tail), 2-D, and a channel too
     // large for the fused channels-first path.
     for (const Dims& d : {Dims{{4, 5, 33}}, Dims{{3, 300, 2, 3}}, Dims{{64, 17}}, Dims{{2, 3, 70001}}})
       for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast})
         for (bool relu : {false, true})
           for (int threads : {1, 2}) check_bf16(d, {layout, relu, threads}, 17);
-    kernels::set_isa(saved);
-  }
+  });
 }
 
 // Every build stores the bits bfloat16::from_float gives. The avx512bf16 build converts with
@@ -112,13 +107,10 @@ TEST(BFloat16, EveryPathAgainstReferenceEveryIsa) {
 TEST(BFloat16, KernelStoresKeepFullPayloadNaNsOnEveryIsa) {
   const float nan_scale[2] = {std::bit_cast<float>(0x7fffffffu), std::bit_cast<float>(0xffffffffu)};
   const float zero[2] = {};
-  for (kernels::Isa isa : kernels::kAllIsas) {
-    if (!kernels::isa_supported(isa)) continue;
-    const kernels::Isa saved = kernels::active_isa();
-    kernels::set_isa(isa);
+  for_each_supported_isa([&](kernels::Isa) {
     for (const std::int64_t S : {std::int64_t{13}, std::int64_t{301}})
       for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
-        SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa) + " S " + std::to_string(S) + " " + to_string(layout));
+        SCOPED_TRACE("S " + std::to_string(S) + " " + to_string(layout));
         const std::int64_t N = 2, C = 2, n = N * C * S;
         std::vector<bfloat16> x(static_cast<std::size_t>(n), bfloat16::from_float(1.5f)), y(x.size());
         kernels::normalize<bfloat16>(x.data(), y.data(), kernels::Geometry{N, C, S, layout}, {zero, nan_scale, zero},
@@ -127,21 +119,17 @@ TEST(BFloat16, KernelStoresKeepFullPayloadNaNsOnEveryIsa) {
         for (const bfloat16& v : y) not_nan += !std::isnan(v.to_float());
         EXPECT_EQ(not_nan, 0);
       }
-    kernels::set_isa(saved);
-  }
+  });
 }
 
 TEST(BFloat16, KernelStoresRoundLikeFromFloatOnEveryIsa) {
   const float scales[] = {1.0f, std::ldexp(1.0f, -128), std::ldexp(1.0f, -133), std::ldexp(1.0f, 100)};
-  for (kernels::Isa isa : kernels::kAllIsas) {
-    if (!kernels::isa_supported(isa)) continue;
-    const kernels::Isa saved = kernels::active_isa();
-    kernels::set_isa(isa);
+  for_each_supported_isa([&](kernels::Isa) {
     // (2, 4, 77): short rows with tails; (3, 4, 5003): long rows.
     for (const std::int64_t S : {std::int64_t{77}, std::int64_t{5003}})
       for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
         const std::int64_t N = S == 77 ? 2 : 3, C = 4, n = N * C * S;
-        SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa) + " S " + std::to_string(S) + " " + to_string(layout));
+        SCOPED_TRACE("S " + std::to_string(S) + " " + to_string(layout));
         std::vector<bfloat16> pattern(4099), x(static_cast<std::size_t>(n)), y(x.size());
         std::mt19937_64 rng(5);
         std::uniform_int_distribution<int> exponent(-8, 10), mantissa(0, 127);
@@ -174,8 +162,7 @@ TEST(BFloat16, KernelStoresRoundLikeFromFloatOnEveryIsa) {
         EXPECT_EQ(wrong, 0);
         EXPECT_GT(subnormal, n / 8);
       }
-    kernels::set_isa(saved);
-  }
+  });
 }
 
 // The float32 layer takes bfloat16 activations: the same statistics as on the float32 copy of the

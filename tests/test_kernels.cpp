@@ -1,5 +1,8 @@
-// Every kernel path against the float64 reference: shapes odd and even, both layouts, both dtypes,
-// every option combination, in place, several thread counts; then the numerical robustness cases.
+// Every row of the kernel table under every row of the ISA table against the float64 reference
+// (KernelRows, through KernelTester); the functional layer's paths over the kernels: shapes odd and
+// even, both layouts, both dtypes, every option combination, in place, several thread counts; then
+// the numerical robustness cases.
+#include "kernel_tester.hpp"
 #include "test_util.hpp"
 
 #include "kernels/kernels.hpp"
@@ -21,21 +24,6 @@ struct Options {
            " threads=" + std::to_string(threads);
   }
 };
-
-// Per-channel L1 sums bound the rounding error of the parameter gradients.
-double l1_bound(const Dims& d, const std::vector<double>& v, const std::vector<double>& w) {
-  double worst = 0;
-  for (std::int64_t c = 0; c < d.C(); ++c) {
-    double s = 0;
-    for (std::int64_t n = 0; n < d.N(); ++n)
-      for (std::int64_t i = 0; i < d.S(); ++i) {
-        const auto k = static_cast<std::size_t>((n * d.C() + c) * d.S() + i);
-        s += std::abs(v[k] * (w.empty() ? 1.0 : w[k]));
-      }
-    worst = std::max(worst, s);
-  }
-  return worst;
-}
 
 template <class T>
 void check_against_reference(const Dims& d, const Options& o, std::uint64_t seed) {
@@ -129,52 +117,84 @@ const std::vector<Dims>& shapes() {
   return s;
 }
 
+std::string shape_name(const Dims& d) {
+  std::string name;
+  for (std::int64_t v : d.shape) {
+    if (!name.empty()) name += 'x';
+    name += std::to_string(v);
+  }
+  return name;
+}
+
+// Each row of the kernel table under each row of the ISA table: a test case per pair, skipped (and
+// named) where this CPU does not run the ISA. Every shape above, both layouts where the kernel takes
+// them, float, double and bfloat16, four option sets a shape (ReLU, residual or eval, in place,
+// without gamma and beta, 1 to 3 threads).
+class KernelRows : public ::testing::TestWithParam<std::tuple<Kernel, kernels::Isa>> {};
+
+TEST_P(KernelRows, MatchReference) {
+  const auto [kernel, isa] = GetParam();
+  if (!kernels::isa_supported(isa))
+    GTEST_SKIP() << "isa " << kernels::isa_name(isa) << " is not run here: not built for this target, or this CPU "
+                 << "lacks its features";
+  std::uint64_t seed = 7;
+  for (std::size_t i = 0; i < shapes().size(); ++i)
+    for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+      if (!kernel_takes(kernel, layout)) continue;
+      for (int bits = 0; bits < 4; ++bits) {
+        KernelTester tester;
+        tester.kernel(kernel)
+            .isa(isa)
+            .shape(shapes()[i].shape)
+            .layout(layout)
+            .relu(bits & 1)
+            .residual(bits & 2)
+            .training(!(bits & 2))
+            .in_place(bits == 1 || bits == 2)
+            .affine(bits != 3)
+            .threads(1 + static_cast<int>(i + static_cast<std::size_t>(bits)) % 3);
+        tester.seed(++seed).test<float>();
+        tester.seed(++seed).test<double>();
+        tester.seed(++seed).test<bfloat16>();
+        if (HasFailure()) return;
+      }
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Table, KernelRows,
+                         ::testing::Combine(::testing::ValuesIn(kAllKernels), ::testing::ValuesIn(kernels::kAllIsas)),
+                         [](const ::testing::TestParamInfo<std::tuple<Kernel, kernels::Isa>>& p) {
+                           return std::string(kernel_name(std::get<0>(p.param))) + "_" +
+                                  kernels::isa_name(std::get<1>(p.param));
+                         });
+
 class KernelVsReference : public ::testing::TestWithParam<std::size_t> {};
 
-// Restores the kernels' instruction set at scope exit.
-struct IsaScope {
-  kernels::Isa saved = kernels::active_isa();
-  explicit IsaScope(kernels::Isa isa) { kernels::set_isa(isa); }
-  ~IsaScope() { kernels::set_isa(saved); }
-};
-
-// Every option under the best instruction set, and every 3rd combination under the others, so
-// that each per-ISA build of the kernels is checked against the reference.
+// Every option through the functional layer under the active (best) instruction set. The other
+// rows of the ISA table run the same functional code over their own kernels, which KernelRows
+// checks one by one.
 TEST_P(KernelVsReference, EveryOptionBothLayoutsBothDtypes) {
   const Dims& d = shapes()[GetParam()];
   std::uint64_t seed = 1000 * GetParam();
-  const kernels::Isa best = kernels::active_isa();
-  for (kernels::Isa isa : kernels::kAllIsas) {
-    if (!kernels::isa_supported(isa)) continue;
-    IsaScope scope(isa);
-    SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa));
-    for (int bits = 0; bits < 64; bits += isa == best ? 1 : 3) {
-      Options o;
-      o.layout = bits & 1 ? Layout::ChannelsLast : Layout::ChannelsFirst;
-      o.training = !(bits & 2);
-      o.affine = !(bits & 4);
-      o.track = !(bits & 8) || !o.training;  // eval needs running statistics in the functional API
-      o.relu = bits & 16;
-      o.in_place = bits & 32;
-      o.threads = 1 + bits % 3;
-      o.momentum = bits % 5 == 0 ? 1.0 : 0.1;
-      o.eps = bits % 7 == 0 ? 1e-3 : 1e-5;
-      check_against_reference<float>(d, o, ++seed);
-      check_against_reference<double>(d, o, ++seed);
-      if (HasFailure()) return;
-    }
+  for (int bits = 0; bits < 64; ++bits) {
+    Options o;
+    o.layout = bits & 1 ? Layout::ChannelsLast : Layout::ChannelsFirst;
+    o.training = !(bits & 2);
+    o.affine = !(bits & 4);
+    o.track = !(bits & 8) || !o.training;  // eval needs running statistics in the functional API
+    o.relu = bits & 16;
+    o.in_place = bits & 32;
+    o.threads = 1 + bits % 3;
+    o.momentum = bits % 5 == 0 ? 1.0 : 0.1;
+    o.eps = bits % 7 == 0 ? 1e-3 : 1e-5;
+    check_against_reference<float>(d, o, ++seed);
+    check_against_reference<double>(d, o, ++seed);
+    if (HasFailure()) return;
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, KernelVsReference, ::testing::Range<std::size_t>(0, shapes().size()),
-                         [](const ::testing::TestParamInfo<std::size_t>& p) {
-                           std::string name;
-                           for (std::int64_t v : shapes()[p.param].shape) {
-                             if (!name.empty()) name += 'x';
-                             name += std::to_string(v);
-                           }
-                           return name;
-                         });
+                         [](const ::testing::TestParamInfo<std::size_t>& p) { return shape_name(shapes()[p.param]); });
 
 // The measured threshold is the first probed size at which the streamed copy wins twice in a row,
 // or twice the last size when none does; the sizes double from the first, and a size is probed again
@@ -362,17 +382,14 @@ void check_large_offset(double mean, double stddev, Layout layout, int threads) 
 }
 
 TEST(Robustness, VarianceAtLargeOffsetEveryLayoutThreadCountAndIsa) {
-  for (kernels::Isa isa : kernels::kAllIsas) {
-    if (!kernels::isa_supported(isa)) continue;
-    IsaScope scope(isa);
-    SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa));
+  for_each_supported_isa([](kernels::Isa) {
     for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast})
       for (int threads = 1; threads <= 4; ++threads) {
         check_large_offset(1e4, 1.0, layout, threads);
         check_large_offset(-3e4, 3.0, layout, threads);
         check_large_offset(1e6, 100.0, layout, threads);
       }
-  }
+  });
 }
 
 // A constant channel at 1e7 normalizes to exactly beta, in both layouts, with any thread count,

@@ -172,6 +172,24 @@ struct ThreadScope {
   ~ThreadScope() { set_num_threads(saved); }
 };
 
+// Restores the kernels' instruction set at scope exit.
+struct IsaScope {
+  kernels::Isa saved = kernels::active_isa();
+  explicit IsaScope(kernels::Isa isa) { kernels::set_isa(isa); }
+  ~IsaScope() { kernels::set_isa(saved); }
+};
+
+// Calls f(isa) for every row of the ISA table that this CPU runs, lowest first, with that row active.
+template <class F>
+void for_each_supported_isa(F f) {
+  for (kernels::Isa isa : kernels::kAllIsas) {
+    if (!kernels::isa_supported(isa)) continue;
+    const IsaScope scope(isa);
+    SCOPED_TRACE(std::string("isa ") + kernels::isa_name(isa));
+    f(isa);
+  }
+}
+
 // Outputs of at least `bytes` streamed while in scope, instead of at this machine's measured threshold
 // (stream_threshold.cpp): for tests that must take the streamed path wherever they run.
 struct StreamThresholdScope {
