@@ -383,29 +383,37 @@ def section_small(report, quick, guard=False):
     print(f"Median over {rounds} batches of calls (each batch ~{target // 1_000_000} ms, the two "
           "modules' batches alternating); training forward with the parameters requiring grad (the "
           "graph is recorded); forward + backward: `m(x).backward(g)`, gradients reset to None "
-          "each call; eval: under `torch.no_grad()`. torch/bnorm > 1: bnorm faster. max|diff|: "
+          "each call; eval: under `torch.no_grad()`. 4-D shapes in both memory formats. torch/bnorm: "
+          "the median of the rounds' paired ratios with its 95% interval; > 1: bnorm faster. max|diff|: "
           f"bnorm against torch, first call. {OTHERS_NOTE}"
           + (" --guard: the training rows also time bnorm's module with skip_nonfinite=True (the "
              "non-finite guard), alternating with the other two; guard/bnorm > 1: the guard costs." if guard else "")
           + "\n")
     rows, notes = [], []
     for kind, shape in SMALL_CASES:
-        for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
-            log(f"[1] {kind} {shape} {mode}")
-            result, diff = compare_module(kind, shape, torch.contiguous_format, mode, rounds, 2, target, guard)
-            us = result.medians(1e3)
-            r = ratio(us["torch"], us["bnorm"])
-            report.write({"kind": "module", "module": kind, "shape": list(shape), "mode": mode, "us": us,
-                          "torch_over_bnorm": r, "calls_per_batch": result.calls, "batches": rounds,
-                          "others": result.others, "max_abs_diff": diff, "errors": result.errors()})
-            label = "x".join(map(str, shape))
-            guarded = ([num(us["bnorm guard"]), num(ratio(us["bnorm guard"], us["bnorm"]), 3)]
-                       if "bnorm guard" in us else ["", ""]) if guard else []
-            rows.append([kind, label, mode, num(us["torch"]), num(us["bnorm"]), num(r, 2), *guarded, sci(diff),
-                         num(result.others, 2)])
-            failures(f"{kind} {label} {mode}", result, notes)
-    Report.table(["module", "shape", "mode", "torch µs", "bnorm µs", "torch/bnorm",
-                  *(["bnorm guard µs", "guard/bnorm"] if guard else []), "max|diff|", "others"], rows, 3)
+        # 4-D inputs in both memory formats: channels_last is what a model converted with
+        # .to(memory_format=torch.channels_last) hands its BatchNorm2d layers.
+        layouts = [("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)] if len(shape) == 4 \
+            else [("NC", torch.contiguous_format)]
+        for layout, fmt in layouts:
+            for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
+                log(f"[1] {kind} {shape} {layout} {mode}")
+                result, diff = compare_module(kind, shape, fmt, mode, rounds, 2, target, guard)
+                us = result.medians(1e3)
+                r = ratio(us["torch"], us["bnorm"])
+                paired = paired_ratio(result, "torch", "bnorm")
+                report.write({"kind": "module", "module": kind, "shape": list(shape), "layout": layout, "mode": mode,
+                              "us": us, "torch_over_bnorm": r, "paired_ratio": paired, "calls_per_batch": result.calls,
+                              "batches": rounds, "others": result.others, "max_abs_diff": diff,
+                              "errors": result.errors()})
+                label = "x".join(map(str, shape))
+                guarded = ([num(us["bnorm guard"]), num(ratio(us["bnorm guard"], us["bnorm"]), 3)]
+                           if "bnorm guard" in us else ["", ""]) if guard else []
+                rows.append([kind, label, layout, mode, num(us["torch"]), num(us["bnorm"]), interval(paired),
+                             *guarded, sci(diff), num(result.others, 2)])
+                failures(f"{kind} {label} {layout} {mode}", result, notes)
+    Report.table(["module", "shape", "layout", "mode", "torch µs", "bnorm µs", "torch/bnorm [95%]",
+                  *(["bnorm guard µs", "guard/bnorm"] if guard else []), "max|diff|", "others"], rows, 4)
     print_notes(notes)
 
 
