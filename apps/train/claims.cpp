@@ -61,7 +61,9 @@ std::vector<double> acc_diff(const std::vector<const RunResult*>& a, const std::
   return d;
 }
 
-// Steps to the train-loss threshold, with runs that never reached it (or diverged) censored at `cap`.
+// Steps to the train-loss threshold, with runs that never reached it censored at `cap` (their count is at least
+// that). A run that reached it and diverged later counts the step where it reached it: censoring it at `cap` would
+// overstate it, not bound it from below.
 struct Steps {
   std::vector<double> v;
   int censored = 0;
@@ -69,7 +71,7 @@ struct Steps {
 Steps steps_to_loss(const std::vector<const RunResult*>& runs, std::int64_t cap) {
   Steps s;
   for (const auto* r : runs) {
-    const bool reached = r->steps_to_loss && !r->diverged_at;
+    const bool reached = r->steps_to_loss.has_value();
     s.v.push_back(static_cast<double>(reached ? *r->steps_to_loss : cap));
     s.censored += reached ? 0 : 1;
   }
@@ -163,7 +165,7 @@ Row learning_rate(const Plan& p, const Results& r) {
     const auto none = runs_of(r, core_spec(p, p.side_depth, "none", lr, 0), p.seeds);
     const auto bn = runs_of(r, core_spec(p, p.side_depth, "bn_before", lr, 0), p.seeds);
     const int kn = failures(none), kb = failures(bn), n = static_cast<int>(none.size());
-    effect << (effect.tellp() ? "; " : "") << "lr " << lr << ": none " << rate(kn, n) << ", BN " << rate(kb, n);
+    effect << (effect.tellp() ? "; " : "") << "lr " << lr << ": no-BN " << rate(kn, n) << ", BN " << rate(kb, n);
     for_bn = for_bn || (trains(kb, n) && fails(kn, n));
     against = against || (trains(kn, n) && fails(kb, n));
     if (trains(kn, n)) range_none.push_back(lr);
@@ -178,7 +180,7 @@ Row learning_rate(const Plan& p, const Results& r) {
   row.design = cat("failures (diverged or validation accuracy < 0.5) of ", p.seeds.size(), " seeds per lr at depth ",
                    p.side_depth, ", no-BN against bnorm BN before ReLU; supported where some lr trains with BN and fails "
                    "without, and none the other way");
-  row.effect = cat("failures k/n [Clopper-Pearson 95%]: ", effect.str(), ". Trains: none at ", list(range_none),
+  row.effect = cat("failures k/n [Clopper-Pearson 95%]: ", effect.str(), ". no-BN trains at ", list(range_none),
                    "; BN at ", list(range_bn));
   row.picture = "plot_lr.png";
   return row;
@@ -320,6 +322,7 @@ Row depth(const Plan& p, const Results& r) {
     effect << (effect.tellp() ? "; " : "") << "gain at depth " << d << " " << points(stats::bootstrap_mean(gains.back()));
   }
   if (p.depths.size() < 2) {
+    row.design = "BN's test-accuracy gain over no-BN per depth; a trend needs two depths";
     row.effect = effect.str();
     row.note = "at this budget (one depth)";
     return row;

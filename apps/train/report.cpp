@@ -34,7 +34,9 @@ std::string verdict_text(const Judged& j) {
     default: break;
   }
   const std::string v = stats::to_string(j.row.verdict);
-  if (!j.row.note.empty() && j.row.verdict == stats::Verdict::inconclusive) return cat("inconclusive ", j.row.note);
+  // "inconclusive at this budget (one depth)"; any other note goes in parentheses.
+  if (j.row.note.rfind("at this budget", 0) == 0 && j.row.verdict == stats::Verdict::inconclusive)
+    return cat("inconclusive ", j.row.note);
   return cat(j.row.verdict == stats::Verdict::inconclusive ? v : cat("**", v, "**"),
              j.row.note.empty() ? "" : cat(" (", j.row.note, ")"));
 }
