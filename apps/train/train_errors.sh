@@ -62,7 +62,7 @@ expect "depth 1" "--depth must be between 2 and 200.*got 1" --data "$tmp/good" -
 expect "depth not a number" "--depth" --data "$tmp/good" --model plain --depth deep
 expect "width 0" "--width" --data "$tmp/good" --model plain --width 0
 expect "loss threshold 0" "--loss-threshold must be > 0" --data "$tmp/good" --loss-threshold 0
-expect "unknown design" "unknown --design 'huge' \(expected quick, demo or full\)" --data "$tmp/good" --design huge
+expect "unknown design" "unknown --design 'huge' \(expected quick, demo, full, precise-bn or precise-bn-quick\)" --data "$tmp/good" --design huge
 expect "design with a grid option" "--design demo fixes the grid; --lr is for a grid" --data "$tmp/good" --design demo --lr 0.1
 expect "validation split too large" "--val must be >= 0 and leave training images.*got 4" --data "$tmp/good" --val 4
 expect "max minutes < 0" "--max-minutes" --data "$tmp/good" --max-minutes=-1
