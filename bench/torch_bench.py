@@ -701,7 +701,7 @@ def meta(args) -> dict:
             "cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "torchvision": version("torchvision"), "bnorm": bnorm.__version__, "python": platform.python_version(),
             "commit": commit, "threads": THREADS, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-            "loadavg": os.getloadavg()[0], "quick": args.quick, "guard": args.guard}
+            "loadavg": os.getloadavg()[0], "quick": args.quick, "guard": getattr(args, "guard", False)}
 
 
 def main():
