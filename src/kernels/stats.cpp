@@ -265,9 +265,9 @@ void tile_moments(const S* p, std::int64_t rows, std::int64_t C, std::int64_t ct
 // with the weights computed once. Where delta is not finite, the weighted mean; both sides are
 // computed and one is picked by a mask, so that the vector form has no branch.
 inline double pick(bool finite, double chan, double weighted) { return finite ? chan : weighted; }
-using DoubleMask = decltype(Vec<double>{} == Vec<double>{});
-inline Vec<double> pick(DoubleMask finite, Vec<double> chan, Vec<double> weighted) {
-  return (Vec<double>)(((DoubleMask)chan & finite) | ((DoubleMask)weighted & ~finite));
+inline Vec<double> pick(Mask<double> finite, Vec<double> chan, Vec<double> weighted) {
+  return reinterpret_cast<Vec<double>>((reinterpret_cast<Mask<double>>(chan) & finite) |
+                                       (reinterpret_cast<Mask<double>>(weighted) & ~finite));
 }
 template <class V>
 inline void merge_lanes(V& mean, V& m2, V bmean, V bm2, double n, double count, double total, double w_mean,
