@@ -78,12 +78,6 @@ T* buffer(std::int64_t n) {
   return p;
 }
 
-std::uint16_t to_bf16(float v) {
-  std::uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -107,8 +101,8 @@ int main(int argc, char** argv) {
   std::uint16_t* xb = buffer<std::uint16_t>(n);
   std::uint16_t* dyb = buffer<std::uint16_t>(n);
   for (std::int64_t i = 0; i < n; ++i) {
-    xb[i] = to_bf16(x[i]);
-    dyb[i] = to_bf16(dy[i]);
+    xb[i] = bnorm::bfloat16::from_float(x[i]).bits;
+    dyb[i] = bnorm::bfloat16::from_float(dy[i]).bits;
   }
   const auto Cs = static_cast<std::size_t>(C);
   std::vector<float> running_mean(Cs, 0.f), running_var(Cs, 1.f), weight(Cs, 1.25f), bias(Cs, 0.5f), dweight(Cs),
